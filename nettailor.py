@@ -1,0 +1,379 @@
+"""The NetTailor student: frozen universal blocks, task-specific proxies and gates (METHOD 3-7).
+
+Layer l (0-based here, producing node l+1) combines its universal block and proxies from the
+`max_skip` most recent nodes:  x_{l+1} = relu(sum_j a_lj * path_lj(x_source)).  Path 0 of every
+layer is the universal block, paths 1.. are proxies.  Gates live in one padded (L, P) tensor;
+`path_alive` marks the paths that exist and survived pruning.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from resnet import create_teacher
+from utils import UserError, atomic_save
+
+GATE_INIT_UNIVERSAL = 2.0
+GATE_INIT_PROXY = -2.0
+
+
+def count_flops(module, run, layer_types=(nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+    """FLOPs, in the paper's convention, of the `layer_types` layers of `module` that `run()` executes.
+
+    A conv costs H_out*W_out*C_in*C_out*kh*kw/groups (multiply-accumulates), a BatchNorm 2*H*W*C, a
+    linear layer in*out; counted per sample.
+    """
+    total = 0
+
+    def hook(m, inputs, out):
+        nonlocal total
+        per_sample = out.numel() // out.shape[0]
+        if isinstance(m, nn.Conv2d):
+            total += per_sample * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.BatchNorm2d):
+            total += 2 * per_sample
+        else:
+            total += m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, layer_types)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+class Proxy(nn.Module):
+    """Task-specific path A_pl: max-pool to the target resolution, then 1x1 conv + BN.
+
+    With `hidden` (bottleneck backbones) the body is 1x1 conv, BN, ReLU, 1x1 conv, BN.
+    """
+
+    def __init__(self, in_channels, out_channels, stride, hidden=None):
+        super().__init__()
+        self.pool = nn.MaxPool2d(stride + 1, stride, stride // 2) if stride > 1 else nn.Identity()
+        if hidden is None:
+            layers = [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
+        else:
+            layers = [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+                      nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(self.pool(x))
+
+    def body_without_stat_update(self, x):
+        """`body(x)` in training mode without touching BN running statistics (a second, detached pass)."""
+        if not self.training:
+            return self.body(x)
+        for m in self.body:
+            if isinstance(m, nn.BatchNorm2d):
+                x = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+            else:
+                x = m(x)
+        return x
+
+
+def parse_max_skip(max_skip, num_layers):
+    """`max_skip` as an int in [1, L]; 'dense' means every earlier node."""
+    if max_skip == 'dense':
+        return num_layers
+    try:
+        value = int(max_skip)
+    except (TypeError, ValueError):
+        value = 0
+    if not 1 <= value <= num_layers:
+        raise UserError(f"--max-skip must be an integer in [1, {num_layers}] or 'dense', got {max_skip!r}")
+    return value
+
+
+class NetTailor(nn.Module):
+    """A student built around a pre-trained `BlockNet` (see resnet.py), whose stem and blocks it freezes."""
+
+    def __init__(self, backbone, max_skip=3, input_size=224):
+        super().__init__()
+        self.backbone = backbone
+        self.max_skip = max_skip
+        self.input_size = input_size
+        num_layers = len(backbone.blocks)
+        skip = parse_max_skip(max_skip, num_layers)
+        for name, p in backbone.named_parameters():
+            p.requires_grad = name.startswith(backbone.head_prefixes)
+
+        shapes = self._node_shapes(input_size)
+        self.proxy_sources = [list(range(max(l + 1 - skip, 0), l + 1)) for l in range(num_layers)]
+        num_paths = 1 + max(len(s) for s in self.proxy_sources)
+        self.proxies = nn.ModuleList()
+        for l, sources in enumerate(self.proxy_sources):
+            out_c, out_h, _ = shapes[l + 1]
+            hidden = None
+            if backbone.block_kind == 'bottleneck':
+                hidden = max(backbone.blocks[l].conv1.out_channels // 4, 1)
+            self.proxies.append(nn.ModuleList(
+                Proxy(shapes[p][0], out_c, round(shapes[p][1] / out_h), hidden) for p in sources))
+
+        logits = torch.full((num_layers, num_paths), GATE_INIT_PROXY)
+        logits[:, 0] = GATE_INIT_UNIVERSAL
+        self.gate_logits = nn.Parameter(logits)
+        exists = torch.zeros(num_layers, num_paths, dtype=torch.bool)
+        source = torch.full((num_layers, num_paths), -1, dtype=torch.long)
+        for l, sources in enumerate(self.proxy_sources):
+            exists[l, :1 + len(sources)] = True
+            source[l, 0] = l
+            source[l, 1:1 + len(sources)] = torch.tensor(sources)
+        self.register_buffer('path_alive', exists.clone())
+        self.register_buffer('path_exists', exists, persistent=False)
+        self.register_buffer('path_source', source, persistent=False)
+        self.eval()  # batch-of-one probes
+        self._measure_costs(shapes)
+        self.train()
+        self._refresh_alive_paths()
+
+    # ----- construction helpers -----
+    def universal_modules(self):
+        """The frozen, shared part of the backbone (stem and residual blocks)."""
+        return [m for name, m in self.backbone.named_children() if not name.startswith(self.backbone.head_prefixes)]
+
+    def head_modules(self):
+        return [getattr(self.backbone, name) for name in self.backbone.head_prefixes]
+
+    @torch.no_grad()
+    def _node_shapes(self, input_size):
+        self.backbone.eval()
+        x = self.backbone.forward_stem(torch.zeros(1, 3, input_size, input_size))
+        shapes = [tuple(x.shape[1:])]
+        for block in self.backbone.blocks:
+            x = block(x)
+            shapes.append(tuple(x.shape[1:]))
+        return shapes
+
+    @torch.no_grad()
+    def _measure_costs(self, shapes):
+        """Per-path FLOPs and parameters, and C(path) = FLOPs / FLOPs of the pre-trained network."""
+        bb = self.backbone
+        self.stem_flops = count_flops(bb, lambda: bb.forward_stem(torch.zeros(1, 3, self.input_size, self.input_size)))
+        self.head_flops = count_flops(bb, lambda: bb.forward_head(torch.zeros(1, *shapes[-1])))
+        self.stem_params = count_params(bb) - sum(count_params(b) for b in bb.blocks) - \
+            sum(count_params(m) for m in self.head_modules())
+        self.head_params = sum(count_params(m) for m in self.head_modules())
+        num_layers, num_paths = self.gate_logits.shape
+        flops = torch.zeros(num_layers, num_paths, dtype=torch.float64)
+        params = torch.zeros(num_layers, num_paths, dtype=torch.long)
+        for l, block in enumerate(bb.blocks):
+            flops[l, 0] = count_flops(block, lambda: block(torch.zeros(1, *shapes[l])))
+            params[l, 0] = count_params(block)
+            for j, (p, proxy) in enumerate(zip(self.proxy_sources[l], self.proxies[l]), start=1):
+                out = proxy(torch.zeros(1, *shapes[p]))
+                if tuple(out.shape[1:]) != shapes[l + 1]:
+                    raise UserError(f"proxy from node {p} gives {tuple(out.shape[1:])}, layer {l + 1} "
+                                    f"expects {shapes[l + 1]}: input size {self.input_size} is not supported")
+                flops[l, j] = count_flops(proxy, lambda: proxy(torch.zeros(1, *shapes[p])))
+                params[l, j] = count_params(proxy)
+        self.pretrained_flops = self.stem_flops + float(flops[:, 0].sum())
+        self.register_buffer('path_flops', flops, persistent=False)
+        self.register_buffer('path_params', params, persistent=False)
+        self.register_buffer('path_cost', (flops / self.pretrained_flops).float(), persistent=False)
+
+    def _refresh_alive_paths(self):
+        """Cache, as Python lists, the paths the forward pass executes (no tensor reads per step)."""
+        alive = self.path_alive.tolist()
+        self._alive_paths = [[j for j, on in enumerate(row) if on] for row in alive]
+
+    def train(self, mode=True):
+        """Universal blocks stay in eval mode: their BN statistics are shared by all tasks."""
+        super().train(mode)
+        for m in self.universal_modules():
+            m.eval()
+        return self
+
+    # ----- forward -----
+    def gates(self):
+        """Softmax of the gate logits over each layer's surviving paths; 0 for removed paths."""
+        logits = self.gate_logits.masked_fill(~self.path_alive, -1e4)
+        return logits.softmax(dim=1) * self.path_alive
+
+    def forward(self, x, distill=False):
+        """Returns (logits, outputs).
+
+        outputs[l] is node l+1 (None once pruned away).  With `distill`, outputs[l] is instead the
+        same value recomputed so that its gradient reaches only layer l's own task-specific
+        parameters (its inputs treated as constants): the universal block output is reused
+        detached (the block is frozen), only the cheap proxies run a second time.
+        """
+        gates = self.gates()
+        nodes = [self.backbone.forward_stem(x)]
+        outputs = []
+        for l, paths in enumerate(self._alive_paths):
+            terms, local_terms = [], []
+            for j in paths:
+                a = gates[l, j]
+                if j == 0:
+                    out = self.backbone.blocks[l].forward_pre_relu(nodes[l])
+                    local = out.detach() if distill else None
+                else:
+                    proxy = self.proxies[l][j - 1]
+                    pooled = proxy.pool(nodes[self.proxy_sources[l][j - 1]])
+                    out = proxy.body(pooled)
+                    local = proxy.body_without_stat_update(pooled.detach()) if distill else None
+                terms.append(a * out)
+                if distill:
+                    local_terms.append(a * local)
+            if not terms:
+                nodes.append(None)
+                outputs.append(None)
+                continue
+            nodes.append(F.relu(sum(terms)))
+            outputs.append(F.relu(sum(local_terms)) if distill else nodes[-1])
+        return self.backbone.forward_head(nodes[-1]), outputs
+
+    # ----- complexity (METHOD section 5) -----
+    def expected_complexity(self):
+        """E[C] = sum over paths of C(path) * (a - P_in(source node) - P_out(target node))."""
+        a = self.gates()
+        r = torch.where(self.path_alive, 1 - a, torch.ones_like(a))
+        num_layers = a.shape[0]
+        p_in = torch.cat([a.new_zeros(1), r.prod(dim=1)])
+        p_out = torch.stack([r[self.path_source == node].prod() for node in range(num_layers)]
+                            + [a.new_zeros(())])
+        source = self.path_source.clamp(min=0)
+        target = torch.arange(1, num_layers + 1, device=a.device).unsqueeze(1).expand_as(source)
+        expected = self.path_cost * (a - p_in[source] - p_out[target])
+        return (expected * self.path_alive).sum()
+
+    # ----- pruning (METHOD section 7) -----
+    @torch.no_grad()
+    def prune(self, num_universal, proxy_threshold):
+        """Remove the `num_universal` lowest-gated universal blocks and proxies gated below the threshold,
+        then every path the exclusion rules make dead.  Refuses a pruning that disconnects the network."""
+        if not 0 <= proxy_threshold < 1:
+            raise UserError(f"proxy threshold must be in [0, 1), got {proxy_threshold}")
+        gates = self.gates()
+        alive = self.path_alive.clone()
+        kept_universal = alive[:, 0].nonzero().flatten()
+        if not 0 <= num_universal <= len(kept_universal):
+            raise UserError(f"cannot prune {num_universal} universal blocks: {len(kept_universal)} are left")
+        order = gates[kept_universal, 0].argsort()
+        alive[kept_universal[order[:num_universal]], 0] = False
+        alive[:, 1:] &= gates[:, 1:] >= proxy_threshold
+        alive = self._apply_exclusion_rules(alive)
+        if not alive[-1].any():
+            raise UserError(f"pruning {num_universal} universal blocks and proxies below {proxy_threshold} "
+                            "leaves no path from the input to the classifier; prune less")
+        self.path_alive.copy_(alive)
+        self._refresh_alive_paths()
+
+    def _apply_exclusion_rules(self, alive):
+        """Until nothing changes: a node with no incoming path loses its outgoing paths, and a node
+        (other than the last) with no outgoing path loses its incoming paths."""
+        num_layers = alive.shape[0]
+        while True:
+            before = alive.clone()
+            node_has_input = torch.cat([alive.new_ones(1), alive.any(dim=1)])
+            alive &= node_has_input[self.path_source.clamp(min=0)]
+            has_output = [bool(alive[self.path_source == node].any()) for node in range(num_layers)] + [True]
+            for l in range(num_layers):
+                if not has_output[l + 1]:
+                    alive[l] = False
+            if torch.equal(alive, before):
+                return alive
+
+    # ----- accounting -----
+    def stats(self):
+        """Parameters and FLOPs (paper convention, per image) of the network as it runs now."""
+        gates = self.gates().detach()
+        alive = self.path_alive
+        rows = []
+        for l in range(alive.shape[0]):
+            for j in range(int(self.path_exists[l].sum())):
+                rows.append({
+                    'layer': l + 1, 'path': 'universal' if j == 0 else 'proxy',
+                    'source': int(self.path_source[l, j]), 'gate': float(gates[l, j]), 'kept': bool(alive[l, j]),
+                    'params': int(self.path_params[l, j]), 'flops': float(self.path_flops[l, j])})
+        kept_universal = alive[:, 0]
+        proxy_mask = alive.clone()
+        proxy_mask[:, 0] = False
+        flops = self.stem_flops + float(self.path_flops[alive].sum()) + self.head_flops
+        params_universal = self.stem_params + int(self.path_params[kept_universal, 0].sum())
+        params_task = int(self.path_params[proxy_mask].sum()) + int(alive.sum()) + self.head_params
+        return {
+            'flops': flops,
+            'flops_full': self.pretrained_flops + self.head_flops,
+            'params_universal': params_universal,
+            'params_task': params_task,
+            'params_full': self.stem_params + int(self.path_params[:, 0].sum()) + self.head_params,
+            'universal_blocks_kept': int(kept_universal.sum()),
+            'universal_blocks_total': int(alive.shape[0]),
+            'proxies_kept': int(proxy_mask.sum()),
+            'proxies_total': int(self.path_exists.sum()) - alive.shape[0],
+            'layers': rows,
+        }
+
+    # ----- task packs -----
+    def _task_prefixes(self):
+        return ('gate_logits', 'path_alive') + tuple(f'backbone.{p}' for p in self.backbone.head_prefixes)
+
+    def task_pack(self):
+        """The task-specific state: gates, pruning mask, surviving proxies, classifier head."""
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name.startswith(self._task_prefixes()):
+                state[name] = tensor.clone()
+            elif name.startswith('proxies.'):
+                l, j = (int(i) for i in name.split('.')[1:3])
+                if self.path_alive[l, j + 1]:
+                    state[name] = tensor.clone()
+        return {'meta': self.pack_meta(), 'state': state}
+
+    def pack_meta(self):
+        return {'arch': self.backbone.arch, 'num_classes': self.num_classes, 'max_skip': self.max_skip,
+                'num_layers': len(self.backbone.blocks)}
+
+    @property
+    def num_classes(self):
+        return self.head_modules()[-1].out_features
+
+    def load_task_pack(self, pack, source='task pack'):
+        """Attach a task pack (from `task_pack()` or a file) to this student's universal blocks."""
+        if not isinstance(pack, dict) or 'meta' not in pack or 'state' not in pack:
+            raise UserError(f"{source} is not a NetTailor task pack")
+        meta, mine = pack['meta'], self.pack_meta()
+        if meta != mine:
+            diff = ', '.join(f"{k} {meta.get(k)!r} vs {mine[k]!r}" for k in mine if meta.get(k) != mine[k])
+            raise UserError(f"{source} was built for another student ({diff} here)")
+        self.load_state_dict(pack['state'], strict=False)
+        self._refresh_alive_paths()
+
+    def save_task_pack(self, path):
+        atomic_save(self.task_pack(), path)
+
+
+def format_stats(stats):
+    """A readable per-layer table plus totals for `NetTailor.stats()`."""
+    lines = [f"{'layer':>5} {'path':>9} {'src':>3} {'gate':>6} {'kept':>4} {'params':>10} {'MFLOPs':>9}"]
+    for row in stats['layers']:
+        lines.append(f"{row['layer']:>5} {row['path']:>9} {row['source']:>3} {row['gate']:>6.3f} "
+                     f"{'yes' if row['kept'] else 'no':>4} {row['params']:>10,} {row['flops'] / 1e6:>9.2f}")
+    lines.append(
+        f"universal blocks kept {stats['universal_blocks_kept']}/{stats['universal_blocks_total']}, "
+        f"proxies kept {stats['proxies_kept']}/{stats['proxies_total']}; "
+        f"params universal {stats['params_universal'] / 1e6:.2f} M + task {stats['params_task'] / 1e6:.2f} M; "
+        f"{stats['flops'] / 1e9:.3f} GFLOPs (paper convention: 1 multiply-accumulate = 1 FLOP) "
+        f"vs {stats['flops_full'] / 1e9:.3f} for the full network")
+    return '\n'.join(lines)
+
+
+def distillation_loss(student_logits, student_outputs, teacher_logits, teacher_outputs):
+    """Omega: MSE between logits plus the per-layer MSEs (summed over surviving layers, divided by L)."""
+    layer_terms = [F.mse_loss(s, t) for s, t in zip(student_outputs, teacher_outputs) if s is not None]
+    return F.mse_loss(student_logits, teacher_logits) + sum(layer_terms) / len(teacher_outputs)
+
+
+def create_student(backbone, num_classes, max_skip=3, pretrained=None, input_size=224):
+    """A NetTailor student on `backbone` (any `create_teacher` arch) with frozen pre-trained blocks."""
+    return NetTailor(create_teacher(backbone, num_classes, pretrained), max_skip, input_size)

@@ -1,0 +1,186 @@
+"""ResNet teachers with torchvision's parameter names, returning logits and every block's output.
+
+`BlockNet` is the layout NetTailor needs from any backbone: a stem, a flat sequence of residual
+blocks whose pre-activation sum can be read (`forward_pre_relu`), and a task-specific head.
+`wide_resnet.py` reuses it for the Visual Decathlon backbone.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import UserError
+
+ARCHS = {
+    'resnet18': ('basic', (2, 2, 2, 2)),
+    'resnet34': ('basic', (3, 4, 6, 3)),
+    'resnet50': ('bottleneck', (3, 4, 6, 3)),
+}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions plus a shortcut; `forward_pre_relu` stops before the final ReLU."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward_pre_relu(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return out + shortcut
+
+    def forward(self, x):
+        return F.relu(self.forward_pre_relu(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride here, as torchvision), 1x1 expand by 4, plus a shortcut."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        width = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.downsample = None
+        if stride != 1 or inplanes != width:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, width, 1, stride, bias=False),
+                                            nn.BatchNorm2d(width))
+
+    def forward_pre_relu(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return out + shortcut
+
+    def forward(self, x):
+        return F.relu(self.forward_pre_relu(x))
+
+
+class BlockNet(nn.Module):
+    """A stem, a flat list of residual blocks and a head; `forward` returns (logits, block outputs).
+
+    Subclasses define `forward_stem`, `blocks` (list of modules with `forward_pre_relu`),
+    `forward_head`, `head_prefixes` (names of the task-specific head modules), `block_kind`
+    ('basic' or 'bottleneck': which proxy NetTailor attaches) and `arch` (a name).
+    """
+
+    def forward(self, x):
+        x = self.forward_stem(x)
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return self.forward_head(x), outputs
+
+
+class ResNet(BlockNet):
+    """ImageNet ResNet whose `state_dict` keys are exactly torchvision's."""
+    head_prefixes = ('fc',)
+
+    def __init__(self, arch='resnet34', num_classes=1000):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UserError(f"unknown ResNet '{arch}'; choose one of {', '.join(ARCHS)}")
+        self.arch = arch
+        self.block_kind, stage_sizes = ARCHS[arch]
+        block = BasicBlock if self.block_kind == 'basic' else Bottleneck
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        for stage, (planes, size) in enumerate(zip((64, 128, 256, 512), stage_sizes), start=1):
+            stage_blocks = []
+            for i in range(size):
+                stride = 2 if stage > 1 and i == 0 else 1
+                stage_blocks.append(block(inplanes, planes, stride))
+                inplanes = planes * block.expansion
+            setattr(self, f'layer{stage}', nn.Sequential(*stage_blocks))
+        self.fc = nn.Linear(inplanes, num_classes)
+        self.blocks = [b for stage in (self.layer1, self.layer2, self.layer3, self.layer4) for b in stage]
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def imagenet_weights(self):
+        """ImageNet-1k (V1) weights through torchvision's weights API (downloaded and cached once)."""
+        import torchvision
+        weights = torchvision.models.get_model_weights(self.arch).IMAGENET1K_V1
+        try:
+            return weights.get_state_dict(progress=True)
+        except Exception as e:
+            raise UserError(f"could not fetch ImageNet weights for {self.arch} ({e.__class__.__name__}); "
+                            "offline, pass a local torchvision state dict with --pretrained FILE") from None
+
+    def forward_stem(self, x):
+        return self.maxpool(F.relu(self.bn1(self.conv1(x))))
+
+    def forward_head(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def read_state_dict(path, what='pre-trained weights'):
+    """Load a state dict from a local file (plain, or wrapped under 'state_dict' / 'model')."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated or not a torch file
+        raise UserError(f"cannot read {what} from {path}: {str(e).splitlines()[0]}") from None
+    for key in ('state_dict', 'model'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return state
+
+
+def load_backbone_weights(model, pretrained):
+    """Fill everything but the task head from `pretrained` ('imagenet' or a local file)."""
+    if pretrained is None:
+        return model
+    if pretrained == 'imagenet':
+        if not hasattr(model, 'imagenet_weights'):
+            raise UserError(f"no ImageNet weights exist for {model.arch}; pass a local weights file")
+        state = model.imagenet_weights()
+    else:
+        state = read_state_dict(pretrained)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(model.head_prefixes)}
+    expected = [k for k in own if not k.startswith(model.head_prefixes)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        problem = (f"missing {missing[:3]}" if missing else
+                   f"unexpected {unexpected[:3]}" if unexpected else f"wrong shape for {wrong_shape[:3]}")
+        raise UserError(f"pre-trained weights {pretrained} do not fit {model.arch}: {problem}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def create_teacher(arch, num_classes, pretrained=None):
+    """A ResNet teacher for `num_classes`; `pretrained` is None, 'imagenet' or a local file."""
+    return load_backbone_weights(ResNet(arch, num_classes), pretrained)

@@ -1,0 +1,374 @@
+"""Teachers, the NetTailor student, complexity, distillation, pruning and task packs (METHOD 3-7)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import nettailor
+from nettailor import NetTailor, count_flops, create_student, distillation_loss
+from resnet import create_teacher
+from utils import UserError
+
+
+def tiny_student(max_skip=3, num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    return create_student('resnet18', num_classes, max_skip=max_skip, input_size=32)
+
+
+def randomize_task_state(student, seed=1):
+    """Gates, proxies and BN statistics away from their initial values, so tests see real mixing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        student.gate_logits.copy_(torch.randn(student.gate_logits.shape, generator=g))
+        for proxy_list in student.proxies:
+            for m in proxy_list.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0, 0.1, generator=g)
+                    m.running_mean.normal_(0, 0.1, generator=g)
+                    m.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50'])
+def test_teacher_matches_torchvision(arch):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(num_classes=7).eval()
+    teacher = create_teacher(arch, 7).eval()
+    assert list(teacher.state_dict()) == list(reference.state_dict())
+    teacher.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, outputs = teacher(x)
+        assert torch.allclose(logits, reference(x), atol=1e-5)
+    assert len(outputs) == {'resnet18': 8, 'resnet34': 16, 'resnet50': 16}[arch]
+    assert all((o >= 0).all() for o in outputs)  # after the block's ReLU
+
+
+def test_teacher_loads_local_torchvision_file_and_rejects_bad_ones(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / 'r18.pth'
+    torch.save(reference.state_dict(), path)
+    teacher = create_teacher('resnet18', 3, pretrained=str(path))
+    assert torch.equal(teacher.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert teacher.fc.out_features == 3
+    with pytest.raises(UserError, match='do not fit resnet34'):
+        create_teacher('resnet34', 3, pretrained=str(path))
+    with pytest.raises(UserError, match='not found'):
+        create_teacher('resnet18', 3, pretrained=str(tmp_path / 'missing.pth'))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match='cannot read'):
+        create_teacher('resnet18', 3, pretrained=str(path))
+
+
+def test_resnet34_flops_and_params_in_paper_convention():
+    student = create_student('resnet34', 1000, input_size=224)
+    # convs 3.663 G + BN 0.0075 G = 3.671 G: 3.67 G at the precision the paper quotes
+    assert 3.58 <= round(student.pretrained_flops / 1e9, 2) <= 3.67
+    teacher = student.backbone.eval()
+    x = torch.randn(1, 3, 224, 224)
+    ours = count_flops(teacher, lambda: teacher(x), layer_types=(nn.Conv2d, nn.Linear))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        teacher(x)
+    independent = counter.get_total_flops() / 2  # FlopCounterMode counts 2 per multiply-accumulate
+    assert abs(ours - independent) / independent < 0.02
+    backbone_params = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith('fc.'))
+    assert 21.28e6 <= backbone_params <= 21.30e6
+    assert student.stats()['params_universal'] == backbone_params
+
+
+def test_universal_blocks_frozen_and_task_parameters_trainable():
+    student = tiny_student()
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(('proxies.', 'gate_logits', 'backbone.fc.')) for n in trainable)
+    assert any(n.startswith('proxies.') for n in trainable) and 'gate_logits' in trainable
+    student.train()
+    assert not student.backbone.layer1.training and not student.backbone.bn1.training
+    assert student.proxies[0][0].training
+
+
+def test_untrained_gates_follow_paper_init():
+    student = tiny_student()
+    assert torch.all(student.gate_logits[student.path_exists[:, 0].nonzero().flatten(), 0] == 2.0)
+    proxies = student.path_exists.clone()
+    proxies[:, 0] = False
+    assert torch.all(student.gate_logits[proxies] == -2.0)
+    assert [len(s) for s in student.proxy_sources] == [1, 2, 3, 3, 3, 3, 3, 3]
+    dense = tiny_student(max_skip='dense')
+    assert [len(s) for s in dense.proxy_sources] == list(range(1, 9))
+    with pytest.raises(UserError, match='max-skip'):
+        tiny_student(max_skip=0)
+
+
+def test_student_with_all_proxies_pruned_is_the_teacher():
+    student = tiny_student()
+    randomize_task_state(student)
+    student.prune(num_universal=0, proxy_threshold=0.99)
+    teacher = create_teacher('resnet18', 5)
+    teacher.load_state_dict(student.backbone.state_dict())
+    student.eval()
+    teacher.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        s_logits, s_out = student(x)
+        t_logits, t_out = teacher(x)
+    assert torch.allclose(s_logits, t_logits, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(s_out, t_out))
+    assert student.stats()['proxies_kept'] == 0
+
+
+def reference_two_pass_loss(student, teacher_logits, teacher_outputs, x, y, gamma1, gamma2):
+    """Straightforward formulation: every layer re-run, universal block included, on detached inputs."""
+    gates = student.gates()
+    nodes = [student.backbone.forward_stem(x)]
+    local_outputs = []
+    for l, paths in enumerate(student._alive_paths):
+        def layer(inputs):
+            total = 0
+            for j in paths:
+                if j == 0:
+                    total = total + gates[l, j] * student.backbone.blocks[l].forward_pre_relu(inputs[l])
+                else:
+                    proxy = student.proxies[l][j - 1]
+                    total = total + gates[l, j] * proxy(inputs[student.proxy_sources[l][j - 1]])
+            return F.relu(total)
+        nodes.append(layer(nodes))
+        local_outputs.append(layer([n.detach() for n in nodes]))
+    logits = student.backbone.forward_head(nodes[-1])
+    omega = F.mse_loss(logits, teacher_logits) + sum(
+        F.mse_loss(s, t) for s, t in zip(local_outputs, teacher_outputs)) / len(teacher_outputs)
+    return F.cross_entropy(logits, y) + gamma1 * student.expected_complexity() + gamma2 * omega
+
+
+def test_one_pass_distillation_equals_two_pass_reference():
+    student = tiny_student()
+    randomize_task_state(student)
+    teacher = create_teacher('resnet18', 5).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    with torch.no_grad():
+        t_logits, t_outputs = teacher(x)
+    student.train()
+
+    reference = copy.deepcopy(student)
+    ref_loss = reference_two_pass_loss(reference, t_logits, t_outputs, x, y, 0.3, 10.0)
+    ref_loss.backward()
+
+    logits, local = student(x, distill=True)
+    loss = (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
+            + 10.0 * distillation_loss(logits, local, t_logits, t_outputs))
+    loss.backward()
+
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    ref_params = dict(reference.named_parameters())
+    checked = 0
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-4), name
+            checked += 1
+    assert checked > 20
+    # the second pass leaves BN running statistics as one training pass would
+    bn = student.proxies[2][0].body[1]
+    fresh = tiny_student()
+    randomize_task_state(fresh)
+    fresh.train()
+    fresh(x)
+    assert torch.allclose(bn.running_mean, fresh.proxies[2][0].body[1].running_mean)
+
+
+def test_distillation_targets_reach_only_their_own_layer():
+    student = tiny_student()
+    randomize_task_state(student)
+    student.train()
+    _, local = student(torch.randn(2, 3, 32, 32), distill=True)
+    local[5].sum().backward()
+    for l, proxy_list in enumerate(student.proxies):
+        grads = [p.grad for p in proxy_list.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert bool(grads) == (l == 5), l
+
+
+def hand_expected_complexity(student):
+    """Section 5 written out with loops, from the gates and path costs."""
+    a = student.gates().detach()
+    alive, cost, source = student.path_alive, student.path_cost, student.path_source
+    num_layers, num_paths = a.shape
+    paths = [(l, j) for l in range(num_layers) for j in range(num_paths) if alive[l, j]]
+
+    def excluded_in(node):
+        if node == 0:
+            return 0.0
+        prob = 1.0
+        for (l, j) in paths:
+            if l + 1 == node:
+                prob *= 1 - float(a[l, j])
+        return prob
+
+    def excluded_out(node):
+        if node == num_layers:
+            return 0.0
+        prob = 1.0
+        for (l, j) in paths:
+            if int(source[l, j]) == node:
+                prob *= 1 - float(a[l, j])
+        return prob
+
+    return sum(float(cost[l, j]) * (float(a[l, j]) - excluded_in(int(source[l, j])) - excluded_out(l + 1))
+               for (l, j) in paths)
+
+
+def test_expected_complexity_matches_hand_computation():
+    student = tiny_student()
+    randomize_task_state(student, seed=3)
+    assert student.expected_complexity().item() == pytest.approx(hand_expected_complexity(student), rel=1e-5)
+    student.prune(num_universal=2, proxy_threshold=0.2)
+    assert student.expected_complexity().item() == pytest.approx(hand_expected_complexity(student), rel=1e-5)
+    # universal blocks cost about 20x a proxy (ResNet18 basic blocks)
+    ratio = student.path_flops[1, 0] / student.path_flops[1, 2]
+    assert 10 < ratio < 40
+
+
+def test_expected_complexity_gradient_favours_proxies():
+    student = tiny_student()
+    student.expected_complexity().backward()
+    grad = student.gate_logits.grad
+    for l in range(grad.shape[0]):
+        proxies = grad[l, 1:][student.path_exists[l, 1:]]
+        # gradient descent lowers the universal logit relative to every proxy logit of the layer
+        assert (grad[l, 0] > proxies).all(), l
+
+
+def set_gates(student, universal, proxies):
+    """Logits: `universal[l]` for each universal block, `proxies[(l, source)]` for listed proxies, else -9."""
+    with torch.no_grad():
+        student.gate_logits.fill_(-9.0)
+        for l, value in enumerate(universal):
+            student.gate_logits[l, 0] = value
+        for (l, source), value in proxies.items():
+            student.gate_logits[l, 1 + student.proxy_sources[l].index(source)] = value
+
+
+def proxy_alive(student, l, source):
+    return bool(student.path_alive[l, 1 + student.proxy_sources[l].index(source)])
+
+
+def test_pruning_input_exclusion():
+    student = tiny_student()  # 8 layers; layer l (0-based) produces node l+1
+    # layer 2: weakest universal gate (0.18), its proxies at 0.27 fall under the threshold
+    set_gates(student, [5, 5, 0, 5, 5, 5, 5, 5],
+              {(2, 0): 0.5, (2, 1): 0.5, (2, 2): 0.5, (3, 2): 5.0, (4, 3): 5.0})
+    student.prune(num_universal=1, proxy_threshold=0.3)
+    alive = student.path_alive
+    assert not alive[2].any()                             # node 3 lost every incoming path
+    assert not alive[3, 0] and not proxy_alive(student, 4, 3)  # so what leaves node 3 goes, gate 0.5 or not
+    assert not (student.path_source[alive] == 3).any()
+    assert proxy_alive(student, 3, 2) and alive[4, 0]
+    gates = student.gates()  # renormalised over the survivors
+    assert gates[3].sum().item() == pytest.approx(1.0) and gates[3, 0] == 0
+    assert gates[3, 1 + student.proxy_sources[3].index(2)].item() == pytest.approx(1.0)
+    assert torch.allclose(gates.sum(1)[alive.any(1)], torch.ones(int(alive.any(1).sum())))
+
+
+def test_pruning_output_exclusion_cascades_to_a_fixed_point():
+    student = tiny_student(max_skip='dense')
+    # layer 2's universal block (the weakest) goes; layer 2 is then fed from node 0 only, so
+    # node 2 feeds nothing -> layer 1 dies; then node 1 feeds nothing -> layer 0 dies too
+    set_gates(student, [5, 5, 0, 5, 5, 5, 5, 5], {(2, 0): 2.0})
+    student.prune(num_universal=1, proxy_threshold=0.3)
+    alive = student.path_alive
+    assert not alive[2, 0] and proxy_alive(student, 2, 0)
+    assert not alive[1].any() and not alive[0].any()
+    assert all(alive[l, 0] for l in range(3, 8))
+    assert student.stats()['universal_blocks_kept'] == 5
+
+
+def test_pruning_refuses_disconnection_and_leaves_model_unchanged():
+    student = tiny_student()
+    before = student.path_alive.clone()
+    with pytest.raises(UserError, match='no path'):
+        student.prune(num_universal=8, proxy_threshold=0.5)
+    assert torch.equal(student.path_alive, before)
+    with pytest.raises(UserError, match='cannot prune 9'):
+        student.prune(num_universal=9, proxy_threshold=0.1)
+    with pytest.raises(UserError, match=r'\[0, 1\)'):
+        student.prune(num_universal=1, proxy_threshold=1.0)
+
+
+def test_pruned_blocks_are_never_executed_and_flops_fall():
+    student = tiny_student()
+    randomize_task_state(student)
+    full = student.stats()
+    student.prune(num_universal=3, proxy_threshold=0.1)
+    pruned = student.stats()
+    assert pruned['flops'] < full['flops'] and pruned['params_universal'] < full['params_universal']
+    calls = []
+    for l, block in enumerate(student.backbone.blocks):
+        original = block.forward_pre_relu
+        block.forward_pre_relu = lambda x, l=l, original=original: (calls.append(('u', l)), original(x))[1]
+    for l, proxy_list in enumerate(student.proxies):
+        for j, proxy in enumerate(proxy_list):
+            original = proxy.body.forward
+            proxy.body.forward = lambda x, l=l, j=j, original=original: (calls.append(('p', l, j)), original(x))[1]
+    student.eval()
+    with torch.no_grad():
+        student(torch.randn(1, 3, 32, 32))
+    executed = {c for c in calls}
+    expected = {('u', l) for l in range(8) if student.path_alive[l, 0]} | {
+        ('p', l, j - 1) for l in range(8) for j in range(1, student.path_alive.shape[1]) if student.path_alive[l, j]}
+    assert executed == expected
+    assert pruned['universal_blocks_kept'] == int(student.path_alive[:, 0].sum()) <= 5
+
+
+def test_task_pack_round_trip_holds_no_universal_tensor(tmp_path):
+    student = tiny_student()
+    randomize_task_state(student)
+    with torch.no_grad():
+        student.backbone.fc.weight.normal_()
+    student.prune(num_universal=2, proxy_threshold=0.15)
+    path = tmp_path / 'task.pth'
+    student.save_task_pack(str(path))
+
+    fresh = tiny_student(seed=7)
+    fresh.backbone.load_state_dict(
+        {k: v for k, v in student.backbone.state_dict().items() if not k.startswith('fc.')}, strict=False)
+    pack = torch.load(path, weights_only=True)
+    universal_names = {f'backbone.{k}' for k in student.backbone.state_dict() if not k.startswith('fc.')}
+    assert not universal_names & set(pack['state'])
+    assert all(k.startswith(('proxies.', 'gate_logits', 'path_alive', 'backbone.fc.')) for k in pack['state'])
+    pruned_proxy = [(l, j) for l in range(8) for j in range(1, len(student.proxy_sources[l]) + 1)
+                    if not student.path_alive[l, j]][0]
+    assert not any(k.startswith(f'proxies.{pruned_proxy[0]}.{pruned_proxy[1] - 1}.') for k in pack['state'])
+    fresh.load_task_pack(pack)
+    student.eval()
+    fresh.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(student(x)[0], fresh(x)[0])
+    assert fresh.stats()['flops'] == student.stats()['flops']
+
+
+def test_task_pack_for_another_student_is_refused():
+    pack = tiny_student().task_pack()
+    with pytest.raises(UserError, match='num_classes 5 vs 6'):
+        tiny_student(num_classes=6).load_task_pack(pack)
+    with pytest.raises(UserError, match='max_skip 3 vs 2'):
+        tiny_student(max_skip=2).load_task_pack(pack)
+    other = create_student('resnet34', 5, input_size=32)
+    with pytest.raises(UserError, match="arch 'resnet18' vs 'resnet34'"):
+        other.load_task_pack(pack)
+    with pytest.raises(UserError, match='not a NetTailor task pack'):
+        other.load_task_pack({'state_dict': {}})
+
+
+def test_bottleneck_student_uses_two_layer_proxies():
+    student = create_student('resnet50', 4, input_size=32)
+    proxy = student.proxies[4][0]
+    convs = [m for m in proxy.body if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2
+    assert convs[0].out_channels == student.backbone.blocks[4].conv1.out_channels // 4
+    student.eval()
+    with torch.no_grad():
+        logits, _ = student(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 4)
+    assert isinstance(student, NetTailor) and nettailor.format_stats(student.stats()).count('\n') > 40

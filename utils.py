@@ -1,0 +1,152 @@
+"""Shared helpers for the training scripts: errors, logging, checkpoints, seeding, devices."""
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data, wrong checkpoint): printed as one line."""
+
+
+def user_error_line(exc):
+    """The one-line message of a UserError, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(exc).strip()
+    marker = 'UserError: '
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.splitlines()[-1] if text else exc.__class__.__name__
+
+
+def run_cli(main, parser, argv=None):
+    """Parse arguments and run `main`; a UserError becomes one line on stderr and exit status 1."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {user_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # a UserError raised inside a DataLoader worker arrives re-wrapped
+        if 'UserError' not in str(e):
+            raise
+        print(f"error: {user_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def atomic_save(obj, path):
+    """torch.save through a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pth')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text, path):
+    """Write a text file through a temporary file and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what='checkpoint'):
+    """torch.load(weights_only=True) with a one-line error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{what} {path} is unreadable (truncated or not a checkpoint): {reason}") from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every RNG state a training run draws from, for exact resumption."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def resolve_device(name):
+    """'auto' picks CUDA when present; anything else is passed to torch.device, with a clear error."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"invalid --device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    return device
+
+
+def setup_logging(model_dir=None, log2file=False):
+    """Log to stdout and, with `log2file`, also to <model_dir>/log.txt."""
+    logger = logging.getLogger('nettailor')
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if log2file and model_dir:
+        handler = logging.FileHandler(os.path.join(model_dir, 'log.txt'))
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+class MetricsLog:
+    """Appends one JSON object per line to <model_dir>/metrics.jsonl."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, **record):
+        record.setdefault('time', time.time())
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+    def truncate_after(self, epoch):
+        """Drop records past `epoch` (a resumed run rewrites them)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if json.loads(line).get('epoch', -1) <= epoch]
+        atomic_write_text(''.join(kept), self.path)
+
+
+def progress(iterable, **kwargs):
+    """tqdm progress bar, silent when stdout is not a terminal."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not sys.stdout.isatty(), leave=False, dynamic_ncols=True, **kwargs)
