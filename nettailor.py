@@ -49,6 +49,19 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def batch_norm(bn, x, update_stats=True, scale=None):
+    """`bn(x)` with its affine parameters multiplied by `scale` (a gate folded in for free) and,
+    with `update_stats=False`, batch statistics used without touching the running ones."""
+    weight, bias = bn.weight, bn.bias
+    if scale is not None:
+        weight, bias = weight * scale, bias * scale
+    if bn.training and not update_stats:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+    if bn.training:
+        bn.num_batches_tracked.add_(1)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.training, bn.momentum, bn.eps)
+
+
 class Proxy(nn.Module):
     """Task-specific path A_pl: max-pool to the target resolution, then 1x1 conv + BN.
 
@@ -57,6 +70,7 @@ class Proxy(nn.Module):
 
     def __init__(self, in_channels, out_channels, stride, hidden=None):
         super().__init__()
+        self.stride = stride
         self.pool = nn.MaxPool2d(stride + 1, stride, stride // 2) if stride > 1 else nn.Identity()
         if hidden is None:
             layers = [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
@@ -68,16 +82,19 @@ class Proxy(nn.Module):
     def forward(self, x):
         return self.body(self.pool(x))
 
-    def body_without_stat_update(self, x):
-        """`body(x)` in training mode without touching BN running statistics (a second, detached pass)."""
-        if not self.training:
-            return self.body(x)
-        for m in self.body:
-            if isinstance(m, nn.BatchNorm2d):
-                x = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
-            else:
-                x = m(x)
-        return x
+    def gated_body(self, pooled, gate, update_stats=True):
+        """gate * body(pooled), the gate folded into the last BatchNorm."""
+        *layers, last_bn = self.body
+        x = pooled
+        for m in layers:
+            x = batch_norm(m, x, update_stats) if isinstance(m, nn.BatchNorm2d) else m(x)
+        return batch_norm(last_bn, x, update_stats, scale=gate)
+
+    def folded_conv(self, gate):
+        """(weight, bias) of one 1x1 conv equal to gate * body in eval mode (single-conv proxies)."""
+        conv, bn = self.body
+        scale = gate * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return conv.weight * scale[:, None, None, None], gate * bn.bias - scale * bn.running_mean
 
 
 def parse_max_skip(max_skip, num_layers):
@@ -205,32 +222,52 @@ class NetTailor(nn.Module):
         same value recomputed so that its gradient reaches only layer l's own task-specific
         parameters (its inputs treated as constants): the universal block output is reused
         detached (the block is frozen), only the cheap proxies run a second time.
+        In eval mode each layer's proxies run as one convolution with BN and gates folded in.
         """
         gates = self.gates()
         nodes = [self.backbone.forward_stem(x)]
         outputs = []
+        fold = not self.training and self.backbone.block_kind == 'basic'
+        pool_cache = {}
         for l, paths in enumerate(self._alive_paths):
-            terms, local_terms = [], []
-            for j in paths:
-                a = gates[l, j]
-                if j == 0:
-                    out = self.backbone.blocks[l].forward_pre_relu(nodes[l])
-                    local = out.detach() if distill else None
-                else:
-                    proxy = self.proxies[l][j - 1]
-                    pooled = proxy.pool(nodes[self.proxy_sources[l][j - 1]])
-                    out = proxy.body(pooled)
-                    local = proxy.body_without_stat_update(pooled.detach()) if distill else None
-                terms.append(a * out)
-                if distill:
-                    local_terms.append(a * local)
-            if not terms:
+            if not paths:
                 nodes.append(None)
                 outputs.append(None)
                 continue
-            nodes.append(F.relu(sum(terms)))
-            outputs.append(F.relu(sum(local_terms)) if distill else nodes[-1])
+            pooled = {j: self._pooled(nodes, l, j, pool_cache) for j in paths if j > 0}
+            if fold:
+                total = self._folded_proxies(l, pooled, gates[l]) if pooled else 0
+            else:
+                total = sum(self.proxies[l][j - 1].gated_body(p, gates[l, j]) for j, p in pooled.items())
+            if paths[0] == 0:
+                universal = self.backbone.blocks[l].forward_pre_relu(nodes[l])
+                total = total + gates[l, 0] * universal
+            nodes.append(F.relu(total))
+            if not distill:
+                outputs.append(nodes[-1])
+                continue
+            local = sum(self.proxies[l][j - 1].gated_body(p.detach(), gates[l, j], update_stats=False)
+                        for j, p in pooled.items())
+            if paths[0] == 0:
+                local = local + gates[l, 0] * universal.detach()
+            outputs.append(F.relu(local))
         return self.backbone.forward_head(nodes[-1]), outputs
+
+    def _pooled(self, nodes, l, j, cache):
+        """Proxy j of layer l's input at the target resolution, pooling each (node, stride) once."""
+        proxy = self.proxies[l][j - 1]
+        source = self.proxy_sources[l][j - 1]
+        if proxy.stride == 1:
+            return nodes[source]
+        key = (source, proxy.stride)
+        if key not in cache:
+            cache[key] = proxy.pool(nodes[source])
+        return cache[key]
+
+    def _folded_proxies(self, l, pooled, gates):
+        """Eval mode: sum_j gate_j * proxy_j(x_j) as a single 1x1 convolution over the stacked inputs."""
+        weights, biases = zip(*(self.proxies[l][j - 1].folded_conv(gates[j]) for j in pooled))
+        return F.conv2d(torch.cat(list(pooled.values()), dim=1), torch.cat(weights, dim=1), sum(biases))
 
     # ----- complexity (METHOD section 5) -----
     def expected_complexity(self):

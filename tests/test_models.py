@@ -120,27 +120,45 @@ def test_student_with_all_proxies_pruned_is_the_teacher():
     assert student.stats()['proxies_kept'] == 0
 
 
+def reference_layer(student, gates, l, inputs):
+    """Layer l written out path by path with the plain modules (no folding, no pooling cache)."""
+    total = 0
+    for j in student._alive_paths[l]:
+        if j == 0:
+            total = total + gates[l, j] * student.backbone.blocks[l].forward_pre_relu(inputs[l])
+        else:
+            total = total + gates[l, j] * student.proxies[l][j - 1](inputs[student.proxy_sources[l][j - 1]])
+    return F.relu(total)
+
+
 def reference_two_pass_loss(student, teacher_logits, teacher_outputs, x, y, gamma1, gamma2):
     """Straightforward formulation: every layer re-run, universal block included, on detached inputs."""
     gates = student.gates()
     nodes = [student.backbone.forward_stem(x)]
     local_outputs = []
-    for l, paths in enumerate(student._alive_paths):
-        def layer(inputs):
-            total = 0
-            for j in paths:
-                if j == 0:
-                    total = total + gates[l, j] * student.backbone.blocks[l].forward_pre_relu(inputs[l])
-                else:
-                    proxy = student.proxies[l][j - 1]
-                    total = total + gates[l, j] * proxy(inputs[student.proxy_sources[l][j - 1]])
-            return F.relu(total)
-        nodes.append(layer(nodes))
-        local_outputs.append(layer([n.detach() for n in nodes]))
+    for l in range(len(student._alive_paths)):
+        nodes.append(reference_layer(student, gates, l, nodes))
+        local_outputs.append(reference_layer(student, gates, l, [n.detach() for n in nodes]))
     logits = student.backbone.forward_head(nodes[-1])
     omega = F.mse_loss(logits, teacher_logits) + sum(
         F.mse_loss(s, t) for s, t in zip(local_outputs, teacher_outputs)) / len(teacher_outputs)
     return F.cross_entropy(logits, y) + gamma1 * student.expected_complexity() + gamma2 * omega
+
+
+def test_eval_forward_with_folded_proxies_equals_plain_modules():
+    student = tiny_student()
+    randomize_task_state(student)
+    student.prune(num_universal=2, proxy_threshold=0.1)
+    student.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        gates = student.gates()
+        nodes = [student.backbone.forward_stem(x)]
+        for l in range(8):
+            nodes.append(reference_layer(student, gates, l, nodes) if student._alive_paths[l] else None)
+        logits, outputs = student(x)
+    assert torch.allclose(logits, student.backbone.forward_head(nodes[-1]), atol=1e-5)
+    assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, nodes[1:]))
 
 
 def test_one_pass_distillation_equals_two_pass_reference():
@@ -166,7 +184,8 @@ def test_one_pass_distillation_equals_two_pass_reference():
     checked = 0
     for name, p in student.named_parameters():
         if p.requires_grad:
-            assert torch.allclose(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-4), name
+            ref_grad = ref_params[name].grad
+            assert (p.grad - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max(), name
             checked += 1
     assert checked > 20
     # the second pass leaves BN running statistics as one training pass would
@@ -303,20 +322,24 @@ def test_pruned_blocks_are_never_executed_and_flops_fall():
     pruned = student.stats()
     assert pruned['flops'] < full['flops'] and pruned['params_universal'] < full['params_universal']
     calls = []
+
+    def record(obj, method, tag):
+        original = getattr(obj, method)
+        setattr(obj, method, lambda *args, **kw: (calls.append(tag), original(*args, **kw))[1])
+
     for l, block in enumerate(student.backbone.blocks):
-        original = block.forward_pre_relu
-        block.forward_pre_relu = lambda x, l=l, original=original: (calls.append(('u', l)), original(x))[1]
+        record(block, 'forward_pre_relu', ('u', l))
     for l, proxy_list in enumerate(student.proxies):
         for j, proxy in enumerate(proxy_list):
-            original = proxy.body.forward
-            proxy.body.forward = lambda x, l=l, j=j, original=original: (calls.append(('p', l, j)), original(x))[1]
-    student.eval()
-    with torch.no_grad():
-        student(torch.randn(1, 3, 32, 32))
-    executed = {c for c in calls}
+            record(proxy, 'gated_body', ('p', l, j))   # training mode
+            record(proxy, 'folded_conv', ('p', l, j))  # eval mode
     expected = {('u', l) for l in range(8) if student.path_alive[l, 0]} | {
         ('p', l, j - 1) for l in range(8) for j in range(1, student.path_alive.shape[1]) if student.path_alive[l, j]}
-    assert executed == expected
+    for mode in (True, False):
+        calls.clear()
+        student.train(mode)
+        student(torch.randn(2, 3, 32, 32))
+        assert set(calls) == expected and len(calls) == len(expected)
     assert pruned['universal_blocks_kept'] == int(student.path_alive[:, 0].sum()) <= 5
 
 

@@ -1,0 +1,132 @@
+"""Speed of NetTailor against a plain teacher forward pass, measured in one run.
+
+Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike):
+  teacher forward (eval)         the unit every other time is divided by
+  student train step             teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
+  two-pass train step            the same step with the straightforward distillation (every layer re-run)
+  student eval forward           un-pruned student
+  pruned eval forward            after removing --prune-universal universal blocks
+
+    python benchmark.py                      # ResNet34, max_skip 3, batch 32, 64x64, CPU
+    python benchmark.py --input-size 224 --device cuda
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nettailor import create_student, distillation_loss
+from resnet import create_teacher
+from utils import resolve_device, run_cli
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], add_help=True)
+    parser.add_argument('--arch', default='resnet34')
+    parser.add_argument('--max-skip', default='3')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--input-size', type=int, default=64)
+    parser.add_argument('--repeats', type=int, default=10, help='timed rounds (after 2 warm-up rounds)')
+    parser.add_argument('--prune-universal', type=int, default=8)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--json', default=None, help='also write the results to this file')
+    return parser
+
+
+def two_pass_step(student, teacher, optimizer, x, y):
+    """The released code's formulation: each layer recomputed on detached inputs."""
+    from tests.test_models import reference_two_pass_loss
+    with torch.no_grad():
+        t_logits, t_outputs = teacher(x)
+    loss = reference_two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def one_pass_step(student, teacher, optimizer, x, y):
+    with torch.no_grad():
+        t_logits, t_outputs = teacher(x)
+    logits, local = student(x, distill=True)
+    loss = (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
+            + 10.0 * distillation_loss(logits, local, t_logits, t_outputs))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    num_classes = 10
+    teacher = create_teacher(args.arch, num_classes).to(device).eval()
+    student = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
+    pruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
+    pruned.prune(args.prune_universal, 0.0)
+    pruned.eval()
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+    def eval_forward(model):
+        with torch.no_grad():
+            model(x)
+
+    def student_eval():
+        student.eval()
+        eval_forward(student)
+        student.train()
+
+    cases = {
+        'teacher forward': lambda: eval_forward(teacher),
+        'student train step': lambda: one_pass_step(student.train(), teacher, optimizer, x, y),
+        'two-pass train step': lambda: two_pass_step(student.train(), teacher, optimizer, x, y),
+        'student eval forward': student_eval,
+        'pruned eval forward': lambda: eval_forward(pruned),
+    }
+    times = {name: [] for name in cases}
+    for round_index in range(args.repeats + 2):
+        for name, fn in cases.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            if round_index >= 2:
+                times[name].append(time.perf_counter() - start)
+
+    unit = statistics.median(times['teacher forward'])
+    stats_full, stats_pruned = student.stats(), pruned.stats()
+    results = {
+        'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
+                   'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
+                   'repeats': args.repeats, 'prune_universal': args.prune_universal},
+        'median_seconds': {name: statistics.median(t) for name, t in times.items()},
+        'ratio_to_teacher_forward': {name: statistics.median(t) / unit for name, t in times.items()},
+        'pruned_flops_ratio': stats_pruned['flops'] / stats_full['flops_full'],
+    }
+    print(f"{args.arch}, max_skip {args.max_skip}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
+          f"{device} ({torch.get_num_threads()} threads), median of {args.repeats} interleaved rounds")
+    for name in cases:
+        print(f"  {name:<22} {results['median_seconds'][name] * 1e3:9.1f} ms  "
+              f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
+    print(f"  one-pass / two-pass train step: "
+          f"{results['median_seconds']['student train step'] / results['median_seconds']['two-pass train step']:.2f}")
+    print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
+          f"({stats_pruned['universal_blocks_kept']}/{stats_pruned['universal_blocks_total']} universal blocks)")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser(), sys.argv[1:])
