@@ -1,0 +1,337 @@
+"""Datasets and data loaders for the single-task experiments.
+
+Tasks: `svhn` (SVHN digits), `flowers` (Oxford Flowers102), `voc12` (PASCAL VOC 2012 classification of
+ground-truth object crops) and every procedural task of `synthetic.py`. The real datasets are read from the
+files `data/prepare_data.py` downloads; images are decoded lazily, one per `__getitem__` (SVHN is one array).
+Transforms follow the released demos (METHOD.md section 8) with ImageNet mean/std normalisation.
+"""
+import math
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import scipy.io
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from synthetic import FLIP_INVARIANT, SYNTHETIC_TASKS, make_synthetic
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+IMAGE_TASKS = {'svhn': 10, 'flowers': 102, 'voc12': 20}
+TASKS = {**IMAGE_TASKS, **SYNTHETIC_TASKS}  # task name -> number of classes
+
+VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+               'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
+               'tvmonitor')
+VOC_CROP_MARGIN = 0.2
+
+
+def _prepare_hint(task):
+    return f'run `python data/prepare_data.py --task {task}` or pass --data-dir'
+
+
+def _require_file(path, dataset_name, task):
+    """Raises a UserError naming `path` and the prepare command when `path` does not exist."""
+    if not os.path.exists(path):
+        raise UserError(f'{dataset_name} not found: {path} is missing; {_prepare_hint(task)}')
+
+
+def _one_line(error):
+    return ' '.join(str(error).split())
+
+
+def _load_mat(path, keys, dataset_name, task):
+    """Reads the arrays `keys` of a MATLAB file, reporting a missing or damaged file as a UserError."""
+    _require_file(path, dataset_name, task)
+    try:
+        mat = scipy.io.loadmat(path)
+        return [mat[key] for key in keys]
+    except Exception as error:  # scipy raises many exception types for truncated or foreign files
+        reason = f'no array {error}' if isinstance(error, KeyError) else _one_line(error)
+        raise UserError(f'corrupt dataset file {path}: {reason}; delete it and {_prepare_hint(task)}') from error
+
+
+def load_rgb_image(path):
+    """Decodes an image file into an RGB PIL image; a damaged file raises a one-line UserError."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f'corrupt image file {path}: {_one_line(error)}') from error
+
+
+class SVHN(Dataset):
+    """SVHN digits from torchvision's `<root>/svhn/{train,test}_32x32.mat`; yields (uint8 3x32x32 tensor, digit)."""
+
+    def __init__(self, root, split):
+        images, labels = _load_mat(os.path.join(root, 'svhn', f'{split}_32x32.mat'), ('X', 'y'), 'SVHN', 'svhn')
+        # X is H x W x C x N; the label 10 stands for the digit 0.
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1)))
+        labels = labels.reshape(-1).astype(np.int64)
+        labels[labels == 10] = 0
+        self.labels = labels.tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+class Flowers102(Dataset):
+    """Oxford Flowers102 as torchvision lays it out under `<root>/flowers-102`; yields (PIL image, class).
+
+    The training split is the official train + val sets, the test split the official test set.
+    """
+
+    def __init__(self, root, split):
+        base = os.path.join(root, 'flowers-102')
+        id_keys = ('trnid', 'valid') if split == 'train' else ('tstid',)
+        labels, = _load_mat(os.path.join(base, 'imagelabels.mat'), ('labels',), 'Flowers102', 'flowers')
+        set_ids = _load_mat(os.path.join(base, 'setid.mat'), id_keys, 'Flowers102', 'flowers')
+        labels = labels.reshape(-1)
+        image_ids = np.concatenate([ids.reshape(-1) for ids in set_ids]).tolist()
+        self.image_paths = [os.path.join(base, 'jpg', f'image_{image_id:05d}.jpg') for image_id in image_ids]
+        self.labels = [int(labels[image_id - 1]) - 1 for image_id in image_ids]
+        for path in self.image_paths:
+            _require_file(path, 'Flowers102', 'flowers')
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return load_rgb_image(self.image_paths[index]), self.labels[index]
+
+
+def voc_crop_box(bndbox, image_width, image_height, margin=VOC_CROP_MARGIN):
+    """Crop box (left, upper, right, lower) in PIL pixel coordinates around a VOC bounding box.
+
+    `bndbox` is VOC's (xmin, ymin, xmax, ymax), 1-based and inclusive. Each side moves out by `margin` times the
+    box width (left/right) or height (top/bottom), rounded outwards and clipped to the image.
+    """
+    xmin, ymin, xmax, ymax = bndbox
+    left, upper, right, lower = xmin - 1, ymin - 1, xmax, ymax
+    dx, dy = margin * (right - left), margin * (lower - upper)
+    return (max(0, math.floor(left - dx)), max(0, math.floor(upper - dy)),
+            min(image_width, math.ceil(right + dx)), min(image_height, math.ceil(lower + dy)))
+
+
+def read_voc_objects(annotation_path):
+    """(crop box, class index) for every non-difficult object of one VOC XML annotation file."""
+    try:
+        root = ET.parse(annotation_path).getroot()
+    except ET.ParseError as error:
+        raise UserError(f'corrupt annotation file {annotation_path}: {_one_line(error)}') from error
+    width, height = int(root.find('size/width').text), int(root.find('size/height').text)
+    objects = []
+    for obj in root.findall('object'):
+        difficult = obj.find('difficult')
+        if difficult is not None and int(difficult.text) == 1:
+            continue
+        bndbox = [float(obj.find(f'bndbox/{key}').text) for key in ('xmin', 'ymin', 'xmax', 'ymax')]
+        objects.append((voc_crop_box(bndbox, width, height), VOC_CLASSES.index(obj.find('name').text.strip())))
+    return objects
+
+
+class VOCObjectCrops(Dataset):
+    """PASCAL VOC 2012 object classification: every non-difficult ground-truth object cropped with a margin.
+
+    The train split lists images of `ImageSets/Main/train.txt`, the test split those of `val.txt`. The training
+    split is re-sampled to `crops_per_class` crops of every class (without replacement when a class has more,
+    with replacement when fewer), deterministically from `seed`. `samples` holds (image path, crop box, class)
+    triples; items are (PIL crop, class).
+    """
+
+    def __init__(self, root, split, crops_per_class=1000, seed=0):
+        voc_dir = os.path.join(root, 'VOCdevkit', 'VOC2012')
+        list_path = os.path.join(voc_dir, 'ImageSets', 'Main', 'train.txt' if split == 'train' else 'val.txt')
+        _require_file(list_path, 'VOC 2012', 'voc12')
+        with open(list_path) as f:
+            image_ids = f.read().split()
+        samples = []
+        for image_id in image_ids:
+            annotation_path = os.path.join(voc_dir, 'Annotations', f'{image_id}.xml')
+            image_path = os.path.join(voc_dir, 'JPEGImages', f'{image_id}.jpg')
+            _require_file(annotation_path, 'VOC 2012', 'voc12')
+            _require_file(image_path, 'VOC 2012', 'voc12')
+            samples += [(image_path, box, label) for box, label in read_voc_objects(annotation_path)]
+        if split == 'train':
+            samples = self._balance(samples, crops_per_class, seed, list_path)
+        self.samples = samples
+        self.labels = [label for _, _, label in samples]
+
+    @staticmethod
+    def _balance(samples, crops_per_class, seed, list_path):
+        """Draws `crops_per_class` samples of every class."""
+        rng = np.random.default_rng(seed)
+        labels = np.array([label for _, _, label in samples])
+        balanced = []
+        for label, name in enumerate(VOC_CLASSES):
+            indices = np.flatnonzero(labels == label)
+            if len(indices) == 0:
+                raise UserError(f'VOC 2012 incomplete: no {name!r} object in the images of {list_path}; '
+                                f'{_prepare_hint("voc12")}')
+            chosen = rng.choice(indices, crops_per_class, replace=len(indices) < crops_per_class)
+            balanced += [samples[i] for i in chosen]
+        return balanced
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image_path, box, label = self.samples[index]
+        return load_rgb_image(image_path).crop(box), label
+
+
+class TransformedDataset(Dataset):
+    """Applies `transform` to the images of a dataset of (image, label) pairs."""
+
+    def __init__(self, dataset, transform):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def _to_normalized_tensor():
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.ToPureTensor()]
+
+
+def image_transform(task, train, input_size=224):
+    """Transform of the svhn, flowers and voc12 images (PIL images or uint8 tensors) -> normalised float tensor."""
+    if task == 'svhn':  # digits: no random crop, no flip
+        geometry = [v2.Resize((input_size, input_size), antialias=True)]
+    elif task == 'flowers' and train:
+        geometry = [v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()]
+    elif task == 'flowers':
+        geometry = [v2.Resize(int(input_size * 256 / 224), antialias=True), v2.CenterCrop(input_size)]
+    elif task == 'voc12':
+        geometry = [v2.Resize((input_size, input_size), antialias=True)]
+        if train:
+            geometry.append(v2.RandomHorizontalFlip())
+    else:
+        raise ValueError(f'no image transform for task {task!r}')
+    return v2.Compose(geometry + _to_normalized_tensor())
+
+
+class SyntheticAugment:
+    """Batched transform of uint8 synthetic images (B x 3 x H x W) -> normalised float tensors.
+
+    Resizes to `input_size` when it differs from the native size; training adds a random crop with
+    reflect padding of 4/32 of the input size, and a horizontal flip for the tasks in
+    `synthetic.FLIP_INVARIANT`.  Whole batches at once: per-image transforms would cost more than the
+    training step itself on a small CPU.  Randomness comes from torch's global generator.
+    """
+
+    def __init__(self, task, train, input_size):
+        self.input_size = input_size
+        self.padding = 4 * input_size // 32 if train else 0
+        self.flip = train and task in FLIP_INVARIANT
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def __call__(self, images):
+        if images.dim() == 3:  # one image
+            return self(images[None])[0]
+        x = images.float().div_(255)
+        size = self.input_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+        if self.padding:
+            batch, pad = x.shape[0], self.padding
+            x = F.pad(x, (pad, pad, pad, pad), mode='reflect')
+            rows = torch.randint(0, 2 * pad + 1, (batch, 1)) + torch.arange(size)
+            cols = torch.randint(0, 2 * pad + 1, (batch, 1)) + torch.arange(size)
+            x = x[torch.arange(batch)[:, None, None, None], torch.arange(3)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+        if self.flip:
+            flipped = torch.rand(x.shape[0]) < 0.5
+            x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+        return ((x - self.mean) / self.std).contiguous()
+
+
+class SyntheticLoader:
+    """A DataLoader stand-in for in-memory synthetic splits: shuffled (from `generator`) batches,
+    augmented a batch at once."""
+
+    def __init__(self, dataset, batch_size, augment, shuffle, generator=None):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.augment = augment
+        self.shuffle = shuffle
+        self.generator = generator
+
+    def __len__(self):
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __iter__(self):
+        count = len(self.dataset)
+        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+        for start in range(0, count, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield self.augment(self.dataset.images[index]), self.dataset.labels[index]
+
+
+def get_datasets(task, data_dir='data', input_size=224, seed=0):
+    """(train_set, test_set, num_classes) of `task`, yielding (normalised 3 x input_size x input_size, label).
+
+    `seed` fixes the VOC class re-sampling; the synthetic images are always those of seed 0.
+    """
+    if task not in TASKS:
+        raise UserError(f'unknown task {task!r}; valid tasks: {", ".join(TASKS)}')
+    if task in IMAGE_TASKS:
+        num_classes = IMAGE_TASKS[task]
+        if task == 'svhn':
+            raw_train, raw_test = SVHN(data_dir, 'train'), SVHN(data_dir, 'test')
+        elif task == 'flowers':
+            raw_train, raw_test = Flowers102(data_dir, 'train'), Flowers102(data_dir, 'test')
+        else:
+            raw_train, raw_test = VOCObjectCrops(data_dir, 'train', seed=seed), VOCObjectCrops(data_dir, 'test')
+        train_transform = image_transform(task, True, input_size)
+        test_transform = image_transform(task, False, input_size)
+    else:
+        num_classes = SYNTHETIC_TASKS[task]
+        raw_train, raw_test = make_synthetic(task, 'train'), make_synthetic(task, 'test')
+        train_transform = SyntheticAugment(task, True, input_size)
+        test_transform = SyntheticAugment(task, False, input_size)
+    train_set = TransformedDataset(raw_train, train_transform)
+    test_set = TransformedDataset(raw_test, test_transform)
+    return train_set, test_set, num_classes
+
+
+def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=224, seed=0,
+                    eval_batch_size=None, train_limit=None, test_limit=None):
+    """(train_loader, test_loader, num_classes) of `task`; the training order is shuffled from `seed`.
+
+    `train_limit` / `test_limit` keep only the first N images of a split (quick runs, tests).
+    Synthetic tasks, held in memory, get `SyntheticLoader`s (batched augmentation, no workers)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if task in SYNTHETIC_TASKS:
+        train_raw = make_synthetic(task, 'train', num_images=train_limit)
+        test_raw = make_synthetic(task, 'test', num_images=test_limit)
+        return (SyntheticLoader(train_raw, batch_size, SyntheticAugment(task, True, input_size), True, generator),
+                SyntheticLoader(test_raw, eval_batch_size or batch_size, SyntheticAugment(task, False, input_size),
+                                False), SYNTHETIC_TASKS[task])
+    train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed)
+    if train_limit is not None:
+        train_set = Subset(train_set, range(min(train_limit, len(train_set))))
+    if test_limit is not None:
+        test_set = Subset(test_set, range(min(test_limit, len(test_set))))
+    loader_options = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0, drop_last=False)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, **loader_options)
+    test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, shuffle=False, **loader_options)
+    return train_loader, test_loader, num_classes

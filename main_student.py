@@ -1,0 +1,167 @@
+"""Stages 2-4 of NetTailor: train the student, then prune it and retrain what is left.
+
+    # student: frozen universal blocks + proxies + gates, L = CE + gamma1 E[C] + gamma2 Omega
+    python main_student.py --task svhn --backbone resnet34 --teacher-fn checkpoints/svhn/teacher/checkpoint.pth \
+        --model-dir checkpoints/svhn/student
+    # prune the k weakest universal blocks and proxies below a threshold, retrain (gamma1 = 0)
+    python main_student.py --task svhn --teacher-fn ... --full-model-dir checkpoints/svhn/student \
+        --n-pruning-universal 11 --thr-pruning-proxy 0.075 --model-dir checkpoints/svhn/pruned
+    python main_student.py --task svhn --model-dir checkpoints/svhn/pruned --evaluate
+
+Checkpoints hold the task pack (proxies, gates, classifier, pruning mask), never the universal
+weights: those come from --pretrained, as the args.json of the run records.
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import utils
+from main_teacher import (build_loaders, checkpoint_path, check_args, evaluate, fit, get_args_parser as
+                          teacher_args_parser, load_teacher, make_optimizer, prepare_run_dir)
+from nettailor import create_student, distillation_loss, format_stats
+from utils import UserError
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description='NetTailor student: tailor a pre-trained network to a task',
+                                     parents=[teacher_args_parser(add_help=False)], add_help=add_help,
+                                     conflict_handler='resolve')
+    parser.add_argument('--arch', help=argparse.SUPPRESS)
+    parser.add_argument('--backbone', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
+    parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
+                        "--teacher-coeff > 0)")
+    parser.add_argument('--max-skip', default='3', help="proxies per layer from the k most recent nodes, or 'dense'")
+    parser.add_argument('--complexity-coeff', type=float, default=None,
+                        help='gamma1 (default 0.3; 0 when retraining with --full-model-dir)')
+    parser.add_argument('--teacher-coeff', type=float, default=10.0, help='gamma2')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (never on gates)')
+    parser.add_argument('--pretrained', default=None,
+                        help="universal weights: 'imagenet' (default), a local state-dict file or 'none'; "
+                        "when retraining, those of --full-model-dir")
+    parser.add_argument('--full-model-dir', default=None, help='a trained student to prune and retrain')
+    parser.add_argument('--n-pruning-universal', type=int, default=0, help='universal blocks to remove')
+    parser.add_argument('--thr-pruning-proxy', type=float, default=0.05, help='remove proxies gated below this')
+    return parser
+
+
+def check_student_args(args):
+    args.arch = args.backbone
+    if args.full_model_dir and not args.evaluate:
+        full_args = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')['args']
+        if args.pretrained is None:
+            args.pretrained = full_args['pretrained'] or 'none'
+        elif (None if args.pretrained == 'none' else args.pretrained) != full_args['pretrained']:
+            raise UserError(f"{args.full_model_dir} was trained on universal weights {full_args['pretrained']}, "
+                            f"not {args.pretrained}: drop --pretrained")
+    if args.pretrained is None:
+        args.pretrained = 'imagenet'
+    check_args(args)
+    if args.complexity_coeff is None:
+        args.complexity_coeff = 0.0 if args.full_model_dir else 0.3
+    for name in ('complexity_coeff', 'teacher_coeff', 'n_pruning_universal'):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if not 0 <= args.thr_pruning_proxy < 1:
+        raise UserError(f"--thr-pruning-proxy must be in [0, 1), got {args.thr_pruning_proxy}")
+    if args.max_skip != 'dense':
+        try:
+            args.max_skip = int(args.max_skip)
+        except ValueError:
+            raise UserError(f"--max-skip must be an integer >= 1 or 'dense', got {args.max_skip!r}") from None
+        if args.max_skip < 1:
+            raise UserError(f"--max-skip must be an integer >= 1 or 'dense', got {args.max_skip}")
+    if args.teacher_coeff > 0 and not args.teacher_fn and not args.evaluate:
+        raise UserError("--teacher-coeff > 0 needs the teacher's checkpoint: pass --teacher-fn "
+                        "(or --teacher-coeff 0 to train without distillation)")
+
+
+def load_student(model_dir, device):
+    """A trained student rebuilt from its run directory (its args.json-recorded setup + task pack)."""
+    checkpoint = utils.load_checkpoint(checkpoint_path(model_dir), 'student checkpoint')
+    pack = checkpoint.get('model')
+    if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
+        raise UserError(f"{checkpoint_path(model_dir)} is not a student checkpoint written by main_student.py")
+    saved = checkpoint['args']
+    student = create_student(saved['backbone'], pack['meta']['num_classes'], saved['max_skip'],
+                             saved['pretrained'], saved['input_size'])
+    student.load_task_pack(pack, source=checkpoint_path(model_dir))
+    return student.to(device), checkpoint
+
+
+def param_groups(student, weight_decay):
+    """Task-specific parameters; gates get no weight decay."""
+    others = [p for n, p in student.named_parameters() if p.requires_grad and n != 'gate_logits']
+    return [{'params': others, 'weight_decay': weight_decay}, {'params': [student.gate_logits], 'weight_decay': 0.0}]
+
+
+def main(args):
+    check_student_args(args)
+    device = utils.resolve_device(args.device)
+    if args.evaluate:
+        student, _ = load_student(args.model_dir, device)
+        _, test_loader, _ = build_loaders(args)
+        accuracy = evaluate(student, test_loader, device)
+        stats = student.stats()
+        print(format_stats(stats))
+        print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
+        return {'accuracy': accuracy, 'stats': stats}
+
+    utils.seed_everything(args.seed)
+    train_loader, test_loader, num_classes = build_loaders(args)
+    teacher = None
+    if args.teacher_coeff > 0:
+        teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone)
+    student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size)
+    if args.full_model_dir:
+        full, _ = load_student(args.full_model_dir, torch.device('cpu'))
+        student.load_task_pack(full.task_pack(), source=f"the student in {args.full_model_dir}")
+        student.prune(args.n_pruning_universal, args.thr_pruning_proxy)
+    elif teacher is not None:  # the classifier starts from the teacher's
+        for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
+            mine.load_state_dict(theirs.state_dict())
+    student.to(device)
+    resume_from = prepare_run_dir(args)
+    if resume_from is not None:
+        student.load_task_pack(resume_from['model'], source=checkpoint_path(args.model_dir))
+    logger = utils.setup_logging(args.model_dir, args.log2file)
+    logger.info(f"student {args.backbone} (max_skip {args.max_skip}) on {args.task} ({num_classes} classes), "
+                f"gamma1 {args.complexity_coeff}, gamma2 {args.teacher_coeff}, device {device}")
+    if args.full_model_dir:
+        logger.info(f"pruned {args.full_model_dir}: {args.n_pruning_universal} universal blocks, "
+                    f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")
+    optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args, train_loader)
+
+    def train_step(images, labels):
+        distill = teacher is not None
+        logits, outputs = student(images, distill=distill)
+        ce = F.cross_entropy(logits, labels)
+        loss, out = ce, {'ce': ce.item()}
+        if args.complexity_coeff > 0:
+            complexity = student.expected_complexity()
+            loss = loss + args.complexity_coeff * complexity
+            out['complexity'] = complexity.item()
+        if distill:
+            with torch.no_grad():
+                teacher_logits, teacher_outputs = teacher(images)
+            omega = distillation_loss(logits, outputs, teacher_logits, teacher_outputs)
+            loss = loss + args.teacher_coeff * omega
+            out['omega'] = omega.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        out.update(loss=loss.item(), correct=(logits.argmax(1) == labels).sum().item())
+        return out
+
+    accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
+                   student.task_pack, resume_from, logger)
+    stats = student.stats()
+    logger.info(f"{format_stats(stats)}\nstudent top-1 accuracy {accuracy:.2f}%")
+    return {'accuracy': accuracy, 'stats': stats}
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser(), sys.argv[1:])

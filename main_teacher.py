@@ -1,0 +1,238 @@
+"""Stage 1 of NetTailor: fine-tune a pre-trained network (all layers) on the target task.
+
+    python main_teacher.py --task svhn --arch resnet34 --model-dir checkpoints/svhn/teacher
+    python main_teacher.py --task svhn --model-dir checkpoints/svhn/teacher --evaluate
+
+The run directory holds checkpoint.pth (the last epoch; `finished` once done), args.json,
+metrics.jsonl (one JSON line per epoch) and, with --log2file, log.txt.  `fit` and `evaluate`
+here are shared by main_student.py and the decathlon scripts.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import utils
+from resnet import create_teacher
+from utils import UserError
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description='NetTailor teacher: fine-tune a pre-trained network',
+                                     add_help=add_help)
+    parser.add_argument('--task', required=True, help='dataset: svhn, flowers, voc12 or a synth-* task')
+    parser.add_argument('--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
+    parser.add_argument('--model-dir', required=True, help='run directory (checkpoints, logs, metrics)')
+    parser.add_argument('--data-dir', default='data', help='where the datasets live')
+    parser.add_argument('--pretrained', default='imagenet',
+                        help="'imagenet' (torchvision's weights), a local state-dict file, or 'none'")
+    parser.add_argument('--input-size', type=int, default=224, help='training/test crop size')
+    parser.add_argument('--train-limit', type=int, default=None, help='use only the first N training images')
+    parser.add_argument('--test-limit', type=int, default=None, help='use only the first N test images')
+    parser.add_argument('--epochs', type=int, default=20)
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--lr', type=float, default=0.01)
+    parser.add_argument('--lr-decay-epochs', type=int, default=8, help='lr x0.1 every this many epochs')
+    parser.add_argument('--momentum', type=float, default=0.9)
+    parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--workers', type=int, default=4, help='data loading processes')
+    parser.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda, cuda:N')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--evaluate', action='store_true', help='only evaluate the run in --model-dir')
+    parser.add_argument('--resume', action='store_true', help='continue an interrupted run from its last epoch')
+    parser.add_argument('--force', action='store_true', help='overwrite a run directory holding a run')
+    parser.add_argument('--log2file', action='store_true', help='also log to <model-dir>/log.txt')
+    return parser
+
+
+def check_args(args):
+    """Reject flag values that cannot work, before anything is written."""
+    for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size'):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ('momentum', 'weight_decay'):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    for name in ('train_limit', 'test_limit'):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be non-negative, got {args.workers}")
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other; pick one")
+    if args.pretrained == 'none':
+        args.pretrained = None
+
+
+def build_loaders(args):
+    """(train_loader, test_loader, num_classes) for args.task; the decathlon scripts set args.decathlon."""
+    if getattr(args, 'decathlon', False):
+        from decathlon_dataloaders import get_decathlon_dataloaders
+        return get_decathlon_dataloaders(args.task, args.data_dir, eval_split=args.eval_split,
+                                         batch_size=args.batch_size, workers=args.workers,
+                                         input_size=args.input_size, seed=args.seed)
+    from dataloaders import get_dataloaders
+    return get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size, args.seed,
+                           train_limit=args.train_limit, test_limit=args.test_limit)
+
+
+def checkpoint_path(model_dir):
+    return os.path.join(model_dir, 'checkpoint.pth')
+
+
+def prepare_run_dir(args):
+    """Create the run directory, refusing to clobber an existing run unless --force / --resume.
+
+    Returns the checkpoint to resume from (or None)."""
+    path = checkpoint_path(args.model_dir)
+    existing = utils.load_checkpoint(path) if os.path.exists(path) else None
+    if existing is not None and not (args.force or args.resume):
+        state = 'a finished run' if existing.get('finished') else 'an unfinished run'
+        hint = 'pass --force to overwrite it' + ('' if existing.get('finished') else ' or --resume to continue it')
+        raise UserError(f"{args.model_dir} already holds {state}; {hint}")
+    if args.resume and existing is None:
+        raise UserError(f"--resume: no checkpoint in {args.model_dir} to resume from")
+    if args.resume and existing.get('finished'):
+        raise UserError(f"--resume: the run in {args.model_dir} is already finished")
+    os.makedirs(args.model_dir, exist_ok=True)
+    if existing is None or args.force:
+        for name in ('metrics.jsonl', 'log.txt'):
+            if os.path.exists(os.path.join(args.model_dir, name)):
+                os.remove(os.path.join(args.model_dir, name))
+    utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',
+                            os.path.join(args.model_dir, 'args.json'))
+    return existing if args.resume else None
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, desc='eval'):
+    """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader`."""
+    model.eval()
+    correct = total = 0
+    for images, labels in utils.progress(loader, desc=desc):
+        logits = model(images.to(device, non_blocking=True))[0]
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += labels.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def predict(model, loader, device):
+    """Predicted label indices for every sample of `loader`, in order."""
+    model.eval()
+    return torch.cat([model(images.to(device))[0].argmax(1).cpu() for images, _ in loader]).tolist()
+
+
+def make_optimizer(param_groups, args, train_loader):
+    """SGD with momentum and step decay (x0.1 every --lr-decay-epochs), stepped per epoch."""
+    optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_epochs, gamma=0.1)
+    return optimizer, scheduler
+
+
+def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step, model_state,
+        resume_from, logger, extra_checkpoint=None):
+    """The epoch loop shared by teacher and student: train, evaluate, log a metrics line, checkpoint.
+
+    `train_step(images, labels)` returns a dict of floats (at least 'loss' and 'correct');
+    `model_state()` gives what the checkpoint stores of the model.  Resumption restores the model
+    (by the caller), optimizer, schedule and every RNG, so it ends where an uninterrupted run would.
+    """
+    metrics = utils.MetricsLog(os.path.join(args.model_dir, 'metrics.jsonl'))
+    start_epoch = 0
+    if resume_from is not None:
+        optimizer.load_state_dict(resume_from['optimizer'])
+        scheduler.load_state_dict(resume_from['scheduler'])
+        utils.set_rng_state(resume_from['rng'])
+        train_loader.generator.set_state(resume_from['loader_rng'])
+        start_epoch = resume_from['epoch'] + 1
+        metrics.truncate_after(resume_from['epoch'])
+        logger.info(f"resuming from epoch {start_epoch}")
+    accuracy = resume_from.get('accuracy') if resume_from else None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        start = time.time()
+        sums, seen = {}, 0
+        for images, labels in utils.progress(train_loader, desc=f'epoch {epoch}'):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            out = train_step(images, labels)
+            if not math.isfinite(out['loss']):
+                raise UserError(f"training diverged at epoch {epoch} (loss {out['loss']}); lower --lr")
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value * (len(labels) if key != 'correct' else 1)
+            seen += len(labels)
+        lr = optimizer.param_groups[0]['lr']
+        scheduler.step()
+        train_time = time.time() - start
+        accuracy = evaluate(model, test_loader, device)
+        record = {key: value / seen for key, value in sums.items() if key != 'correct'}
+        record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
+                      lr=lr, epoch_time=train_time)
+        metrics.write(**record)
+        logger.info(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        checkpoint = {'model': model_state(), 'optimizer': optimizer.state_dict(),
+                      'scheduler': scheduler.state_dict(), 'epoch': epoch, 'rng': utils.rng_state(),
+                      'loader_rng': train_loader.generator.get_state(), 'args': vars(args),
+                      'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
+        checkpoint.update(extra_checkpoint or {})
+        utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
+    return accuracy
+
+
+def load_teacher(path, device, num_classes=None, arch=None):
+    """A trained teacher from its checkpoint, checked against the expected class count and arch."""
+    checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
+    if not {'model', 'args', 'num_classes'} <= set(checkpoint):
+        raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
+    saved, classes = checkpoint['args'], checkpoint['num_classes']
+    if arch is not None and saved['arch'] != arch:
+        raise UserError(f"teacher {path} is a {saved['arch']}, the student needs a {arch} teacher (--backbone)")
+    if num_classes is not None and classes != num_classes:
+        raise UserError(f"teacher {path} predicts {classes} classes ({saved['task']}), this task has "
+                        f"{num_classes}: wrong --teacher-fn?")
+    model = create_teacher(saved['arch'], classes)
+    model.load_state_dict(checkpoint['model'])
+    return model.to(device).eval(), checkpoint
+
+
+def main(args):
+    check_args(args)
+    device = utils.resolve_device(args.device)
+    if args.evaluate:
+        model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
+        _, test_loader, num_classes = build_loaders(args)
+        accuracy = evaluate(model, test_loader, device)
+        print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
+        return {'accuracy': accuracy}
+
+    utils.seed_everything(args.seed)
+    train_loader, test_loader, num_classes = build_loaders(args)
+    model = create_teacher(args.arch, num_classes, args.pretrained).to(device)
+    resume_from = prepare_run_dir(args)
+    if resume_from is not None:
+        model.load_state_dict(resume_from['model'])
+    logger = utils.setup_logging(args.model_dir, args.log2file)
+    logger.info(f"teacher {args.arch} on {args.task} ({num_classes} classes), device {device}")
+    optimizer, scheduler = make_optimizer(model.parameters(), args, train_loader)
+
+    def train_step(images, labels):
+        logits, _ = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {'loss': loss.item(), 'correct': (logits.argmax(1) == labels).sum().item()}
+
+    accuracy = fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step,
+                   model.state_dict, resume_from, logger, extra_checkpoint={'num_classes': num_classes})
+    logger.info(f"teacher top-1 accuracy {accuracy:.2f}%")
+    return {'accuracy': accuracy}
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser(), sys.argv[1:])

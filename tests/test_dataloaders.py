@@ -1,0 +1,412 @@
+"""Tests of dataloaders.py and data/prepare_data.py on small fixtures written in the real on-disk formats."""
+import hashlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+import torch.nn.functional as F
+
+import dataloaders
+from dataloaders import (IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, SVHN, Flowers102, VOCObjectCrops, get_dataloaders,
+                         get_datasets, SyntheticAugment, voc_crop_box)
+from synthetic import SYNTHETIC_TASKS, make_synthetic
+from utils import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- fixtures in the real formats
+
+def write_jpeg(path, width, height, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def write_svhn(root, num_train=12, num_test=6):
+    """SVHN .mat files as torchvision downloads them: X is 32 x 32 x 3 x N uint8, y is N x 1 with 10 for 0."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, 'svhn'), exist_ok=True)
+    arrays = {}
+    for split, n in (('train', num_train), ('test', num_test)):
+        images = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        labels = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)  # 1..10
+        scipy.io.savemat(os.path.join(root, 'svhn', f'{split}_32x32.mat'), {'X': images, 'y': labels})
+        arrays[split] = images, labels
+    return arrays
+
+
+FLOWER_LABELS = [1, 2, 3, 102, 5, 1, 7]  # 1-based classes of images 1..7
+FLOWER_SPLITS = {'trnid': [1, 2], 'valid': [3, 7], 'tstid': [4, 5, 6]}
+
+
+def write_flowers(root):
+    """flowers-102/{jpg/image_XXXXX.jpg, imagelabels.mat, setid.mat} as torchvision downloads them."""
+    base = os.path.join(root, 'flowers-102')
+    for image_id in range(1, len(FLOWER_LABELS) + 1):
+        write_jpeg(os.path.join(base, 'jpg', f'image_{image_id:05d}.jpg'), 40 + image_id, 30, image_id)
+    scipy.io.savemat(os.path.join(base, 'imagelabels.mat'), {'labels': np.array([FLOWER_LABELS], dtype=np.uint8)})
+    scipy.io.savemat(os.path.join(base, 'setid.mat'),
+                     {key: np.array([ids], dtype=np.uint16) for key, ids in FLOWER_SPLITS.items()})
+    return base
+
+
+def voc_annotation(filename, width, height, objects):
+    """VOC XML text; `objects` are (name, (xmin, ymin, xmax, ymax), difficult)."""
+    root = ET.Element('annotation')
+    ET.SubElement(root, 'filename').text = filename
+    size = ET.SubElement(root, 'size')
+    for key, value in (('width', width), ('height', height), ('depth', 3)):
+        ET.SubElement(size, key).text = str(value)
+    for name, box, difficult in objects:
+        obj = ET.SubElement(root, 'object')
+        ET.SubElement(obj, 'name').text = name
+        ET.SubElement(obj, 'pose').text = 'Unspecified'
+        ET.SubElement(obj, 'truncated').text = '0'
+        ET.SubElement(obj, 'difficult').text = str(int(difficult))
+        bndbox = ET.SubElement(obj, 'bndbox')
+        for key, value in zip(('xmin', 'ymin', 'xmax', 'ymax'), box):
+            ET.SubElement(bndbox, key).text = str(value)
+    return ET.tostring(root, encoding='unicode')
+
+
+# Training images: every class at least once, 'person' 7 times, 'cat' once plus a difficult one.
+VOC_TRAIN = {
+    '2008_000001': (100, 80, [(name, (5 + i, 5, 40 + i, 60), False) for i, name in enumerate(VOC_CLASSES[:10])]),
+    '2008_000002': (90, 70, [(name, (10, 5 + i, 50, 45 + i), False) for i, name in enumerate(VOC_CLASSES[10:])]),
+    '2008_000003': (120, 90, [('person', (10 * i + 1, 5, 10 * i + 30, 80), False) for i in range(6)]
+                    + [('cat', (3, 3, 60, 60), True)]),
+}
+# Test image (100 wide, 80 high): an inner box, a box at the top-left corner, one at the bottom-right, a difficult one.
+VOC_TEST = {
+    '2008_000004': (100, 80, [('person', (21, 11, 60, 50), False), ('cat', (30, 30, 70, 70), True),
+                              ('dog', (1, 1, 50, 40), False), ('car', (71, 41, 100, 80), False)]),
+}
+
+
+def write_voc(root):
+    """VOCdevkit/VOC2012/{JPEGImages, Annotations, ImageSets/Main/{train,val}.txt}."""
+    voc_dir = os.path.join(root, 'VOCdevkit', 'VOC2012')
+    os.makedirs(os.path.join(voc_dir, 'Annotations'))
+    os.makedirs(os.path.join(voc_dir, 'ImageSets', 'Main'))
+    for list_name, images in (('train', VOC_TRAIN), ('val', VOC_TEST)):
+        for seed, (image_id, (width, height, objects)) in enumerate(images.items()):
+            write_jpeg(os.path.join(voc_dir, 'JPEGImages', f'{image_id}.jpg'), width, height, seed)
+            with open(os.path.join(voc_dir, 'Annotations', f'{image_id}.xml'), 'w') as f:
+                f.write(voc_annotation(f'{image_id}.jpg', width, height, objects))
+        with open(os.path.join(voc_dir, 'ImageSets', 'Main', f'{list_name}.txt'), 'w') as f:
+            f.write(''.join(f'{image_id}\n' for image_id in images))
+    return voc_dir
+
+
+def assert_one_line_user_error(excinfo, *fragments):
+    message = str(excinfo.value)
+    assert '\n' not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+# ---------------------------------------------------------------- SVHN
+
+def test_svhn_images_and_labels(tmp_path):
+    arrays = write_svhn(tmp_path)
+    for split in ('train', 'test'):
+        dataset = SVHN(tmp_path, split)
+        images, labels = arrays[split]
+        assert len(dataset) == len(labels)
+        assert [dataset[i][1] for i in range(len(dataset))] == [int(y) % 10 for y in labels.reshape(-1)]
+        image, _ = dataset[3]
+        assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+        assert torch.equal(image, torch.from_numpy(images[:, :, :, 3].transpose(2, 0, 1).copy()))
+    assert SVHN(tmp_path, 'train')[9][1] == 0  # label 10 is the digit 0
+
+
+def test_svhn_transform_normalises_and_resizes(tmp_path):
+    images = np.zeros((32, 32, 3, 2), dtype=np.uint8)
+    images[:, :, :, 0] = np.round(np.array(IMAGENET_MEAN) * 255).astype(np.uint8)
+    os.makedirs(tmp_path / 'svhn')
+    for split in ('train', 'test'):
+        scipy.io.savemat(tmp_path / 'svhn' / f'{split}_32x32.mat', {'X': images, 'y': np.array([[10], [3]])})
+    train_set, test_set, num_classes = get_datasets('svhn', tmp_path, input_size=48)
+    assert num_classes == 10
+    for dataset in (train_set, test_set):
+        image, label = dataset[0]
+        assert image.shape == (3, 48, 48) and image.dtype == torch.float32 and label == 0
+        assert image.abs().max() < 0.02  # the ImageNet mean maps to zero
+    black = test_set[1][0]
+    assert torch.allclose(black[:, 0, 0], -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
+
+
+def test_svhn_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(UserError) as excinfo:
+        get_datasets('svhn', tmp_path)
+    assert_one_line_user_error(excinfo, os.path.join(str(tmp_path), 'svhn', 'train_32x32.mat'),
+                               'python data/prepare_data.py --task svhn', '--data-dir')
+    write_svhn(tmp_path)
+    path = tmp_path / 'svhn' / 'test_32x32.mat'
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError) as excinfo:
+        SVHN(tmp_path, 'test')
+    assert_one_line_user_error(excinfo, f'corrupt dataset file {path}', '--task svhn')
+
+
+# ---------------------------------------------------------------- Flowers102
+
+def test_flowers_splits_and_labels(tmp_path):
+    base = write_flowers(tmp_path)
+    train, test = Flowers102(tmp_path, 'train'), Flowers102(tmp_path, 'test')
+    assert [os.path.basename(p) for p in train.image_paths] == [f'image_{i:05d}.jpg' for i in (1, 2, 3, 7)]
+    assert train.labels == [0, 1, 2, 6]
+    assert [os.path.basename(p) for p in test.image_paths] == [f'image_{i:05d}.jpg' for i in (4, 5, 6)]
+    assert test.labels == [101, 4, 0]
+    image, label = test[0]
+    assert isinstance(image, Image.Image) and image.mode == 'RGB' and image.size == (44, 30) and label == 101
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(os.path.join(base, 'jpg', 'image_00004.jpg'))))
+
+
+def test_flowers_loaders_shapes_and_seeded_shuffle(tmp_path):
+    write_flowers(tmp_path)
+    train_loader, test_loader, num_classes = get_dataloaders('flowers', tmp_path, batch_size=3, workers=0,
+                                                             input_size=32, seed=5)
+    assert num_classes == 102
+    images, labels = next(iter(test_loader))
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.tolist() == [101, 4, 0]
+    batches = [labels.tolist() for _, labels in train_loader]
+    assert [len(b) for b in batches] == [3, 1]  # drop_last=False
+    assert sorted(sum(batches, [])) == [0, 1, 2, 6]
+    again, _, _ = get_dataloaders('flowers', tmp_path, batch_size=3, workers=0, input_size=32, seed=5)
+    assert [labels.tolist() for _, labels in again] == batches
+
+
+def test_flowers_missing_image_and_corrupt_jpeg(tmp_path):
+    base = write_flowers(tmp_path)
+    missing = os.path.join(base, 'jpg', 'image_00007.jpg')
+    os.rename(missing, missing + '.bak')
+    with pytest.raises(UserError) as excinfo:
+        get_datasets('flowers', tmp_path)
+    assert_one_line_user_error(excinfo, missing, 'python data/prepare_data.py --task flowers')
+    os.rename(missing + '.bak', missing)
+
+    corrupt = os.path.join(base, 'jpg', 'image_00002.jpg')
+    with open(corrupt, 'rb') as f:
+        data = f.read()
+    with open(corrupt, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    train_set, _, _ = get_datasets('flowers', tmp_path, input_size=32)
+    with pytest.raises(UserError) as excinfo:
+        train_set[1]
+    assert_one_line_user_error(excinfo, f'corrupt image file {corrupt}: image file is truncated')
+    with open(corrupt, 'wb') as f:
+        f.write(b'not a jpeg')
+    with pytest.raises(UserError) as excinfo:
+        train_set[1]
+    assert_one_line_user_error(excinfo, f'corrupt image file {corrupt}: cannot identify image file')
+
+
+# ---------------------------------------------------------------- VOC 2012
+
+def test_voc_crop_box_margin_and_clipping():
+    # VOC boxes are 1-based inclusive: (11, 11, 20, 30) covers pixels 10..19 x 10..29, i.e. 10 x 20 pixels.
+    assert voc_crop_box((11, 11, 20, 30), 500, 500) == (8, 6, 22, 34)
+    assert voc_crop_box((11, 11, 20, 30), 21, 33) == (8, 6, 21, 33)
+    assert voc_crop_box((1, 1, 10, 10), 500, 500) == (0, 0, 12, 12)
+    assert voc_crop_box((11, 11, 13, 13), 500, 500) == (9, 9, 14, 14)  # 0.6 px margins round outwards
+
+
+def test_voc_test_crops_geometry_and_pixels(tmp_path):
+    voc_dir = write_voc(tmp_path)
+    dataset = VOCObjectCrops(tmp_path, 'test')
+    image_path = os.path.join(voc_dir, 'JPEGImages', '2008_000004.jpg')
+    # person (21,11,60,50): 40 x 40 px from (20,10), margin 8; dog (1,1,50,40): 50 x 40 px, margins 10 and 8,
+    # clipped at 0; car (71,41,100,80): 30 x 40 px, margins 6 and 8, clipped at the 100 x 80 image.
+    # The difficult cat is left out.
+    assert dataset.samples == [(image_path, (12, 2, 68, 58), VOC_CLASSES.index('person')),
+                               (image_path, (0, 0, 60, 48), VOC_CLASSES.index('dog')),
+                               (image_path, (64, 32, 100, 80), VOC_CLASSES.index('car'))]
+    full = np.asarray(Image.open(image_path).convert('RGB'))
+    for index, (left, upper, right, lower) in enumerate(box for _, box, _ in dataset.samples):
+        crop, label = dataset[index]
+        assert crop.size == (right - left, lower - upper)
+        assert np.array_equal(np.asarray(crop), full[upper:lower, left:right])
+        assert label == dataset.samples[index][2]
+
+
+def test_voc_training_split_is_balanced_and_seeded(tmp_path):
+    write_voc(tmp_path)
+    balanced = VOCObjectCrops(tmp_path, 'train', crops_per_class=5, seed=0)
+    labels = np.array(balanced.labels)
+    assert len(balanced) == 5 * 20
+    assert np.bincount(labels, minlength=20).tolist() == [5] * 20
+    person = [sample for sample in balanced.samples if sample[2] == VOC_CLASSES.index('person')]
+    assert len(set(person)) == 5  # 7 person crops: drawn without replacement
+    cat = [sample for sample in balanced.samples if sample[2] == VOC_CLASSES.index('cat')]
+    assert len(set(cat)) == 1  # one non-difficult cat: repeated
+    assert VOCObjectCrops(tmp_path, 'train', crops_per_class=5, seed=0).samples == balanced.samples
+    assert VOCObjectCrops(tmp_path, 'train', crops_per_class=5, seed=1).samples != balanced.samples
+    assert len(VOCObjectCrops(tmp_path, 'train').samples) == 1000 * 20
+
+
+def test_voc_loaders_shapes(tmp_path):
+    write_voc(tmp_path)
+    train_loader, test_loader, num_classes = get_dataloaders('voc12', tmp_path, batch_size=4, workers=0,
+                                                             input_size=32, eval_batch_size=8)
+    assert num_classes == 20 and len(train_loader.dataset) == 20000
+    images, labels = next(iter(test_loader))
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.tolist() == [VOC_CLASSES.index(name) for name in ('person', 'dog', 'car')]
+    images, labels = next(iter(train_loader))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+
+
+def test_voc_missing_split_list(tmp_path):
+    voc_dir = write_voc(tmp_path)
+    os.remove(os.path.join(voc_dir, 'ImageSets', 'Main', 'val.txt'))
+    with pytest.raises(UserError) as excinfo:
+        get_datasets('voc12', tmp_path)
+    assert_one_line_user_error(excinfo, os.path.join(voc_dir, 'ImageSets', 'Main', 'val.txt'),
+                               'python data/prepare_data.py --task voc12')
+
+
+# ---------------------------------------------------------------- synthetic tasks and task names
+
+def test_synthetic_augmentation_crops_flips_and_normalises():
+    assert dataloaders.TASKS == {'svhn': 10, 'flowers': 102, 'voc12': 20, **SYNTHETIC_TASKS}
+    images = make_synthetic('synth-shapes', 'train', num_images=64).images
+    size = images.shape[-1]
+    test_view = SyntheticAugment('synth-shapes', False, size)(images)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(test_view, (images.float() / 255 - mean) / std, atol=1e-6)
+    assert SyntheticAugment('synth-shapes', False, 2 * size)(images).shape == (64, 3, 2 * size, 2 * size)
+    assert SyntheticAugment('synth-shapes', True, size)(images[0]).shape == (3, size, size)
+
+    def crop_offsets(augmented, reference):
+        """For each image, the (dy, dx, flipped) placements of the reflect-padded source matching it."""
+        pad = 4
+        padded = F.pad(reference, (pad,) * 4, mode='reflect')
+        found = []
+        for b in range(len(augmented)):
+            matches = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (0, 1)
+                       if torch.allclose((padded[b, :, dy:dy + size, dx:dx + size].flip(-1) if flip else
+                                          padded[b, :, dy:dy + size, dx:dx + size]), augmented[b], atol=1e-5)]
+            assert matches, b
+            found.append(matches[0])
+        return found
+
+    torch.manual_seed(0)
+    shapes = crop_offsets(SyntheticAugment('synth-shapes', True, size)(images), test_view)
+    assert len({(dy, dx) for dy, dx, _ in shapes}) > 10 and {f for _, _, f in shapes} == {0, 1}
+    digits = make_synthetic('synth-digits', 'train', num_images=64).images
+    digits_view = SyntheticAugment('synth-digits', False, size)(digits)
+    offsets = crop_offsets(SyntheticAugment('synth-digits', True, size)(digits), digits_view)
+    assert all(not flip or torch.equal(digits_view[b], digits_view[b].flip(-1))
+               for b, (_, _, flip) in enumerate(offsets))  # digits are never flipped
+
+
+def test_synthetic_get_dataloaders(monkeypatch):
+    monkeypatch.setattr(dataloaders, 'make_synthetic',
+                        lambda task, split, seed=0: make_synthetic(task, split, seed=seed, num_images=40))
+    for task in ('synth-digits', 'synth-textures'):
+        train_loader, test_loader, num_classes = get_dataloaders(task, batch_size=16, workers=0, input_size=48,
+                                                                 seed=3)
+        assert num_classes == SYNTHETIC_TASKS[task]
+        assert len(train_loader.dataset) == len(test_loader.dataset) == 40 and len(train_loader) == 3
+        images, labels = next(iter(train_loader))
+        assert images.shape == (16, 3, 48, 48) and images.dtype == torch.float32
+        assert 0 <= labels.min() and labels.max() < num_classes
+        epoch = torch.cat([labels for _, labels in train_loader])
+        assert sorted(epoch.tolist()) == sorted(train_loader.dataset.labels.tolist())  # a permutation
+        first = next(iter(test_loader))[0]
+        again = get_datasets(task, input_size=48, seed=3)[1]
+        assert all(torch.allclose(first[i], again[i][0], atol=1e-6) for i in range(3))  # test images: no randomness
+
+
+def test_unknown_task_lists_valid_tasks():
+    with pytest.raises(UserError) as excinfo:
+        get_dataloaders('imagenet', workers=0)
+    assert_one_line_user_error(excinfo, "unknown task 'imagenet'", 'svhn', 'flowers', 'voc12')
+
+
+# ---------------------------------------------------------------- data/prepare_data.py
+
+@pytest.fixture
+def prepare_data():
+    spec = importlib.util.spec_from_file_location('prepare_data', os.path.join(REPO_ROOT, 'data', 'prepare_data.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def md5_of(path):
+    with open(path, 'rb') as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def forbid_downloads(monkeypatch, module):
+    def fail(*args, **kwargs):
+        raise AssertionError(f'unexpected download {args}')
+    for name in ('check_reachable', 'download_url', 'download_and_extract_archive'):
+        monkeypatch.setattr(module, name, fail)
+
+
+def test_prepare_data_offline_fails_fast_with_one_line(prepare_data, monkeypatch, tmp_path, capsys):
+    with socket.socket() as probe:  # a local port nobody listens on: connecting is refused at once
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    url = f'http://127.0.0.1:{port}/housenumbers/train_32x32.mat'
+    monkeypatch.setattr(prepare_data, 'SVHN_FILES', [(url, 'train_32x32.mat', '0' * 32)])
+    monkeypatch.setattr(prepare_data, 'download_url', lambda *args, **kwargs: pytest.fail('download attempted'))
+    start = time.monotonic()
+    assert prepare_data.main(['--task', 'svhn', '--data-dir', str(tmp_path)]) == 1
+    assert time.monotonic() - start < 5
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1
+    assert err.startswith('error: could not reach 127.0.0.1: no network?')
+    assert f'download {url} manually into {tmp_path / "svhn"}' in err
+
+
+def test_prepare_data_skips_complete_datasets(prepare_data, monkeypatch, tmp_path, capsys):
+    write_svhn(tmp_path)
+    base = write_flowers(tmp_path)
+    write_voc(tmp_path)
+    monkeypatch.setattr(prepare_data, 'SVHN_FILES', [
+        (url, name, md5_of(tmp_path / 'svhn' / name)) for url, name, _ in prepare_data.SVHN_FILES])
+    monkeypatch.setattr(prepare_data, 'FLOWERS_LISTS', [
+        (url, name, md5_of(os.path.join(base, name))) for url, name, _ in prepare_data.FLOWERS_LISTS])
+    forbid_downloads(monkeypatch, prepare_data)
+    assert prepare_data.main(['--data-dir', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count('nothing to download') == 6  # 2 SVHN files, 2 Flowers lists, Flowers images, VOC
+
+
+def test_prepare_data_downloads_what_is_missing_or_wrong(prepare_data, monkeypatch, tmp_path):
+    write_svhn(tmp_path)
+    voc_dir = write_voc(tmp_path)
+    os.remove(os.path.join(voc_dir, 'JPEGImages', '2008_000002.jpg'))
+    calls = []
+    monkeypatch.setattr(prepare_data, 'check_reachable', lambda url, target_dir: None)
+    monkeypatch.setattr(prepare_data, 'download_url', lambda url, root, **kwargs: calls.append((url, root)))
+    monkeypatch.setattr(prepare_data, 'download_and_extract_archive',
+                        lambda url, root, **kwargs: calls.append((url, root)))
+    # The fixture files do not have the official checksums, so both SVHN files are fetched again.
+    assert prepare_data.main(['--task', 'svhn', '--data-dir', str(tmp_path)]) == 0
+    assert calls == [(url, str(tmp_path / 'svhn')) for url, _, _ in prepare_data.SVHN_FILES]
+    calls.clear()
+    assert prepare_data.main(['--task', 'voc12', '--data-dir', str(tmp_path)]) == 0
+    assert calls == [(prepare_data.VOC2012['url'], str(tmp_path))]
+
+
+def test_prepare_data_runs_as_a_script():
+    result = subprocess.run([sys.executable, 'data/prepare_data.py', '--help'], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert '--task {svhn,flowers,voc12,all}' in result.stdout

@@ -1,0 +1,182 @@
+"""The training scripts as a user runs them: teacher, student, prune + retrain, evaluate, bad input, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from test_dataloaders import write_flowers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--task', 'synth-digits', '--input-size', '32', '--workers', '0', '--train-limit', '96',
+        '--test-limit', '64', '--batch-size', '32', '--device', 'cpu']
+
+
+def run(script, *args, expect_ok=True, timeout=300):
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, 'OMP_NUM_THREADS': '2'})
+    if expect_ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A 'pre-trained' ResNet18 in torchvision's format (seeded random weights) shared by all stages."""
+    root = tmp_path_factory.mktemp('pipeline')
+    torch.manual_seed(0)
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith('fc.')}
+    torch.save(state, root / 'backbone.pth')
+    return root
+
+
+@pytest.fixture(scope='module')
+def pipeline(workdir):
+    """Teacher, student, prune + retrain through the real scripts; returns the run directories."""
+    common = TINY + ['--pretrained', workdir / 'backbone.pth']
+    teacher, student, pruned = workdir / 'teacher', workdir / 'student', workdir / 'pruned'
+    run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', teacher, '--epochs', 2,
+        '--lr', 0.01, '--lr-decay-epochs', 1, '--log2file')
+    run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
+        '--model-dir', student, '--epochs', 2, '--lr', 0.01)
+    run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
+        '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,
+        '--thr-pruning-proxy', 0.01, '--epochs', 1, '--lr', 0.01)
+    return teacher, student, pruned
+
+
+def test_pipeline_run_directories(pipeline):
+    teacher, student, pruned = pipeline
+    for run_dir, epochs in ((teacher, 2), (student, 2), (pruned, 1)):
+        assert {'checkpoint.pth', 'args.json', 'metrics.jsonl'} <= set(os.listdir(run_dir))
+        records = [json.loads(line) for line in open(run_dir / 'metrics.jsonl')]
+        assert [r['epoch'] for r in records] == list(range(epochs))
+        assert all({'loss', 'train_acc', 'test_acc', 'lr', 'epoch_time'} <= set(r) for r in records)
+    assert 'teacher top-1 accuracy' in open(teacher / 'log.txt').read()
+    assert json.load(open(student / 'args.json'))['complexity_coeff'] == 0.3
+    assert json.load(open(pruned / 'args.json'))['complexity_coeff'] == 0.0  # retraining: gamma1 = 0
+    assert {'complexity', 'omega', 'ce'} <= set(json.loads(open(student / 'metrics.jsonl').readline()))
+    checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
+    assert checkpoint['finished'] and not any(k.startswith('backbone.layer') for k in checkpoint['model']['state'])
+
+
+def test_evaluate_prints_accuracy_and_tailored_architecture(pipeline):
+    teacher, student, pruned = pipeline
+    out = run('main_teacher.py', *TINY, '--model-dir', teacher, '--evaluate').stdout
+    assert 'top-1 accuracy' in out
+    full = run('main_student.py', *TINY, '--model-dir', student, '--evaluate').stdout
+    tailored = run('main_student.py', *TINY, '--model-dir', pruned, '--evaluate').stdout
+    assert 'universal blocks kept 8/8' in full
+    kept = int(tailored.split('universal blocks kept ')[1].split('/')[0])
+    assert kept <= 5
+    gflops = [float(text.split(' GFLOPs')[0].rsplit(' ', 1)[1]) for text in (full, tailored)]
+    assert gflops[1] < gflops[0]
+    accuracy = float(tailored.split('top-1 accuracy ')[1].split('%')[0])
+    recorded = json.loads(open(pruned / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
+    assert accuracy == pytest.approx(recorded)
+
+
+def test_finished_run_is_not_overwritten(pipeline, workdir):
+    teacher = pipeline[0]
+    before = (teacher / 'checkpoint.pth').read_bytes()
+    result = run('main_teacher.py', *TINY, '--arch', 'resnet18', '--model-dir', teacher, '--epochs', 1,
+                 '--pretrained', workdir / 'backbone.pth', expect_ok=False)
+    assert_one_line_error(result, 'already holds a finished run', '--force')
+    assert (teacher / 'checkpoint.pth').read_bytes() == before
+
+
+@pytest.mark.parametrize('script, flags, message', [
+    ('main_teacher.py', ['--lr', '0'], '--lr must be positive'),
+    ('main_teacher.py', ['--epochs', '-1'], '--epochs must be positive'),
+    ('main_student.py', ['--max-skip', '0'], '--max-skip must be an integer >= 1'),
+    ('main_student.py', ['--thr-pruning-proxy', '1.0'], '--thr-pruning-proxy must be in [0, 1)'),
+    ('main_student.py', ['--teacher-coeff', '0', '--max-skip', '12'], '--max-skip must be an integer in [1, 8]'),
+])
+def test_invalid_flags(tmp_path, script, flags, message):
+    arch = ['--arch', 'resnet18'] if script == 'main_teacher.py' else ['--backbone', 'resnet18']
+    result = run(script, *TINY, *arch, '--pretrained', 'none', '--model-dir', tmp_path / 'run', *flags,
+                 expect_ok=False)
+    assert_one_line_error(result, message)
+    assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
+
+
+def test_pruning_more_universal_blocks_than_exist(pipeline, tmp_path):
+    teacher, student, _ = pipeline
+    result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
+                 '--full-model-dir', student, '--n-pruning-universal', 9, '--model-dir', tmp_path / 'run',
+                 expect_ok=False)  # the universal weights are those the full student was trained on
+    assert_one_line_error(result, 'cannot prune 9 universal blocks: 8 are left')
+    assert not (tmp_path / 'run').exists()
+
+
+def test_teacher_checkpoint_missing_mismatched_or_truncated(pipeline, workdir, tmp_path):
+    teacher = pipeline[0]
+    student_args = ['--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--model-dir',
+                    tmp_path / 'run', '--epochs', 1]
+    result = run('main_student.py', *TINY, *student_args, '--teacher-fn', tmp_path / 'nope.pth', expect_ok=False)
+    assert_one_line_error(result, 'teacher checkpoint not found', 'nope.pth')
+    other_task = [a if a != 'synth-digits' else 'synth-textures' for a in TINY]
+    result = run('main_student.py', *other_task, *student_args, '--teacher-fn', teacher / 'checkpoint.pth',
+                 expect_ok=False)
+    assert_one_line_error(result, 'predicts 10 classes', 'this task has 20', '--teacher-fn')
+    result = run('main_student.py', *TINY, *[a if a != 'resnet18' else 'resnet34' for a in student_args],
+                 '--teacher-fn', teacher / 'checkpoint.pth', expect_ok=False)
+    assert_one_line_error(result, 'is a resnet18', 'needs a resnet34')
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes((teacher / 'checkpoint.pth').read_bytes()[:5000])
+    result = run('main_student.py', *TINY, *student_args, '--teacher-fn', truncated, expect_ok=False)
+    assert_one_line_error(result, 'unreadable', 'truncated.pth')
+    assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
+
+
+def test_missing_dataset_and_corrupt_image(tmp_path):
+    common = ['--arch', 'resnet18', '--pretrained', 'none', '--input-size', '32', '--epochs', 1]
+    result = run('main_teacher.py', '--task', 'svhn', '--data-dir', tmp_path / 'empty', '--model-dir',
+                 tmp_path / 'run', *common, '--workers', 0, expect_ok=False)
+    assert_one_line_error(result, 'SVHN not found', 'python data/prepare_data.py --task svhn')
+    base = write_flowers(tmp_path / 'data')
+    broken = os.path.join(base, 'jpg', 'image_00002.jpg')
+    with open(broken, 'wb') as f:
+        f.write(b'\xff\xd8\xff\xe0 not really a jpeg')
+    for workers in (0, 2):
+        result = run('main_teacher.py', '--task', 'flowers', '--data-dir', tmp_path / 'data', '--model-dir',
+                     tmp_path / f'run{workers}', *common, '--workers', workers, expect_ok=False)
+        assert_one_line_error(result, 'corrupt image file', broken)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
+    args = TINY + ['--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 3, '--lr', 0.01,
+                   '--lr-decay-epochs', 2, '--train-limit', 160, '--seed', 5]
+    run('main_teacher.py', *args, '--model-dir', tmp_path / 'straight')
+    interrupted = tmp_path / 'interrupted'
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'main_teacher.py'), *map(str, args),
+                                '--model-dir', str(interrupted)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / 'checkpoint.pth'
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(checkpoint, weights_only=True)['epoch'] == 0, 'the run was not interrupted after epoch 0'
+    run('main_teacher.py', *args, '--model-dir', interrupted, '--resume')
+    straight = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)
+    resumed = torch.load(checkpoint, weights_only=True)
+    assert resumed['finished'] and resumed['epoch'] == 2
+    for key, value in straight['model'].items():
+        assert torch.equal(value, resumed['model'][key]), key
+    assert [json.loads(line)['epoch'] for line in open(interrupted / 'metrics.jsonl')] == [0, 1, 2]
