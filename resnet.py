@@ -97,7 +97,7 @@ class ResNet(BlockNet):
     def __init__(self, arch='resnet34', num_classes=1000):
         super().__init__()
         if arch not in ARCHS:
-            raise UserError(f"unknown ResNet '{arch}'; choose one of {', '.join(ARCHS)}")
+            raise UserError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}, wide_resnet26")
         self.arch = arch
         self.block_kind, stage_sizes = ARCHS[arch]
         block = BasicBlock if self.block_kind == 'basic' else Bottleneck
@@ -158,18 +158,21 @@ def read_state_dict(path, what='pre-trained weights'):
 
 
 def load_backbone_weights(model, pretrained):
-    """Fill everything but the task head from `pretrained` ('imagenet' or a local file)."""
+    """Fill everything but the final classifier from `pretrained` ('imagenet' or a local file)."""
     if pretrained is None:
         return model
     if pretrained == 'imagenet':
         if not hasattr(model, 'imagenet_weights'):
-            raise UserError(f"no ImageNet weights exist for {model.arch}; pass a local weights file")
+            raise UserError(f"torchvision has no ImageNet weights for {model.arch}; pass its weights file "
+                            "with --pretrained (checkpoints/download_models.py fetches the released one)")
         state = model.imagenet_weights()
     else:
         state = read_state_dict(pretrained)
+    classifier = model.head_prefixes[-1] + '.'
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith(model.head_prefixes)}
-    expected = [k for k in own if not k.startswith(model.head_prefixes)]
+    state = {k.removeprefix('module.'): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    expected = [k for k in own if not k.startswith(classifier)]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in expected if k in state and state[k].shape != own[k].shape]
@@ -182,5 +185,12 @@ def load_backbone_weights(model, pretrained):
 
 
 def create_teacher(arch, num_classes, pretrained=None):
-    """A ResNet teacher for `num_classes`; `pretrained` is None, 'imagenet' or a local file."""
-    return load_backbone_weights(ResNet(arch, num_classes), pretrained)
+    """A teacher network for `num_classes`: a ResNet here, or 'wide_resnet26' (wide_resnet.py).
+
+    `pretrained` is None (random), 'imagenet' (torchvision's weights) or a local state-dict file."""
+    if arch == 'wide_resnet26':
+        from wide_resnet import WideResNet  # imports this module: load it only when asked for
+        model = WideResNet(num_classes)
+    else:
+        model = ResNet(arch, num_classes)
+    return load_backbone_weights(model, pretrained)

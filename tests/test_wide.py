@@ -1,0 +1,79 @@
+"""Wide ResNet-26 (the decathlon backbone) and the NetTailor student built on it."""
+import re
+
+import pytest
+import torch
+
+import wide_nettailor
+from resnet import create_teacher
+from utils import UserError
+
+RELEASED_KEY = re.compile(r'^(conv1\.weight|bn1\.\w+|layers\.([0-9]|1[01])\.(conv1\.weight|bn1\.\w+|conv2\.weight|bn2\.\w+)'
+                          r'|ends_bn\.\w+|linear\.(weight|bias))$')
+
+
+def released_weights_file(path, num_classes=1000, seed=0):
+    """A file laid out like the released checkpoints/wide_resnet26.pth.tar: {'state_dict': ...}, random tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {k: v for k, v in create_teacher('wide_resnet26', num_classes).state_dict().items()}
+    state = {}
+    for key, value in shapes.items():
+        if key.endswith('num_batches_tracked'):
+            state[key] = torch.tensor(100)
+        elif key.endswith('running_var'):
+            state[key] = torch.rand(value.shape, generator=generator) + 0.5
+        else:
+            state[key] = torch.randn(value.shape, generator=generator) * 0.1
+    torch.save({'state_dict': state, 'epoch': 60}, path)
+    return state
+
+
+def test_parameter_names_follow_released_file():
+    keys = list(create_teacher('wide_resnet26', 10).state_dict())
+    assert all(RELEASED_KEY.match(k) for k in keys), [k for k in keys if not RELEASED_KEY.match(k)]
+    assert {k.split('.')[1] for k in keys if k.startswith('layers.')} == {str(i) for i in range(12)}
+
+
+def test_released_layout_loads_and_replaces_the_classifier(tmp_path):
+    path = tmp_path / 'wide_resnet26.pth.tar'
+    state = released_weights_file(path)
+    teacher = create_teacher('wide_resnet26', 7, pretrained=str(path))
+    own = teacher.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith('linear.'))
+    assert teacher.linear.out_features == 7
+    x = torch.randn(2, 3, 64, 64)
+    logits, outputs = teacher.eval()(x)
+    assert logits.shape == (2, 7) and len(outputs) == 12
+    assert [o.shape[1:] for o in outputs[3::4]] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    with pytest.raises(UserError, match='torchvision has no ImageNet weights'):
+        create_teacher('wide_resnet26', 7, pretrained='imagenet')
+
+
+def test_wide_student_with_all_proxies_pruned_is_the_teacher(tmp_path):
+    path = tmp_path / 'wide_resnet26.pth.tar'
+    released_weights_file(path)
+    torch.manual_seed(0)
+    student = wide_nettailor.create_student(5, max_skip=3, pretrained=str(path), input_size=64)
+    teacher = create_teacher('wide_resnet26', 5, pretrained=str(path))
+    teacher.linear.load_state_dict(student.backbone.linear.state_dict())
+    with torch.no_grad():
+        student.gate_logits.normal_()
+    student.prune(0, 0.999)
+    assert student.stats()['proxies_kept'] == 0
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(student.eval()(x)[0], teacher.eval()(x)[0], atol=1e-5)
+    # task-specific: proxies, gates, final BN and classifier; the final BN keeps its own statistics
+    assert {n.split('.')[0] if not n.startswith('backbone.') else n.split('.')[1]
+            for n, p in student.named_parameters() if p.requires_grad} == {'gate_logits', 'proxies', 'ends_bn',
+                                                                            'linear'}
+    assert 'backbone.ends_bn.running_mean' in student.task_pack()['state']
+
+
+def test_wide_student_trains_and_prunes_at_72px():
+    student = wide_nettailor.create_student(4, input_size=72)
+    student.train()
+    logits, local = student(torch.randn(4, 3, 72, 72), distill=True)
+    assert logits.shape == (4, 4) and local[-1].shape == (4, 256, 9, 9)
+    student.prune(4, 0.0)
+    assert student.stats()['universal_blocks_kept'] == 8
