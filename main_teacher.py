@@ -73,7 +73,7 @@ def build_loaders(args):
     """(train_loader, test_loader, num_classes) for args.task; the decathlon scripts set args.decathlon."""
     if getattr(args, 'decathlon', False):
         from decathlon_dataloaders import get_decathlon_dataloaders
-        return get_decathlon_dataloaders(args.task, args.data_dir, eval_split=args.eval_split,
+        return get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
                                          batch_size=args.batch_size, workers=args.workers,
                                          input_size=args.input_size, seed=args.seed)
     from dataloaders import get_dataloaders

@@ -1,0 +1,303 @@
+"""Visual Decathlon data: task metadata, COCO-style annotation loading, per-task transforms,
+the decathlon score and evaluation-server submissions.
+
+On-disk layout (the official decathlon-1.0 release, or the offline miniature written by
+data/make_synthetic_decathlon.py):
+
+    <data_dir>/decathlon-1.0/annotations/<task>_{train,val,test_stripped}.json
+    <data_dir>/decathlon-1.0/<file_name of each image>            (e.g. data/svhn/train/...)
+    <data_dir>/decathlon-1.0/decathlon_mean_std.json              (optional, miniature only)
+"""
+import contextlib
+import io
+import json
+import os
+import tempfile
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torchvision.transforms import v2
+
+from utils import UserError
+
+DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
+                   'gtsrb', 'vgg-flowers', 'omniglot', 'svhn', 'ucf101']
+
+SPLITS = ('train', 'val', 'test_stripped')
+
+# Category ids of a task are CATEGORY_BASE[task] + class index.
+CATEGORY_BASE = {
+    'aircraft': 10000001, 'cifar100': 20000001, 'daimlerpedcls': 30000001, 'dtd': 40000001,
+    'gtsrb': 50000001, 'imagenet12': 60000001, 'omniglot': 70000001, 'svhn': 80000001,
+    'ucf101': 90000001, 'vgg-flowers': 100000001,
+}
+
+# Top-1 accuracy (%) of the decathlon baseline; the score gives 250 points to a task at its baseline.
+BASELINE_ACC = {
+    'imagenet12': 59.87, 'aircraft': 60.34, 'cifar100': 82.12, 'daimlerpedcls': 92.82,
+    'dtd': 55.53, 'gtsrb': 97.53, 'vgg-flowers': 81.41, 'omniglot': 87.69, 'svhn': 96.55,
+    'ucf101': 51.20,
+}
+
+# Per-task (mean, std) of the images in [0, 1], from the decathlon's usual statistics pickle.
+MEAN_STD = {
+    'imagenet12': ((0.485, 0.456, 0.406),
+                   (0.229, 0.224, 0.225)),
+    'aircraft': ((0.47983041, 0.51074066, 0.53437998),
+                 (0.21070221, 0.20508901, 0.23729657)),
+    'cifar100': ((0.50705882, 0.48666667, 0.44078431),
+                 (0.26745098, 0.25647059, 0.27607843)),
+    'daimlerpedcls': ((0.48203529, 0.48203529, 0.48203529),
+                      (0.23612616, 0.23612616, 0.23612616)),
+    'dtd': ((0.52696497, 0.47025164, 0.42396662),
+            (0.25226877, 0.2409176, 0.2499409)),
+    'gtsrb': ((0.33921263, 0.3117836, 0.32047045),
+              (0.27560347, 0.26576119, 0.27089863)),
+    'vgg-flowers': ((0.43414682, 0.38309883, 0.29714763),
+                    (0.28509808, 0.23842338, 0.2639633)),
+    'omniglot': ((0.08099839, 0.08099839, 0.08099839),
+                 (0.27046935, 0.27046935, 0.27046935)),
+    'svhn': ((0.4376821, 0.4437697, 0.47280442),
+             (0.19803012, 0.20101562, 0.19703614)),
+    'ucf101': ((0.49953101, 0.49880386, 0.49981996),
+               (0.10898684, 0.10810246, 0.10679939)),
+}
+
+IMAGE_SIZE = 72                      # shorter side of every decathlon image
+DEFAULT_CROP = 64
+TASK_CROP = {'dtd': 72}              # tasks whose default crop is not DEFAULT_CROP
+NO_FLIP_TASKS = {'svhn', 'omniglot'}  # flipping changes the meaning of digits and characters
+PADDED_CROP_TASKS = {'aircraft', 'cifar100', 'daimlerpedcls', 'gtsrb'}
+COLOR_JITTER_TASKS = {'gtsrb'}
+
+MEAN_STD_FILE = 'decathlon_mean_std.json'
+DOWNLOAD_HINT = ('run `python data/download_decathlon.py` for the real data or '
+                 '`python data/make_synthetic_decathlon.py` for the offline miniature, or pass --data-dir')
+
+
+def check_task(task):
+    if task not in CATEGORY_BASE:
+        raise UserError(f"unknown decathlon task '{task}'; valid tasks: {', '.join(DECATHLON_TASKS)}")
+
+
+def decathlon_root(data_dir):
+    return os.path.join(data_dir, 'decathlon-1.0')
+
+
+def annotation_path(data_dir, task, split):
+    return os.path.join(decathlon_root(data_dir), 'annotations', f'{task}_{split}.json')
+
+
+def available_tasks(data_dir):
+    """Decathlon tasks (in DECATHLON_TASKS order) whose training annotation file exists under data_dir."""
+    return [task for task in DECATHLON_TASKS if os.path.isfile(annotation_path(data_dir, task, 'train'))]
+
+
+def task_mean_std(task, data_dir='data'):
+    """(mean, std) of a task: from <data_dir>/decathlon-1.0/decathlon_mean_std.json when that file
+    lists the task (the miniature decathlon writes it), otherwise the published MEAN_STD."""
+    check_task(task)
+    path = os.path.join(decathlon_root(data_dir), MEAN_STD_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                stats = json.load(f)
+        except (OSError, ValueError) as error:
+            raise UserError(f"corrupt mean/std file {path}: {error}; delete it or re-run "
+                            "`python data/make_synthetic_decathlon.py --force`") from error
+        if task in stats:
+            return tuple(stats[task]['mean']), tuple(stats[task]['std'])
+    return MEAN_STD[task]
+
+
+def crop_size(task, input_size=None):
+    """Side of the square crop fed to the network: input_size, or the task's default (64; 72 for dtd)."""
+    check_task(task)
+    return input_size if input_size is not None else TASK_CROP.get(task, DEFAULT_CROP)
+
+
+def decathlon_transform(task, train, input_size=None, data_dir='data'):
+    """Per-task preprocessing: resize the shorter side to 72 px (scaled with the crop when input_size
+    differs from the task default), random crop / flip / jitter for training, center crop for evaluation."""
+    crop = crop_size(task, input_size)
+    resize = round(IMAGE_SIZE * crop / crop_size(task))
+    mean, std = task_mean_std(task, data_dir)
+    steps = [v2.Resize(resize, antialias=True)]
+    if train:
+        if task in PADDED_CROP_TASKS:
+            steps.append(v2.RandomCrop(crop, padding=4, padding_mode='reflect'))
+        else:
+            steps.append(v2.RandomCrop(crop))
+        if task not in NO_FLIP_TASKS:
+            steps.append(v2.RandomHorizontalFlip())
+        if task in COLOR_JITTER_TASKS:
+            steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3))
+    else:
+        steps.append(v2.CenterCrop(crop))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+    return v2.Compose(steps)
+
+
+def _load_annotations(path):
+    """The annotation file as a pycocotools COCO index (its progress prints silenced)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(path)
+    except (OSError, ValueError, AssertionError) as error:
+        raise UserError(f"corrupt annotation file {path}: {error}; download or generate it again") from error
+
+
+def _category_ids(task, categories, path):
+    """The real category ids of a task, index = class label; they must run from the task's base."""
+    base = CATEGORY_BASE[task]
+    category_ids = sorted(category['id'] for category in categories)
+    if not category_ids or category_ids != list(range(base, base + len(category_ids))):
+        raise UserError(f"annotation file {path}: {task} category ids must run from {base} to "
+                        f"{base} + number of classes - 1; is it the annotation file of another task?")
+    return category_ids
+
+
+def _load_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except FileNotFoundError as error:
+        raise UserError(f"image file {path} is missing; {DOWNLOAD_HINT}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"corrupt image file {path}: {' '.join(str(error).split())}") from error
+
+
+class DecathlonDataset(Dataset):
+    """One split of one decathlon task: yields (transformed image, class label); label -1 for test_stripped.
+
+    image_ids[i] is the image id of sample i and category_ids[label] the real category id of a label,
+    which is what a submission to the evaluation server needs.
+    """
+
+    def __init__(self, task, split, data_dir='data', transform=None):
+        check_task(task)
+        if split not in SPLITS:
+            raise UserError(f"unknown decathlon split '{split}'; valid splits: {', '.join(SPLITS)}")
+        path = annotation_path(data_dir, task, split)
+        if not os.path.isfile(path):
+            raise UserError(f"Visual Decathlon task {task} not found: {path} is missing; {DOWNLOAD_HINT}")
+        coco = _load_annotations(path)
+        categories = coco.dataset.get('categories')
+        if not categories and split == 'test_stripped':
+            train_path = annotation_path(data_dir, task, 'train')
+            if not os.path.isfile(train_path):
+                raise UserError(f"{path} lists no categories and {train_path} is missing; {DOWNLOAD_HINT}")
+            categories = _load_annotations(train_path).dataset.get('categories')
+        self.task = task
+        self.split = split
+        self.transform = transform
+        self.category_ids = _category_ids(task, categories or [], path)
+        self.num_classes = len(self.category_ids)
+        images = coco.dataset.get('images', [])
+        self.image_ids = [image['id'] for image in images]
+        self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
+        if split == 'test_stripped':
+            self.labels = [-1] * len(images)
+        else:
+            self.labels = [self._label(coco, image_id, path) for image_id in self.image_ids]
+
+    def _label(self, coco, image_id, path):
+        annotations = coco.imgToAnns.get(image_id, [])
+        if len(annotations) != 1:
+            raise UserError(f"annotation file {path}: image {image_id} has {len(annotations)} annotations, "
+                            "expected exactly one")
+        label = annotations[0]['category_id'] - CATEGORY_BASE[self.task]
+        if not 0 <= label < self.num_classes:
+            raise UserError(f"annotation file {path}: image {image_id} has category id "
+                            f"{annotations[0]['category_id']}, which is not among the file's categories")
+        return label
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = _load_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+def get_decathlon_datasets(task, data_dir='data', splits=('train', 'val'), input_size=None):
+    """dict split -> DecathlonDataset; the 'train' split gets training augmentation, the others
+    the evaluation transform."""
+    return {split: DecathlonDataset(task, split, data_dir,
+                                    decathlon_transform(task, split == 'train', input_size, data_dir))
+            for split in splits}
+
+
+def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val'), eval_split='val',
+                              batch_size=32, workers=4, input_size=None, seed=0):
+    """(train_loader, eval_loader, num_classes): training on the union of train_splits (with augmentation),
+    evaluation on eval_split (center crops, fixed order)."""
+    if 'test_stripped' in train_splits:
+        raise UserError("test_stripped has no labels and cannot be used for training; "
+                        "choose train splits among train, val")
+    train_transform = decathlon_transform(task, True, input_size, data_dir)
+    train_sets = [DecathlonDataset(task, split, data_dir, train_transform) for split in train_splits]
+    eval_set = DecathlonDataset(task, eval_split, data_dir, decathlon_transform(task, False, input_size, data_dir))
+    num_classes = eval_set.num_classes
+    for dataset in train_sets:
+        if dataset.num_classes != num_classes:
+            raise UserError(f"decathlon task {task}: split {dataset.split} has {dataset.num_classes} classes "
+                            f"but {eval_split} has {num_classes}; the annotation files do not match")
+    train_loader = DataLoader(ConcatDataset(train_sets), batch_size=batch_size, shuffle=True,
+                              num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    eval_loader = DataLoader(eval_set, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return train_loader, eval_loader, num_classes
+
+
+def decathlon_score(accuracies):
+    """Decathlon score of top-1 accuracies (%, dict task -> accuracy): (total, dict task -> points).
+
+    Task d earns 1000 * (max(0, Emax_d - E_d) / Emax_d)^2 with errors as fractions and Emax_d twice the
+    baseline error, so the baseline earns 250 and an error of Emax_d or more earns 0. Only the given
+    tasks are scored.
+    """
+    for task in accuracies:
+        check_task(task)
+    points = {}
+    for task in DECATHLON_TASKS:
+        if task in accuracies:
+            error = 1 - accuracies[task] / 100
+            max_error = 2 * (1 - BASELINE_ACC[task] / 100)
+            points[task] = 1000 * max(0.0, max_error - error) ** 2 / max_error ** 2
+    return sum(points.values()), points
+
+
+def submission_entries(predictions, dataset):
+    """Evaluation-server entries {"image_id", "category_id"} for predicted labels over a test_stripped set."""
+    predictions = [int(label) for label in predictions]
+    if len(predictions) != len(dataset.image_ids):
+        raise ValueError(f"{len(predictions)} predictions for {len(dataset.image_ids)} images of {dataset.task}")
+    for label in predictions:
+        if not 0 <= label < dataset.num_classes:
+            raise ValueError(f"predicted label {label} outside 0..{dataset.num_classes - 1} for {dataset.task}")
+    return [{'image_id': image_id, 'category_id': dataset.category_ids[label]}
+            for image_id, label in zip(dataset.image_ids, predictions)]
+
+
+def write_json_atomic(obj, path):
+    """Write obj as JSON to path through a temporary file and a rename, so path is never half written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix='.tmp')
+    try:
+        with os.fdopen(handle, 'w') as f:
+            json.dump(obj, f)
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
+
+
+def write_submission(entries, path):
+    """Write a results file for the evaluation server: the JSON list of entries (from submission_entries,
+    concatenated over the tasks to submit)."""
+    write_json_atomic(list(entries), path)

@@ -1,0 +1,118 @@
+"""Visual Decathlon students: main_student.py with decathlon defaults, the summary and the submission.
+
+    python main_student_decathlon.py --task all                  # NetTailor students (needs the teachers)
+    python main_student_decathlon.py --task all --prune --n-pruning-universal 4 --thr-pruning-proxy 0.05
+    python main_student_decathlon.py --task all --summary         # per-task table + decathlon score
+
+Runs go to <model-root>/<task>/student and, with --prune, <model-root>/<task>/pruned; the
+teacher is read from <model-root>/<task>/teacher.  --write-submission predicts test_stripped and
+writes <run>/submission.json; --summary merges those into <model-root>/results.json, the file
+the evaluation server takes.
+"""
+import argparse
+import json
+import os
+import sys
+
+from torch.utils.data import DataLoader
+
+import main_student
+import utils
+from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
+                                   write_submission)
+from main_teacher import checkpoint_path, predict
+from main_teacher_decathlon import add_decathlon_args, run_tasks, task_runs
+from nettailor import format_stats
+from utils import UserError
+from wide_nettailor import DEFAULT_WEIGHTS
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description='NetTailor decathlon students', add_help=add_help,
+                                     parents=[main_student.get_args_parser(add_help=False)],
+                                     conflict_handler='resolve')
+    add_decathlon_args(parser, 'student')
+    parser.add_argument('--prune', action='store_true',
+                        help='prune <task>/student with --n-pruning-universal / --thr-pruning-proxy and retrain')
+    parser.add_argument('--write-submission', action='store_true',
+                        help='predict test_stripped and write <run>/submission.json')
+    parser.add_argument('--summary', action='store_true', help='print the per-task table and the decathlon score')
+    parser.set_defaults(backbone='wide_resnet26', epochs=30, lr_decay_epochs=10)
+    return parser
+
+
+def train_or_evaluate(args):
+    """main_student.main for one task, its teacher and (with --prune) its full student found by convention."""
+    task_dir = os.path.dirname(args.model_dir)
+    if args.teacher_fn is None:
+        args.teacher_fn = checkpoint_path(os.path.join(task_dir, 'teacher'))
+    if args.prune:
+        args.full_model_dir = os.path.join(task_dir, 'student')
+    elif args.pretrained is None:
+        args.pretrained = DEFAULT_WEIGHTS
+    result = main_student.main(args)
+    if args.write_submission:
+        student, _ = main_student.load_student(args.model_dir, utils.resolve_device(args.device))
+        dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
+                                   decathlon_transform(args.task, False, args.input_size, args.data_dir))
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+        write_submission(submission_entries(predict(student, loader, next(student.parameters()).device), dataset),
+                         os.path.join(args.model_dir, 'submission.json'))
+    return result
+
+
+def final_run(task_dir):
+    """The pruned run when finished, else the full student."""
+    for stage in ('pruned', 'student'):
+        path = checkpoint_path(os.path.join(task_dir, stage))
+        if os.path.exists(path) and utils.load_checkpoint(path).get('finished'):
+            return os.path.join(task_dir, stage)
+    return None
+
+
+def summary(args):
+    """Per-task table (teacher and NetTailor accuracy on val, task parameters, FLOPs, blocks) and the score."""
+    rows, accuracies, submissions = [], {}, []
+    for task_args in task_runs(args):
+        task_dir = os.path.dirname(task_args.model_dir)
+        run_dir = final_run(task_dir)
+        if run_dir is None:
+            raise UserError(f"no finished student for {task_args.task} in {task_dir}; train it first")
+        student, checkpoint = main_student.load_student(run_dir, 'cpu')
+        stats = student.stats()
+        teacher_path = checkpoint_path(os.path.join(task_dir, 'teacher'))
+        teacher_acc = utils.load_checkpoint(teacher_path)['accuracy'] if os.path.exists(teacher_path) else None
+        accuracies[task_args.task] = checkpoint['accuracy']
+        rows.append((task_args.task, teacher_acc, checkpoint['accuracy'], stats, os.path.basename(run_dir)))
+        submission = os.path.join(run_dir, 'submission.json')
+        submissions.append(submission if os.path.exists(submission) else None)
+    total, points = decathlon_score(accuracies)
+    lines = [f"{'task':<14} {'teacher':>7} {'NetTailor':>9} {'task params':>11} {'GFLOPs':>7} "
+             f"{'universal':>9} {'proxies':>7} {'score':>6}  run"]
+    for task, teacher_acc, accuracy, stats, stage in rows:
+        teacher_text = f"{teacher_acc:7.2f}" if teacher_acc is not None else f"{'-':>7}"
+        lines.append(f"{task:<14} {teacher_text} {accuracy:9.2f} {stats['params_task'] / 1e6:10.2f}M "
+                     f"{stats['flops'] / 1e9:7.3f} {stats['universal_blocks_kept']:>4}/{stats['universal_blocks_total']:<4} "
+                     f"{stats['proxies_kept']:>7} {points[task]:6.0f}  {stage}")
+    mean_params = sum(r[3]['params_task'] for r in rows) / len(rows)
+    mean_flops = sum(r[3]['flops'] for r in rows) / len(rows)
+    lines.append(f"mean accuracy {sum(accuracies.values()) / len(rows):.2f}, decathlon score {total:.0f} "
+                 f"over {len(rows)} task(s) (val accuracies; test labels are held by the server), "
+                 f"{mean_params / 1e6:.2f} M task parameters and {mean_flops / 1e9:.3f} GFLOPs per task on average")
+    if all(submissions):
+        entries = [entry for path in submissions for entry in json.load(open(path))]
+        write_submission(entries, os.path.join(args.model_root, 'results.json'))
+        lines.append(f"submission for the evaluation server: {os.path.join(args.model_root, 'results.json')}")
+    print('\n'.join(lines))
+    return {'score': total, 'points': points, 'accuracies': accuracies, 'table': '\n'.join(lines)}
+
+
+def main(args):
+    if args.summary:
+        return summary(args)
+    args.stage = 'pruned' if args.prune else 'student'
+    return run_tasks(args, train_or_evaluate)
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser(), sys.argv[1:])

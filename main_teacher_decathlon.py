@@ -1,0 +1,77 @@
+"""Visual Decathlon teachers: main_teacher.py with decathlon defaults, for one task or all.
+
+    python main_teacher_decathlon.py --task all                       # every task found under --data-dir
+    python main_teacher_decathlon.py --task svhn --evaluate
+
+Runs go to <model-root>/<task>/teacher.  Defaults: Wide ResNet-26 with the released universal
+weights (checkpoints/wide_resnet26.pth.tar), the decathlon loaders and per-task crops (64 px, 72
+for dtd), training on --train-splits (train) and evaluation on val.  --export-backbone writes the
+trained network as a universal weights file (how the offline miniature gets its own).
+"""
+import argparse
+import copy
+import os
+import sys
+
+import main_teacher
+import utils
+from decathlon_dataloaders import DECATHLON_TASKS, available_tasks, crop_size
+from utils import UserError
+from wide_nettailor import DEFAULT_WEIGHTS
+
+
+def add_decathlon_args(parser, stage):
+    """Flags shared by the decathlon scripts; `stage` names the run folder under <model-root>/<task>."""
+    parser.add_argument('--task', required=True, help=f"a decathlon task ({', '.join(DECATHLON_TASKS)}) or 'all'")
+    parser.add_argument('--model-root', default='checkpoints/decathlon', help='runs go to <model-root>/<task>/')
+    parser.add_argument('--model-dir', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--train-splits', default='train', help="comma-separated: 'train' or 'train,val'")
+    parser.add_argument('--input-size', type=int, default=None, help='crop size (default: 64, or 72 for dtd)')
+    parser.set_defaults(decathlon=True, eval_split='val', stage=stage)
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description='NetTailor decathlon teachers', add_help=add_help,
+                                     parents=[main_teacher.get_args_parser(add_help=False)],
+                                     conflict_handler='resolve')
+    add_decathlon_args(parser, 'teacher')
+    parser.add_argument('--export-backbone', default=None,
+                        help='after training, write the network as a universal weights file here')
+    parser.set_defaults(arch='wide_resnet26', pretrained=DEFAULT_WEIGHTS, epochs=30, lr_decay_epochs=10)
+    return parser
+
+
+def task_runs(args):
+    """One argument namespace per task, with its run directory and crop size resolved."""
+    tasks = available_tasks(args.data_dir) if args.task == 'all' else [args.task]
+    if not tasks:
+        raise UserError(f"no decathlon task found under {args.data_dir}/decathlon-1.0; run "
+                        "`python data/download_decathlon.py` or `python data/make_synthetic_decathlon.py`")
+    for task in tasks:
+        task_args = copy.copy(args)
+        task_args.task = task
+        task_args.train_splits = tuple(args.train_splits.split(','))
+        task_args.input_size = crop_size(task, args.input_size)
+        task_args.model_dir = os.path.join(args.model_root, task, args.stage)
+        yield task_args
+
+
+def run_tasks(args, main):
+    """`main` on every task; a dict task -> its result."""
+    return {task_args.task: main(task_args) for task_args in task_runs(args)}
+
+
+def main(args):
+    results = run_tasks(args, main_teacher.main)
+    if args.export_backbone:
+        if len(results) != 1:
+            raise UserError("--export-backbone needs a single --task")
+        task_args = next(task_runs(args))
+        model, _ = main_teacher.load_teacher(main_teacher.checkpoint_path(task_args.model_dir), 'cpu')
+        utils.atomic_save({'state_dict': model.state_dict()}, args.export_backbone)
+        print(f"universal weights written to {args.export_backbone}")
+    return results
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser(), sys.argv[1:])

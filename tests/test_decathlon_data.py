@@ -1,0 +1,378 @@
+"""Tests of decathlon_dataloaders.py, data/make_synthetic_decathlon.py and the download scripts, on small
+fixtures written in the decathlon-1.0 on-disk format."""
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from decathlon_dataloaders import (BASELINE_ACC, CATEGORY_BASE, DECATHLON_TASKS, MEAN_STD, DecathlonDataset,
+                                   available_tasks, decathlon_score, decathlon_transform, get_decathlon_dataloaders,
+                                   get_decathlon_datasets, submission_entries, task_mean_std, write_submission)
+from utils import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative_path):
+    """Import one of the repository's scripts (data/, checkpoints/) as a module."""
+    name = os.path.splitext(os.path.basename(relative_path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- a hand-written decathlon fixture
+
+def write_task(data_dir, task, labels_per_split, width=90, height=72, test_annotations_key=False):
+    """Write one task by hand: JPEG images of width x height and COCO-style annotation files.
+
+    labels_per_split: split -> list of class indices (test_stripped's are used only to count images).
+    Returns split -> list of image ids.
+    """
+    root = os.path.join(data_dir, 'decathlon-1.0')
+    os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
+    base = CATEGORY_BASE[task]
+    num_classes = max(max(labels) for labels in labels_per_split.values()) + 1
+    categories = [{'id': base + c, 'name': f'class{c}'} for c in range(num_classes)]
+    rng = np.random.default_rng(0)
+    image_ids = {}
+    for split_number, (split, labels) in enumerate(labels_per_split.items()):
+        folder = {'test_stripped': 'test'}.get(split, split)
+        images, annotations = [], []
+        for index, label in enumerate(labels):
+            image_id = base + 1000 * split_number + index
+            file_name = f'data/{task}/{folder}/{index:07d}.jpg'
+            os.makedirs(os.path.dirname(os.path.join(root, file_name)), exist_ok=True)
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, file_name), quality=90)
+            images.append({'id': image_id, 'file_name': file_name, 'width': width, 'height': height})
+            annotations.append({'id': image_id, 'image_id': image_id, 'category_id': base + label})
+        content = {'images': images, 'categories': categories}
+        if split != 'test_stripped':
+            content['annotations'] = annotations
+        elif test_annotations_key:
+            content['annotations'] = []
+        with open(os.path.join(root, 'annotations', f'{task}_{split}.json'), 'w') as f:
+            json.dump(content, f)
+        image_ids[split] = [image['id'] for image in images]
+    return image_ids
+
+
+SVHN_LABELS = {'train': [0, 1, 2, 2, 1, 0], 'val': [2, 0, 1], 'test_stripped': [0, 0, 0, 0]}
+
+
+@pytest.fixture
+def decathlon(tmp_path):
+    data_dir = str(tmp_path)
+    write_task(data_dir, 'svhn', SVHN_LABELS)
+    write_task(data_dir, 'dtd', {'train': [0, 1, 0, 1], 'val': [1, 0], 'test_stripped': [0, 0]},
+               test_annotations_key=True)
+    return data_dir
+
+
+# ---------------------------------------------------------------- loading
+
+def test_labels_come_from_category_bases(decathlon):
+    datasets = get_decathlon_datasets('svhn', decathlon, splits=('train', 'val'))
+    assert datasets['train'].labels == SVHN_LABELS['train']
+    assert datasets['val'].labels == SVHN_LABELS['val']
+    assert datasets['train'].num_classes == 3  # from the file's categories, not the real svhn's 10
+    image, label = datasets['val'][0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and label == 2
+    assert available_tasks(decathlon) == ['dtd', 'svhn']
+
+
+def test_test_stripped_has_image_ids_and_no_labels(decathlon):
+    test_set = get_decathlon_datasets('svhn', decathlon, splits=('test_stripped',))['test_stripped']
+    with open(os.path.join(decathlon, 'decathlon-1.0', 'annotations', 'svhn_test_stripped.json')) as f:
+        expected_ids = [image['id'] for image in json.load(f)['images']]
+    assert test_set.image_ids == expected_ids
+    assert test_set.category_ids == [80000001, 80000002, 80000003]
+    assert [test_set[i][1] for i in range(len(test_set))] == [-1] * 4
+    dtd_test = DecathlonDataset('dtd', 'test_stripped', decathlon)  # an empty 'annotations' list
+    assert dtd_test.labels == [-1, -1] and dtd_test.category_ids == [40000001, 40000002]
+
+    # a test_stripped file without categories takes them from the task's training file
+    path = os.path.join(decathlon, 'decathlon-1.0', 'annotations', 'dtd_test_stripped.json')
+    with open(path) as f:
+        content = json.load(f)
+    del content['categories']
+    with open(path, 'w') as f:
+        json.dump(content, f)
+    assert DecathlonDataset('dtd', 'test_stripped', decathlon).category_ids == [40000001, 40000002]
+
+
+def test_dataloaders_train_on_union_and_are_seeded(decathlon):
+    train_loader, eval_loader, num_classes = get_decathlon_dataloaders(
+        'svhn', decathlon, train_splits=('train', 'val'), eval_split='val', batch_size=4, workers=0, seed=3)
+    assert num_classes == 3 and len(train_loader.dataset) == 9 and len(eval_loader.dataset) == 3
+
+    def label_order(seed):
+        loader = get_decathlon_dataloaders('svhn', decathlon, batch_size=9, workers=0, seed=seed)[0]
+        return next(iter(loader))[1].tolist()
+    assert label_order(3) == label_order(3)
+    assert sorted(label_order(3)) == sorted(SVHN_LABELS['train'] + SVHN_LABELS['val'])
+    images, labels = next(iter(eval_loader))
+    assert images.shape == (3, 3, 64, 64) and labels.tolist() == SVHN_LABELS['val']
+    with pytest.raises(UserError, match='test_stripped has no labels'):
+        get_decathlon_dataloaders('svhn', decathlon, train_splits=('test_stripped',), workers=0)
+
+
+def step_types(transform):
+    return [type(step) for step in transform.transforms]
+
+
+def test_per_task_transforms(decathlon):
+    svhn_train = decathlon_transform('svhn', train=True)
+    assert v2.RandomHorizontalFlip not in step_types(svhn_train)
+    assert v2.RandomHorizontalFlip not in step_types(decathlon_transform('omniglot', train=True))
+    assert v2.RandomHorizontalFlip in step_types(decathlon_transform('cifar100', train=True))
+    aircraft_crop = decathlon_transform('aircraft', train=True).transforms[1]
+    assert isinstance(aircraft_crop, v2.RandomCrop)
+    assert aircraft_crop.padding == [4, 4, 4, 4] and aircraft_crop.padding_mode == 'reflect'
+    assert decathlon_transform('svhn', train=True).transforms[1].padding is None
+    assert v2.ColorJitter in step_types(decathlon_transform('gtsrb', train=True))
+    assert v2.ColorJitter not in step_types(decathlon_transform('cifar100', train=True))
+
+    # svhn training draws only crops, never mirrors: an image whose columns all differ never comes back flipped
+    image = Image.fromarray(np.tile(np.arange(0, 216, 3, dtype=np.uint8), (72, 1))[:, :, None].repeat(3, 2))
+    for _ in range(20):
+        row = svhn_train(image)[0, 0]
+        assert bool((row[1:] > row[:-1]).all())
+
+    # crops: 64 by default, 72 for dtd, input_size overrides and scales the resize with it
+    svhn_val = DecathlonDataset('svhn', 'val', decathlon, decathlon_transform('svhn', False, data_dir=decathlon))
+    dtd_val = DecathlonDataset('dtd', 'val', decathlon, decathlon_transform('dtd', False, data_dir=decathlon))
+    dtd_train = DecathlonDataset('dtd', 'train', decathlon, decathlon_transform('dtd', True, data_dir=decathlon))
+    assert svhn_val[0][0].shape == (3, 64, 64)
+    assert dtd_val[0][0].shape == (3, 72, 72) and dtd_train[0][0].shape == (3, 72, 72)
+    small = decathlon_transform('svhn', False, input_size=32)
+    assert small.transforms[0].size == [36] and small(image).shape == (3, 32, 32)
+    assert decathlon_transform('dtd', False, input_size=72).transforms[0].size == [72]
+
+
+def test_mean_std_file_takes_precedence(decathlon):
+    assert task_mean_std('svhn', decathlon) == MEAN_STD['svhn']
+    stats = {'svhn': {'mean': [0.1, 0.2, 0.3], 'std': [0.4, 0.5, 0.6]}}
+    with open(os.path.join(decathlon, 'decathlon-1.0', 'decathlon_mean_std.json'), 'w') as f:
+        json.dump(stats, f)
+    assert task_mean_std('svhn', decathlon) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert task_mean_std('dtd', decathlon) == MEAN_STD['dtd']  # not in the file
+    normalize = decathlon_transform('svhn', False, data_dir=decathlon).transforms[-2]
+    assert list(normalize.mean) == [0.1, 0.2, 0.3] and list(normalize.std) == [0.4, 0.5, 0.6]
+    assert list(decathlon_transform('svhn', False).transforms[-2].mean) == list(MEAN_STD['svhn'][0])
+
+
+def test_missing_data_and_unknown_task_are_clear(tmp_path, decathlon):
+    with pytest.raises(UserError) as error:
+        get_decathlon_dataloaders('gtsrb', str(tmp_path / 'nowhere'), workers=0)
+    message = str(error.value)
+    assert '\n' not in message
+    assert os.path.join('decathlon-1.0', 'annotations', 'gtsrb_train.json') in message
+    assert 'python data/download_decathlon.py' in message and 'python data/make_synthetic_decathlon.py' in message
+    with pytest.raises(UserError, match='unknown decathlon task .cifar10.; valid tasks: imagenet12, aircraft'):
+        DecathlonDataset('cifar10', 'train', decathlon)
+    os.rename(os.path.join(decathlon, 'decathlon-1.0', 'annotations', 'svhn_val.json'),
+              os.path.join(decathlon, 'decathlon-1.0', 'annotations', 'cifar100_val.json'))
+    with pytest.raises(UserError, match='category ids must run from 20000001'):  # svhn's file under another name
+        DecathlonDataset('cifar100', 'val', decathlon)
+
+
+def test_corrupt_image_is_reported_by_path(decathlon):
+    dataset = DecathlonDataset('svhn', 'train', decathlon)
+    with open(dataset.paths[2], 'wb') as f:
+        f.write(b'not a jpeg at all')
+    dataset[1]
+    with pytest.raises(UserError, match=f'^corrupt image file {dataset.paths[2]}: cannot identify image file'):
+        dataset[2]
+
+
+# ---------------------------------------------------------------- score and submission
+
+def test_baseline_accuracies_score_250_each():
+    total, per_task = decathlon_score(BASELINE_ACC)
+    assert total == pytest.approx(2500)
+    assert list(per_task) == DECATHLON_TASKS and all(v == pytest.approx(250) for v in per_task.values())
+
+
+def test_error_at_twice_the_baseline_error_scores_zero():
+    # svhn: baseline error 3.45%, so Emax = 6.9%: accuracy 93.1% or less earns nothing
+    _, per_task = decathlon_score({'svhn': 93.1, 'dtd': 5.0})
+    assert per_task['svhn'] == pytest.approx(0, abs=1e-9) and per_task['dtd'] == 0
+
+
+def test_hand_computed_scores_and_partial_runs():
+    # cifar100: baseline error 0.1788, Emax 0.3576; accuracy 91.06 -> E = 0.0894 = Emax / 4:
+    #   1000 * (0.75)^2 = 562.5
+    # svhn at 100%: E = 0 -> 1000 * (Emax / Emax)^2 = 1000
+    total, per_task = decathlon_score({'cifar100': 91.06, 'svhn': 100.0})
+    assert per_task == {'cifar100': pytest.approx(562.5), 'svhn': pytest.approx(1000)}
+    assert total == pytest.approx(1562.5)
+    # imagenet12: baseline error 0.4013, Emax 0.8026; accuracy 71.909 -> E = 0.28091 = 0.35 Emax,
+    #   (Emax - E) / Emax = 0.65, 1000 * 0.65^2 = 422.5
+    assert decathlon_score({'imagenet12': 71.909})[0] == pytest.approx(422.5)
+    with pytest.raises(UserError, match='unknown decathlon task'):
+        decathlon_score({'mnist': 99.0})
+
+
+def test_submission_lists_every_test_image(decathlon, tmp_path):
+    test_set = DecathlonDataset('svhn', 'test_stripped', decathlon)
+    entries = submission_entries(torch.tensor([2, 0, 1, 2]), test_set)
+    entries += submission_entries([1, 1], DecathlonDataset('dtd', 'test_stripped', decathlon))
+    path = str(tmp_path / 'out' / 'results.json')
+    write_submission(entries, path)
+    with open(path) as f:
+        written = json.load(f)
+    assert written[:4] == [{'image_id': image_id, 'category_id': 80000001 + label}
+                           for image_id, label in zip(test_set.image_ids, [2, 0, 1, 2])]
+    assert [e['category_id'] for e in written[4:]] == [40000002, 40000002]
+    assert len({e['image_id'] for e in written}) == 6
+    assert os.listdir(tmp_path / 'out') == ['results.json']  # no temporary file left behind
+    with pytest.raises(ValueError):
+        submission_entries([0, 1, 3, 0], test_set)  # label 3 does not exist
+
+
+# ---------------------------------------------------------------- the miniature decathlon
+
+def test_make_synthetic_decathlon_writes_the_real_format(tmp_path, capsys):
+    maker = load_script('data/make_synthetic_decathlon.py')
+    data_dir = str(tmp_path)
+    maker.main(['--data-dir', data_dir, '--tasks', 'svhn', 'dtd', '--images-per-class', '4'])
+    root = os.path.join(data_dir, 'decathlon-1.0')
+    all_ids = []
+    for task in ('svhn', 'dtd'):
+        num_classes = maker.SYNTHETIC_TASKS[maker.MINIATURE_TASKS[task]]
+        for split, expected in (('train', 4 * num_classes), ('val', num_classes), ('test_stripped', num_classes)):
+            with open(os.path.join(root, 'annotations', f'{task}_{split}.json')) as f:
+                content = json.load(f)
+            assert len(content['images']) == expected
+            assert [c['id'] for c in content['categories']] == [CATEGORY_BASE[task] + c for c in range(num_classes)]
+            assert ('annotations' in content) == (split != 'test_stripped')
+            for image in content['images']:
+                assert min(image['width'], image['height']) == 72
+                with Image.open(os.path.join(root, image['file_name'])) as picture:
+                    assert min(picture.size) == 72
+            all_ids += [image['id'] for image in content['images']]
+        train_set = DecathlonDataset(task, 'train', data_dir)
+        assert sorted(set(train_set.labels)) == list(range(num_classes))
+    assert len(all_ids) == len(set(all_ids))
+
+    with open(os.path.join(root, 'decathlon_mean_std.json')) as f:
+        stats = json.load(f)
+    assert set(stats) == {'svhn', 'dtd'}
+    assert task_mean_std('svhn', data_dir) == (tuple(stats['svhn']['mean']), tuple(stats['svhn']['std']))
+    train_loader, eval_loader, num_classes = get_decathlon_dataloaders('dtd', data_dir, batch_size=8, workers=0)
+    assert next(iter(train_loader))[0].shape == (8, 3, 72, 72)
+    assert num_classes == maker.SYNTHETIC_TASKS[maker.MINIATURE_TASKS['dtd']]
+
+    # idempotent: existing tasks are skipped, their files untouched
+    stamp = os.path.getmtime(os.path.join(root, 'annotations', 'svhn_train.json'))
+    capsys.readouterr()
+    maker.main(['--data-dir', data_dir, '--tasks', 'svhn', '--images-per-class', '4'])
+    assert 'svhn: annotation files exist, skipped' in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(root, 'annotations', 'svhn_train.json')) == stamp
+
+
+# ---------------------------------------------------------------- download scripts
+
+def closed_local_url(path):
+    """An http URL on localhost where nothing listens: connecting to it fails at once, as offline."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    return f'http://127.0.0.1:{port}/{path}'
+
+
+def test_download_decathlon_fails_fast_and_clearly_offline(tmp_path):
+    start = time.time()
+    result = subprocess.run([sys.executable, 'data/download_decathlon.py', '--data-dir', str(tmp_path),
+                             '--mirror', closed_local_url('share/')],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: cannot reach 127.0.0.1')
+    assert 'make_synthetic_decathlon.py' in lines[0]
+    assert time.time() - start < 30
+
+
+def test_download_models_fails_fast_and_clearly_offline(tmp_path):
+    downloader = load_script('checkpoints/download_models.py')
+    output = str(tmp_path / 'wide_resnet26.pth.tar')
+    with pytest.raises(UserError, match='^cannot reach 127.0.0.1 .*--url'):
+        downloader.main(['--url', closed_local_url('w.pth.tar'), '--output', output])
+    assert not os.path.exists(output)
+
+
+def refuse_network(*args, **kwargs):
+    raise AssertionError('the network was used although the files exist')
+
+
+def test_download_decathlon_skips_what_exists(tmp_path, monkeypatch, capsys):
+    downloader = load_script('data/download_decathlon.py')
+    for name in ('check_reachable', 'download_url', 'extract_archive'):
+        monkeypatch.setattr(downloader, name, refuse_network)
+    data_dir = str(tmp_path)
+    for task in DECATHLON_TASKS:
+        write_task(data_dir, task, {'train': [0], 'val': [0], 'test_stripped': [0]}, width=72)
+    downloader.main(['--data-dir', data_dir])
+    out = capsys.readouterr().out
+    assert 'annotations: all present' in out and 'imagenet12: images present' in out
+
+    os.remove(os.path.join(data_dir, 'decathlon-1.0', 'data', 'imagenet12', 'train', '0000000.jpg'))
+    downloader.main(['--data-dir', data_dir])
+    assert 'decathlon-1.0-data-imagenet.tar from https://image-net.org' in capsys.readouterr().out
+
+
+def test_download_decathlon_fetches_only_the_missing_archive(tmp_path, monkeypatch):
+    downloader = load_script('data/download_decathlon.py')
+    data_dir = str(tmp_path)
+    for task in DECATHLON_TASKS:
+        write_task(data_dir, task, {'train': [0], 'val': [0], 'test_stripped': [0]}, width=72)
+    svhn_image = os.path.join(data_dir, 'decathlon-1.0', 'data', 'svhn', 'val', '0000000.jpg')
+    with open(svhn_image, 'rb') as f:
+        svhn_bytes = f.read()
+    os.remove(svhn_image)
+    fetched = []
+
+    def fake_download(url, folder, filename):
+        fetched.append(url)
+        with open(os.path.join(folder, filename), 'wb') as f:
+            f.write(b'archive')
+
+    def fake_extract(archive, destination, remove_finished):
+        with open(svhn_image, 'wb') as f:
+            f.write(svhn_bytes)
+        os.remove(archive)
+    monkeypatch.setattr(downloader, 'check_reachable', lambda url: None)
+    monkeypatch.setattr(downloader, 'download_url', fake_download)
+    monkeypatch.setattr(downloader, 'extract_archive', fake_extract)
+    downloader.main(['--data-dir', data_dir])
+    assert fetched == ['http://www.robots.ox.ac.uk/~vgg/share/decathlon-1.0-data.tar.gz']
+    assert not os.path.exists(os.path.join(data_dir, 'decathlon-1.0', 'data', 'decathlon-1.0-data.tar.gz'))
+
+
+def test_download_models_skips_an_existing_file_and_saves_a_new_one(tmp_path, monkeypatch):
+    downloader = load_script('checkpoints/download_models.py')
+    output = tmp_path / 'wide_resnet26.pth.tar'
+    output.write_bytes(b'weights')
+    monkeypatch.setattr(downloader, 'check_reachable', refuse_network)
+    monkeypatch.setattr(downloader, 'download_url', refuse_network)
+    downloader.main(['--output', str(output)])
+    assert output.read_bytes() == b'weights'
+
+    output.unlink()
+    monkeypatch.setattr(downloader, 'check_reachable', lambda url: None)
+    monkeypatch.setattr(downloader, 'download_url',
+                        lambda url, folder, filename: open(os.path.join(folder, filename), 'wb').close())
+    downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar'])
+    assert os.listdir(tmp_path) == ['wide_resnet26.pth.tar']
