@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 
 import torch
 from PIL import Image
@@ -20,7 +19,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
-from utils import UserError
+from utils import UserError, atomic_write_json
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
                    'gtsrb', 'vgg-flowers', 'omniglot', 'svhn', 'ucf101']
@@ -283,21 +282,7 @@ def submission_entries(predictions, dataset):
             for image_id, label in zip(dataset.image_ids, predictions)]
 
 
-def write_json_atomic(obj, path):
-    """Write obj as JSON to path through a temporary file and a rename, so path is never half written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix='.tmp')
-    try:
-        with os.fdopen(handle, 'w') as f:
-            json.dump(obj, f)
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
-
-
 def write_submission(entries, path):
     """Write a results file for the evaluation server: the JSON list of entries (from submission_entries,
     concatenated over the tasks to submit)."""
-    write_json_atomic(list(entries), path)
+    atomic_write_json(list(entries), path)

@@ -63,6 +63,22 @@ def atomic_write_text(text, path):
     os.replace(tmp, path)
 
 
+def atomic_write_json(obj, path):
+    atomic_write_text(json.dumps(obj), path)
+
+
+def check_reachable(url, hint, timeout=5):
+    """Fail at once, with one line ending in `hint`, when the host of `url` cannot be reached (offline)."""
+    import socket
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == 'https' else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise UserError(f"cannot reach {parts.hostname} ({error}): {hint}") from None
+
+
 def load_checkpoint(path, what='checkpoint'):
     """torch.load(weights_only=True) with a one-line error for a missing or unreadable file."""
     if not os.path.isfile(path):

@@ -9,30 +9,22 @@ file), or copy the file to checkpoints/wide_resnet26.pth.tar yourself. An existi
 """
 import argparse
 import os
-import socket
 import sys
-import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchvision.datasets.utils import download_url  # noqa: E402
 
+import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
 WIDE_RESNET26_URL = 'http://www.svcl.ucsd.edu/~morgado/nettailor/data/wide_resnet26.pth.tar'
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wide_resnet26.pth.tar')
 
 
-def check_reachable(url, timeout=5):
-    """Fail at once, with one line, when the host of url cannot be reached (e.g. offline)."""
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == 'https' else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        raise UserError(f"cannot reach {parsed.hostname} ({error}): downloading the released weights needs "
-                        "internet access; pass --url for another location or copy the file to "
-                        f"{DEFAULT_OUTPUT}")
+def check_reachable(url):
+    utils.check_reachable(url, "downloading the released weights needs internet access; pass --url for another "
+                               f"location or copy the file to {DEFAULT_OUTPUT}")
 
 
 def parse_args(argv):

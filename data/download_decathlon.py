@@ -13,10 +13,8 @@ import argparse
 import glob
 import json
 import os
-import socket
 import sys
 import tarfile
-import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,6 +22,7 @@ from torchvision.datasets.utils import download_url, extract_archive  # noqa: E4
 
 from decathlon_dataloaders import (DECATHLON_TASKS, MEAN_STD_FILE, SPLITS, annotation_path,  # noqa: E402
                                    decathlon_root)
+import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
 MIRROR = 'http://www.robots.ox.ac.uk/~vgg/share/'
@@ -33,15 +32,9 @@ IMAGENET_ARCHIVE = 'decathlon-1.0-data-imagenet.tar'
 PUBLIC_TASKS = [task for task in DECATHLON_TASKS if task != 'imagenet12']
 
 
-def check_reachable(url, timeout=5):
-    """Fail at once, with one line, when the host of url cannot be reached (e.g. offline)."""
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == 'https' else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        raise UserError(f"cannot reach {parsed.hostname} ({error}): downloading the decathlon needs internet "
-                        "access; offline, run `python data/make_synthetic_decathlon.py` for the miniature decathlon")
+def check_reachable(url):
+    utils.check_reachable(url, "downloading the decathlon needs internet access; offline, run "
+                               "`python data/make_synthetic_decathlon.py` for the miniature decathlon")
 
 
 def fetch(url, folder, filename):

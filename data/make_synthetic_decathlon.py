@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from decathlon_dataloaders import (CATEGORY_BASE, IMAGE_SIZE, MEAN_STD_FILE, annotation_path,  # noqa: E402
-                                   decathlon_root, write_json_atomic)
+                                   decathlon_root)
 from synthetic import SYNTHETIC_TASKS, make_synthetic  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, atomic_write_json  # noqa: E402
 
 # decathlon task name -> synthetic task stored under that name: three target tasks from easy to hard,
 # then the source task that plays ImageNet (the universal network is pre-trained on it)
@@ -86,7 +86,7 @@ def write_split(task, split, images, labels, data_dir, categories):
                'images': entries, 'categories': categories}
     if split != 'test_stripped':
         content['annotations'] = annotations
-    write_json_atomic(content, annotation_path(data_dir, task, split))
+    atomic_write_json(content, annotation_path(data_dir, task, split))
 
 
 def record_mean_std(data_dir, task, mean, std):
@@ -100,7 +100,7 @@ def record_mean_std(data_dir, task, mean, std):
         except (OSError, ValueError):
             print(f'{path} was unreadable: rewritten from the tasks generated now')
     stats[task] = {'mean': mean, 'std': std}
-    write_json_atomic(stats, path)
+    atomic_write_json(stats, path)
 
 
 def make_task(task, data_dir, images_per_class, seed):

@@ -10,7 +10,6 @@ import os
 import socket
 import sys
 import urllib.error
-import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,6 +18,7 @@ from torchvision.datasets import SVHN, Flowers102  # noqa: E402
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, download_url  # noqa: E402
 from torchvision.datasets.voc import DATASET_YEAR_DICT  # noqa: E402
 
+import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
 # (url, file name, md5) of every file, as torchvision's dataset classes define them.
@@ -33,14 +33,7 @@ DOWNLOAD_TIMEOUT_S = 60
 
 
 def check_reachable(url, target_dir):
-    """Fails fast with a one-line UserError when the host of `url` cannot be reached."""
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == 'https' else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        raise UserError(f'could not reach {parts.hostname}: no network? ({error}) download {url} manually '
-                        f'into {target_dir}') from error
+    utils.check_reachable(url, f"no network? download {url} manually into {target_dir}", CONNECT_TIMEOUT_S)
 
 
 def fetch(url, target_dir, filename, md5, extract=False):

@@ -1,0 +1,125 @@
+"""The released demos' three stages (teacher, student, prune + retrain) and their final table.
+
+demo_svhn.py, demo_flowers.py, demo_voc12.py and demo_synthetic.py call `run_demo` with a recipe
+(METHOD.md section 8): each stage runs main_teacher.main / main_student.main with the recipe's
+flags; a stage whose run is finished is skipped unless --force; a failed stage stops the demo.
+"""
+import argparse
+import os
+import sys
+import time
+
+import main_student
+import main_teacher
+import utils
+from main_teacher import checkpoint_path
+
+RECIPES = {  # METHOD.md section 8: ResNet34, 224 px, SGD momentum 0.9, weight decay 5e-4
+    'svhn': dict(teacher=dict(batch_size=64, epochs=20, lr=0.01, lr_decay_epochs=8),
+                 student=dict(batch_size=32, epochs=20, lr=0.1, lr_decay_epochs=8),
+                 prune=dict(n_pruning_universal=11, thr_pruning_proxy=0.075),
+                 retrain=dict(batch_size=32, epochs=20, lr=0.01, lr_decay_epochs=8)),
+    'flowers': dict(teacher=dict(batch_size=64, epochs=50, lr=0.01, lr_decay_epochs=20),
+                    student=dict(batch_size=32, epochs=50, lr=0.1, lr_decay_epochs=20),
+                    prune=dict(n_pruning_universal=7, thr_pruning_proxy=0.04),
+                    retrain=dict(batch_size=32, epochs=60, lr=0.01, lr_decay_epochs=20)),
+    'voc12': dict(teacher=dict(batch_size=64, epochs=50, lr=0.01, lr_decay_epochs=20),
+                  student=dict(batch_size=32, epochs=50, lr=0.1, lr_decay_epochs=20),
+                  prune=dict(n_pruning_universal=3, thr_pruning_proxy=0.1),
+                  retrain=dict(batch_size=32, epochs=60, lr=0.01, lr_decay_epochs=20)),
+}
+
+
+def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pretrained='imagenet'):
+    parser = argparse.ArgumentParser(description=f'NetTailor demo on {task}: teacher, student, prune + retrain')
+    parser.add_argument('--data-dir', default='data')
+    parser.add_argument('--model-root', default=model_root or os.path.join('checkpoints', task),
+                        help='runs go to <model-root>/{teacher,student,pruned}')
+    parser.add_argument('--arch', default=arch)
+    parser.add_argument('--pretrained', default=pretrained, help="'imagenet' or a local state-dict file")
+    parser.add_argument('--input-size', type=int, default=input_size)
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--workers', type=int, default=4)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--force', action='store_true', help='rerun stages whose runs are finished')
+    return parser
+
+
+def stage_args(parser_fn, task, model_dir, demo_args, flags):
+    """The argument namespace a stage's script would get on the command line, plus the recipe's flags."""
+    args = parser_fn().parse_args(['--task', task, '--model-dir', model_dir])
+    for name in ('data_dir', 'pretrained', 'input_size', 'device', 'workers', 'seed', 'force'):
+        setattr(args, name, getattr(demo_args, name))
+    for name, value in flags.items():
+        setattr(args, name, value)
+    return args
+
+
+def is_finished(model_dir):
+    path = checkpoint_path(model_dir)
+    return os.path.exists(path) and bool(utils.load_checkpoint(path).get('finished'))
+
+
+def run_stage(name, main, args, logger):
+    if is_finished(args.model_dir) and not args.force:
+        logger.info(f"[{name}] finished run in {args.model_dir}: skipped (--force reruns it)")
+        return
+    logger.info(f"[{name}] -> {args.model_dir}")
+    start = time.time()
+    main(args)
+    logger.info(f"[{name}] done in {time.time() - start:.0f} s")
+
+
+def run_demo(task, recipe, demo_args):
+    """Teacher, student, prune + retrain on `task`, then the final comparison table (returned as a dict)."""
+    logger = utils.setup_logging()
+    root = demo_args.model_root
+    teacher_dir, student_dir, pruned_dir = (os.path.join(root, name) for name in ('teacher', 'student', 'pruned'))
+    teacher = stage_args(main_teacher.get_args_parser, task, teacher_dir, demo_args,
+                         dict(arch=demo_args.arch, **recipe['teacher']))
+    run_stage('teacher', main_teacher.main, teacher, logger)
+    student = stage_args(main_student.get_args_parser, task, student_dir, demo_args,
+                         dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir), **recipe['student']))
+    run_stage('student', main_student.main, student, logger)
+    pruned = stage_args(main_student.get_args_parser, task, pruned_dir, demo_args,
+                        dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir),
+                             full_model_dir=student_dir, **recipe['prune'], **recipe['retrain']))
+    pruned.pretrained = None  # the universal weights the full student was trained on
+    run_stage('prune + retrain', main_student.main, pruned, logger)
+    return final_table(teacher_dir, pruned_dir)
+
+
+def final_table(teacher_dir, pruned_dir):
+    """Teacher vs tailored network: accuracy, parameters, FLOPs (paper convention), blocks removed."""
+    teacher_acc = utils.load_checkpoint(checkpoint_path(teacher_dir))['accuracy']
+    student, checkpoint = main_student.load_student(pruned_dir, 'cpu')
+    stats = student.stats()
+    teacher_params = stats['params_full']
+    tailored_params = stats['params_universal'] + stats['params_task']
+    blocks = stats['universal_blocks_total']
+    removed = blocks - stats['universal_blocks_kept']
+    rows = [
+        ('', 'teacher', 'NetTailor'),
+        ('top-1 accuracy (%)', f"{teacher_acc:.2f}", f"{checkpoint['accuracy']:.2f}"),
+        ('universal params (M)', f"{teacher_params / 1e6:.2f}", f"{stats['params_universal'] / 1e6:.2f}"),
+        ('task-specific params (M)', f"{teacher_params / 1e6:.2f}", f"{stats['params_task'] / 1e6:.2f}"),
+        ('total params (M)', f"{teacher_params / 1e6:.2f}", f"{tailored_params / 1e6:.2f}"),
+        ('GFLOPs per image', f"{stats['flops_full'] / 1e9:.3f}", f"{stats['flops'] / 1e9:.3f}"),
+        ('universal blocks', f"{blocks}", f"{stats['universal_blocks_kept']} ({removed} removed)"),
+        ('proxies kept', '-', f"{stats['proxies_kept']}/{stats['proxies_total']}"),
+    ]
+    table = '\n'.join(f"{a:<26}{b:>12}{c:>22}" for a, b, c in rows)
+    summary = (f"NetTailor removes {100 * (1 - tailored_params / teacher_params):.1f}% of the parameters and "
+               f"{100 * (1 - stats['flops'] / stats['flops_full']):.1f}% of the FLOPs; accuracy "
+               f"{checkpoint['accuracy'] - teacher_acc:+.2f} points vs the teacher. The teacher's parameters are all "
+               "task-specific (a fine-tuned copy per task); FLOPs in the paper's convention (1 multiply-add = 1).")
+    print(f"{table}\n{summary}")
+    return {'teacher_acc': teacher_acc, 'student_acc': checkpoint['accuracy'], 'stats': stats,
+            'params_removed': 1 - tailored_params / teacher_params, 'flops_removed': 1 - stats['flops'] / stats['flops_full'],
+            'table': table}
+
+
+def demo_main(task, argv=None):
+    """Entry point of demo_<task>.py."""
+    parser = get_args_parser(task)
+    utils.run_cli(lambda args: run_demo(task, RECIPES[task], args), parser, sys.argv[1:] if argv is None else argv)
