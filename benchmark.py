@@ -34,6 +34,7 @@ def get_args_parser():
     parser.add_argument('--prune-universal', type=int, default=8)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for models and inputs')
     parser.add_argument('--json', default=None, help='also write the results to this file')
     return parser
 
@@ -73,6 +74,10 @@ def main(args):
     pruned.eval()
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    if args.channels_last:
+        for model in (teacher, student, pruned):
+            model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 
     def eval_forward(model):
@@ -108,6 +113,7 @@ def main(args):
     results = {
         'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
                    'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
+                   'channels_last': args.channels_last,
                    'repeats': args.repeats, 'prune_universal': args.prune_universal},
         'median_seconds': {name: statistics.median(t) for name, t in times.items()},
         'ratio_to_teacher_forward': {name: statistics.median(t) / unit for name, t in times.items()},

@@ -133,7 +133,7 @@ def main(args):
     if args.full_model_dir:
         logger.info(f"pruned {args.full_model_dir}: {args.n_pruning_universal} universal blocks, "
                     f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")
-    optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args, train_loader)
+    optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args)
 
     def train_step(images, labels):
         distill = teacher is not None

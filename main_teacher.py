@@ -38,7 +38,9 @@ def get_args_parser(add_help=True):
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--lr', type=float, default=0.01)
     parser.add_argument('--lr-decay-epochs', type=int, default=8, help='lr x0.1 every this many epochs')
-    parser.add_argument('--momentum', type=float, default=0.9)
+    parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam'],
+                        help="sgd (the paper's) or adam (handy when training from scratch)")
+    parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
     parser.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda, cuda:N')
@@ -128,9 +130,12 @@ def predict(model, loader, device):
     return torch.cat([model(images.to(device))[0].argmax(1).cpu() for images, _ in loader]).tolist()
 
 
-def make_optimizer(param_groups, args, train_loader):
-    """SGD with momentum and step decay (x0.1 every --lr-decay-epochs), stepped per epoch."""
-    optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+def make_optimizer(param_groups, args):
+    """SGD with momentum (or Adam) and step decay (x0.1 every --lr-decay-epochs), stepped per epoch."""
+    if args.optimizer == 'adam':
+        optimizer = torch.optim.Adam(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_epochs, gamma=0.1)
     return optimizer, scheduler
 
@@ -218,7 +223,7 @@ def main(args):
         model.load_state_dict(resume_from['model'])
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"teacher {args.arch} on {args.task} ({num_classes} classes), device {device}")
-    optimizer, scheduler = make_optimizer(model.parameters(), args, train_loader)
+    optimizer, scheduler = make_optimizer(model.parameters(), args)
 
     def train_step(images, labels):
         logits, _ = model(images)
