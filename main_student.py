@@ -37,7 +37,7 @@ def get_args_parser(add_help=True):
                         help='gamma1 (default 0.3; 0 when retraining with --full-model-dir)')
     parser.add_argument('--teacher-coeff', type=float, default=10.0, help='gamma2')
     parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--lr', type=float, default=None, help='default 0.1; 0.01 when retraining (--full-model-dir)')
     parser.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (never on gates)')
     parser.add_argument('--pretrained', default=None,
                         help="universal weights: 'imagenet' (default), a local state-dict file or 'none'; "
@@ -59,9 +59,11 @@ def check_student_args(args):
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:
         args.pretrained = 'imagenet'
-    check_args(args)
     if args.complexity_coeff is None:
         args.complexity_coeff = 0.0 if args.full_model_dir else 0.3
+    if args.lr is None:
+        args.lr = 0.01 if args.full_model_dir else 0.1
+    check_args(args)
     for name in ('complexity_coeff', 'teacher_coeff', 'n_pruning_universal'):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")

@@ -100,7 +100,10 @@ def summary(args):
                  f"over {len(rows)} task(s) (val accuracies; test labels are held by the server), "
                  f"{mean_params / 1e6:.2f} M task parameters and {mean_flops / 1e9:.3f} GFLOPs per task on average")
     if all(submissions):
-        entries = [entry for path in submissions for entry in json.load(open(path))]
+        entries = []
+        for path in submissions:
+            with open(path) as f:
+                entries += json.load(f)
         write_submission(entries, os.path.join(args.model_root, 'results.json'))
         lines.append(f"submission for the evaluation server: {os.path.join(args.model_root, 'results.json')}")
     print('\n'.join(lines))

@@ -57,8 +57,17 @@ def task_runs(args):
 
 
 def run_tasks(args, main):
-    """`main` on every task; a dict task -> its result."""
-    return {task_args.task: main(task_args) for task_args in task_runs(args)}
+    """`main` on every task; a dict task -> its result.  With --task all, finished runs are skipped
+    (--force reruns them)."""
+    results = {}
+    for task_args in task_runs(args):
+        path = main_teacher.checkpoint_path(task_args.model_dir)
+        if (args.task == 'all' and not (args.force or args.evaluate) and os.path.exists(path)
+                and utils.load_checkpoint(path).get('finished')):
+            print(f"{task_args.task}: finished run in {task_args.model_dir}, skipped (--force reruns it)")
+            continue
+        results[task_args.task] = main(task_args)
+    return results
 
 
 def main(args):

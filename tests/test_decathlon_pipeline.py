@@ -1,0 +1,195 @@
+"""End to end on a tiny miniature decathlon: universal blocks pre-trained on imagenet12, teachers and students
+for svhn and dtd (svhn also pruned and retrained), submissions, the summary, and deploy_decathlon.ipynb run
+headless against those runs."""
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import torch
+from jupyter_client.kernelspec import find_kernel_specs
+from nbclient import NotebookClient
+
+import main_student
+import utils
+from decathlon_dataloaders import CATEGORY_BASE, annotation_path
+from main_teacher import checkpoint_path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, 'deploy_decathlon.ipynb')
+TASKS = ('svhn', 'dtd')
+TRAIN = ('--epochs', '1', '--workers', '0', '--input-size', '32')
+
+
+# Runs each command as `python <script> <args>` would (as __main__, arguments in sys.argv), one after the
+# other in a single interpreter, so that torch is imported once; a marker line precedes each command's output.
+MARKER = '=== next command ==='
+RUN_COMMANDS = f"""
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    print({MARKER!r}, flush=True)
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name='__main__')
+    except SystemExit as exit:
+        if exit.code:
+            raise
+"""
+
+
+def run_commands(*commands):
+    """Run (script, *args) commands of the repository in order; returns each one's stdout."""
+    argvs = [[os.path.join(REPO, script), *map(str, args)] for script, *args in commands]
+    # one thread: on two cores busy with other work, two threads made these tiny steps 4-6 times slower
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-c', RUN_COMMANDS, json.dumps(argvs)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    outputs = result.stdout.split(MARKER + '\n')[1:]
+    assert result.returncode == 0, (f"{argvs[len(outputs) - 1]} failed:\n{outputs[-1][-3000:] if outputs else ''}\n"
+                                    f"{result.stderr[-3000:]}")
+    assert len(outputs) == len(commands)
+    return outputs
+
+
+@pytest.fixture(scope='module')
+def decathlon(tmp_path_factory):
+    """The tiny decathlon, trained once: paths and the summary's stdout."""
+    root = tmp_path_factory.mktemp('decathlon')
+    source_data, data, models = root / 'source_data', root / 'data', root / 'models'
+    universal = models / 'universal.pth.tar'
+    outputs = run_commands(
+        ('data/make_synthetic_decathlon.py', '--data-dir', source_data, '--images-per-class', '1',
+         '--tasks', 'imagenet12'),
+        ('data/make_synthetic_decathlon.py', '--data-dir', data, '--images-per-class', '3', '--tasks', *TASKS),
+        ('main_teacher_decathlon.py', '--task', 'imagenet12', '--data-dir', source_data,
+         '--model-root', root / 'source_runs', '--pretrained', 'none', *TRAIN, '--export-backbone', universal),
+        ('main_teacher_decathlon.py', '--task', 'all', '--data-dir', data, '--model-root', models,
+         '--pretrained', universal, *TRAIN),
+        ('main_student_decathlon.py', '--task', 'all', '--data-dir', data, '--model-root', models,
+         '--pretrained', universal, *TRAIN, '--write-submission'),
+        ('main_student_decathlon.py', '--task', 'svhn', '--data-dir', data, '--model-root', models, '--prune',
+         '--n-pruning-universal', '2', '--thr-pruning-proxy', '0.01', '--lr', '0.01', *TRAIN, '--write-submission'),
+        ('main_student_decathlon.py', '--task', 'all', '--data-dir', data, '--model-root', models, '--summary'))
+    return {'data': data, 'models': models, 'universal': universal, 'summary': outputs[-1]}
+
+
+def files_under(folder):
+    """Every file path under folder, sorted."""
+    return sorted(os.path.join(path, name) for path, _, names in os.walk(folder) for name in names)
+
+
+@pytest.fixture(scope='module')
+def executed_notebook(decathlon, tmp_path_factory):
+    """deploy_decathlon.ipynb executed headless on the tiny runs: the notebook and the text its code cells printed."""
+    assert 'python3' in find_kernel_specs(), "no 'python3' Jupyter kernel: install ipykernel in this environment"
+    runtime = tmp_path_factory.mktemp('jupyter')
+    models_before = files_under(decathlon['models'])
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv('NETTAILOR_DATA_DIR', str(decathlon['data']))
+        env.setenv('NETTAILOR_MODEL_ROOT', str(decathlon['models']))
+        env.setenv('NETTAILOR_UNIVERSAL', str(decathlon['universal']))
+        env.setenv('OMP_NUM_THREADS', '1')
+        env.setenv('JUPYTER_RUNTIME_DIR', str(runtime / 'runtime'))
+        env.setenv('IPYTHONDIR', str(runtime / 'ipython'))
+        env.setenv('TMPDIR', str(runtime))  # where the notebook writes the task packs
+        NotebookClient(notebook, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
+    assert files_under(decathlon['models']) == models_before, 'the notebook must only read the runs'
+    text = '\n'.join(output.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
+                     for output in cell.outputs)
+    return {'notebook': notebook, 'text': text}
+
+
+def test_runs_are_finished_and_svhn_is_pruned(decathlon):
+    for task in TASKS:
+        for stage in ('teacher', 'student'):
+            assert utils.load_checkpoint(checkpoint_path(decathlon['models'] / task / stage))['finished']
+    pruned, checkpoint = main_student.load_student(decathlon['models'] / 'svhn' / 'pruned', 'cpu')
+    assert checkpoint['finished']
+    assert pruned.stats()['universal_blocks_kept'] == 10
+    assert not (decathlon['models'] / 'dtd' / 'pruned').exists()
+
+
+def test_summary_lists_both_tasks_the_score_and_a_valid_submission(decathlon):
+    lines = decathlon['summary'].splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.split() and line.split()[0] in TASKS}
+    assert set(rows) == set(TASKS)
+    assert rows['svhn'][-1] == 'pruned' and rows['dtd'][-1] == 'student'
+    assert rows['svhn'][5] == '10/12' and rows['dtd'][5] == '12/12'
+    assert re.search(r'mean accuracy [\d.]+, decathlon score \d+ over 2 task\(s\)', decathlon['summary'])
+    results_path = decathlon['models'] / 'results.json'
+    assert f"submission for the evaluation server: {results_path}" in decathlon['summary']
+
+    with open(results_path) as f:
+        results = json.load(f)
+    task_of_image, categories = {}, {}
+    for task in TASKS:
+        with open(annotation_path(decathlon['data'], task, 'test_stripped')) as f:
+            annotations = json.load(f)
+        task_of_image.update({image['id']: task for image in annotations['images']})
+        categories[task] = {category['id'] for category in annotations['categories']}
+        assert min(categories[task]) == CATEGORY_BASE[task]
+    assert sorted(entry['image_id'] for entry in results) == sorted(task_of_image)
+    for entry in results:
+        assert set(entry) == {'image_id', 'category_id'}
+        assert entry['category_id'] in categories[task_of_image[entry['image_id']]]
+
+
+def test_notebook_is_stored_without_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata.kernelspec.name == 'python3'
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == 'code']
+    assert code_cells and all(cell.outputs == [] and cell.execution_count is None for cell in code_cells)
+
+
+def test_notebook_deploys_every_task_on_the_shared_universal_blocks(decathlon, executed_notebook):
+    text = executed_notebook['text']
+    assert f"Models:            {decathlon['models']} -- chosen by NETTAILOR_MODEL_ROOT" in text
+    universal_params = int(re.search(r'Universal blocks .*: ([\d,]+) parameters', text).group(1).replace(',', ''))
+    assert universal_params == 5_814_176  # Wide ResNet-26 stem and 12 blocks, no final BN or classifier
+    loaded = re.search(r'Loaded universal blocks: layers\.0\.conv1\.weight at data_ptr (0x[0-9a-f]+)', text).group(1)
+    for task, stage in (('svhn', 'pruned'), ('dtd', 'student')):
+        shared = re.search(rf'{task} +\({stage}\): layers\.0\.conv1\.weight at data_ptr (0x[0-9a-f]+); '
+                           r'all \d+ universal tensors shared with the loaded blocks: True', text)
+        assert shared and shared.group(1) == loaded, task
+        assert re.search(rf'== {task} \({stage}\): {10 if task == "svhn" else 12}/12 universal blocks', text)
+
+
+def test_notebook_reports_storage_switch_time_and_accuracy(decathlon, executed_notebook):
+    text = executed_notebook['text']
+    for task in TASKS:
+        run_dir = decathlon['models'] / task / ('pruned' if task == 'svhn' else 'student')
+        student, checkpoint = main_student.load_student(run_dir, 'cpu')
+        pack_bytes = io.BytesIO()
+        torch.save(checkpoint['model'], pack_bytes)
+
+        storage = re.search(rf'{task} +task pack ([\d.]+) MB on disk \(([\d,]+) parameters\) vs ([\d.]+) MB', text)
+        pack_mb, params, finetuned_mb = float(storage.group(1)), int(storage.group(2).replace(',', '')), \
+            float(storage.group(3))
+        assert pack_mb == pytest.approx(pack_bytes.getbuffer().nbytes / 1e6, rel=0.02)
+        assert params == student.stats()['params_task']
+        assert pack_mb < finetuned_mb / 4
+
+        switch = re.search(rf'{task} +task switch \(load pack from disk \+ first forward\): median ([\d.]+) ms '
+                           r'over 5 switches', text)
+        assert switch and 0 < float(switch.group(1)) < 10_000
+
+        accuracy = re.search(rf'{task} +val top-1 accuracy ([\d.]+)% on (\d+) images', text)
+        assert float(accuracy.group(1)) == pytest.approx(checkpoint['accuracy'], abs=0.01)
+        with open(annotation_path(decathlon['data'], task, 'val')) as f:
+            assert int(accuracy.group(2)) == len(json.load(f)['images'])
+    assert re.search(r'loading a fine-tuned Wide ResNet-26 from disk \+ first forward: median [\d.]+ ms', text)
+
+    total = re.search(r'NetTailor, 2 tasks: universal ([\d.]+) MB \+ packs ([\d.]+) MB = ([\d.]+) MB', text)
+    finetuned_total = re.search(r'2 fine-tuned Wide ResNet-26: ([\d.]+) MB', text)
+    assert float(total.group(1)) == pytest.approx(5_814_176 * 4 / 1e6, rel=0.02)
+    assert float(total.group(3)) < float(finetuned_total.group(1))
+    cells = executed_notebook['notebook'].cells
+    images = [output for cell in cells if cell.cell_type == 'code' for output in cell.outputs
+              if 'image/png' in output.get('data', {})]
+    assert len(images) == 1
