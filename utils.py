@@ -39,6 +39,14 @@ def run_cli(main, parser, argv=None):
         sys.exit(1)
 
 
+def run_script(main):
+    """Run a script's `main()`; a UserError becomes `error: <line>` on stderr and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {user_error_line(e)}")
+
+
 def atomic_save(obj, path):
     """torch.save through a temporary file in the same folder, then rename: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -130,7 +130,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as error:
-        sys.exit(f'error: {error}')
+    utils.run_script(main)

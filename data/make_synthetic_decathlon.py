@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 from decathlon_dataloaders import (CATEGORY_BASE, IMAGE_SIZE, MEAN_STD_FILE, annotation_path,  # noqa: E402
                                    decathlon_root)
 from synthetic import SYNTHETIC_TASKS, make_synthetic  # noqa: E402
+import utils  # noqa: E402
 from utils import UserError, atomic_write_json  # noqa: E402
 
 # decathlon task name -> synthetic task stored under that name: three target tasks from easy to hard,
@@ -163,7 +164,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as error:
-        sys.exit(f'error: {error}')
+    utils.run_script(main)
