@@ -3,10 +3,11 @@
 ImageNet weights and the real datasets cannot be downloaded everywhere, so the project ships
 synthetic tasks with the same roles:
 
-- ``synth-source`` plays ImageNet: 100 classes, each a silhouette (10 geometric shapes and 10 bold
-  letters) crossed with a fill (solid, stripes, checker, dots, two-tone gradient), drawn at a random
-  position, scale, rotation, aspect and mirror, in random colours, over a cluttered, noisy
-  background. A network trained on it learns edges, colours, strokes, shapes and textures.
+- ``synth-source`` plays ImageNet: 40 classes, 35 of them objects (10 geometric silhouettes and
+  25 letters that cannot pass for digits, in random stroke weights) with a random fill (solid,
+  gradient, stripes, checker, dots), drawn at a random position, scale, rotation, aspect, slant and
+  mirror, in random colours, over a noisy background with faint clutter; the other 5 are textures
+  filling the image. A network trained on it learns colours, edges, strokes, shapes and textures.
 - ``synth-digits`` (easy, SVHN-like): the centred digit 0-9 in random colours, stroke weights,
   sizes, widths and slants, with distractor digits partly visible at the sides, on a noisy
   background.
@@ -32,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from utils import UserError
 
 SYNTHETIC_TASKS = {
-    'synth-source': 100,
+    'synth-source': 40,
     'synth-digits': 10,
     'synth-textures': 20,
     'synth-shapes': 30,
@@ -55,10 +56,13 @@ _CHUNK = 32
 
 _GEOMETRIC = ('disc', 'ring', 'square', 'frame', 'triangle', 'star', 'cross', 'crescent', 'heart',
               'arrow')
-_LETTERS = ('A', 'E', 'F', 'H', 'K', 'M', 'R', 'T', 'W', 'Y')
+# Letters that cannot pass for digits.
+_GLYPHS = tuple('ACEFHJKLMNPRTUVWXYaefhmrt')
 _DIGITS = tuple('0123456789')
 _WEIGHTS = (0, 1, 2, 3)  # stroke widths of the rendered glyphs, thin to bold
-_SOURCE_FILLS = ('solid', 'stripes', 'checker', 'dots', 'gradient')
+_SOURCE_OBJECTS = _GEOMETRIC + _GLYPHS
+_SOURCE_FILLS = ('solid', 'gradient', 'stripes', 'checker', 'dots')
+_SOURCE_TEXTURES = ('stripes', 'checker', 'dots', 'grid', 'rings')
 _TEXTURE_KINDS = ('stripes', 'grating', 'checker', 'dots', 'grid', 'zigzag', 'waves', 'bricks',
                   'rings', 'blobs')
 _PATTERNS = ('solid', 'gradient') + _TEXTURE_KINDS
@@ -403,7 +407,7 @@ def _templates():
         paint(ImageDraw.Draw(image))
         masks[name] = image
     font = ImageFont.load_default(size=48)
-    for glyph in _LETTERS + _DIGITS:
+    for glyph in _GLYPHS + _DIGITS:
         for weight in _WEIGHTS:
             image = Image.new('L', (2 * size, 2 * size))
             ImageDraw.Draw(image).text((size, size), glyph, font=font, fill=255, anchor='mm',
@@ -443,34 +447,44 @@ def _render_background(p, grid):
 # The tasks: for each, sample(draws, label) -> dict of one image's parameters, and
 # render(batched parameters, grid) -> B x 3 x S x S float images (noise is added afterwards).
 
-_SOURCE_CLUTTER = 4
+_SOURCE_CLUTTER = 2
 
 
 def _sample_source(draws, label):
     names, _ = _templates()
-    silhouette = (_GEOMETRIC + _LETTERS)[label // len(_SOURCE_FILLS)]
-    fill = _SOURCE_FILLS[label % len(_SOURCE_FILLS)]
     p = _gradient_background(draws)
-    clutter_names = _GEOMETRIC + tuple((letter, 1) for letter in _LETTERS)
+    background = [(a + b) / 2 for a, b in zip(*p['background'])]
+    clutter_names = _GEOMETRIC + tuple((glyph, 1) for glyph in _GLYPHS)
     p['clutter'] = [names[clutter_names[draws.integer(len(clutter_names))]] for _ in range(_SOURCE_CLUTTER)]
     p['clutter_centre'] = [draws.uniforms(2, -1.0, 1.0) for _ in range(_SOURCE_CLUTTER)]
-    p['clutter_scale'] = draws.uniforms(_SOURCE_CLUTTER, 0.12, 0.3)
+    p['clutter_scale'] = draws.uniforms(_SOURCE_CLUTTER, 0.12, 0.25)
     p['clutter_angle'] = draws.uniforms(_SOURCE_CLUTTER, 0, 2 * np.pi)
-    shown = draws.integer(_SOURCE_CLUTTER + 1)
-    p['clutter_alpha'] = [draws.uniform(0.3, 0.7) if slot < shown else 0.0 for slot in range(_SOURCE_CLUTTER)]
     p['clutter_colour'] = [draws.colour() for _ in range(_SOURCE_CLUTTER)]
-    glyph = silhouette if silhouette in _GEOMETRIC else (silhouette, 2 + draws.integer(2))
-    p['object'] = names[glyph]
-    p['centre'] = draws.uniforms(2, -0.25, 0.25)
-    p['scale'] = draws.uniform(0.6, 0.9)
-    p['angle'] = draws.uniform(-0.7, 0.7)
+    shown = draws.integer(_SOURCE_CLUTTER + 1)
+    p['clutter_alpha'] = [draws.uniform(0.3, 0.6) if slot < shown else 0.0 for slot in range(_SOURCE_CLUTTER)]
+    if label < len(_SOURCE_OBJECTS):
+        name = _SOURCE_OBJECTS[label]
+        p['object'] = names[name if name in _GEOMETRIC else (name, _WEIGHTS[draws.integer(len(_WEIGHTS))])]
+        p['object_alpha'] = 1.0
+        p['texture_alpha'] = 0.0
+        first = draws.contrasting_colour(background, 0.25)
+        second = draws.contrasting_colour(first, draws.uniform(0.1, 0.25))
+        p.update(_draw_pattern(draws, _SOURCE_FILLS[draws.integer(len(_SOURCE_FILLS))], (0.2, 0.4)))
+    else:
+        p['object'] = 0
+        p['object_alpha'] = 0.0
+        p['texture_alpha'] = 1.0
+        first = draws.colour()
+        second = draws.contrasting_colour(first, draws.uniform(0.2, 0.5))
+        p.update(_draw_pattern(draws, _SOURCE_TEXTURES[label - len(_SOURCE_OBJECTS)], (0.22, 0.7)))
+    p['colours'] = [first, second]
+    p['centre'] = draws.uniforms(2, -0.15, 0.15)
+    p['scale'] = draws.uniform(0.55, 0.85)
+    p['angle'] = draws.uniform(-0.35, 0.35)
     p['aspect'] = math.exp(draws.uniform(-0.2, 0.2))
+    p['shear'] = draws.uniform(-0.2, 0.2)
     p['mirror'] = 1.0 if draws.chance(0.5) else -1.0
-    background = [(a + b) / 2 for a, b in zip(*p['background'])]
-    first = draws.contrasting_colour(background, 0.2)
-    p['colours'] = [first, draws.contrasting_colour(first, 0.35)]
-    p.update(_draw_pattern(draws, fill, (0.2, 0.35)))
-    p['noise'] = draws.uniform(0.0, 0.25)
+    p['noise'] = draws.uniform(0.0, 0.2)
     return p
 
 
@@ -480,11 +494,12 @@ def _render_source(p, grid):
         coverage = _place(p['clutter'][:, slot], p['clutter_centre'][:, slot], p['clutter_scale'][:, slot],
                           p['clutter_angle'][:, slot], grid)
         _paint(image, coverage * _per_image(p['clutter_alpha'][:, slot]), p['clutter_colour'][:, slot])
-    coverage = _place(p['object'], p['centre'], p['scale'], p['angle'], grid, aspect=p['aspect'],
-                      mirror=p['mirror'])
     amount = _patterns(p, grid)[:, None]
     first = p['colours'][:, 0, :, None, None]
-    _paint(image, coverage, first + amount * (p['colours'][:, 1, :, None, None] - first))
+    paint = first + amount * (p['colours'][:, 1, :, None, None] - first)
+    coverage = _place(p['object'], p['centre'], p['scale'], p['angle'], grid, aspect=p['aspect'],
+                      shear=p['shear'], mirror=p['mirror'])
+    _paint(image, coverage * _per_image(p['object_alpha']) + _per_image(p['texture_alpha']), paint)
     return image
 
 
@@ -502,11 +517,11 @@ def _sample_digits(draws, label):
     aspect = math.exp(draws.uniform(-0.25, 0.15))
     angle = draws.uniform(-0.15, 0.15)
     centre = draws.uniforms(2, -0.1, 0.1)
-    gap = draws.uniform(0.1, 0.4) * scale
+    gap = draws.uniform(0.3, 0.6) * scale  # neighbours are cut by the image border
     neighbours = [str(draws.integer(10)) for _ in range(2)]
     # Slots: the labelled digit, then its left and right neighbours (alpha 0 when absent).
     p['glyph'] = [names[(glyph, weight)] for glyph in [str(label)] + neighbours]
-    p['glyph_alpha'] = [1.0] + [1.0 if draws.chance(0.75) else 0.0 for _ in neighbours]
+    p['glyph_alpha'] = [1.0] + [1.0 if draws.chance(0.5) else 0.0 for _ in neighbours]
     p['glyph_centre'] = [centre]
     for side, glyph in zip((-1, 1), neighbours):
         offset = (_half_width((str(label), weight)) + _half_width((glyph, weight))) * scale * aspect + gap
