@@ -21,10 +21,9 @@ from synthetic import SYNTHETIC_TASKS
 ARCH = 'resnet18'
 INPUT_SIZE = 32
 # from scratch, Adam learns the source task far faster than SGD in the few epochs a CPU allows
-SOURCE_RECIPE = dict(batch_size=64, epochs=2, lr=0.002, lr_decay_epochs=1, optimizer='adam', weight_decay=0.0,
-                     train_limit=10000)
+SOURCE_RECIPE = dict(batch_size=64, epochs=2, lr=0.002, lr_decay_epochs=1, optimizer='adam', weight_decay=0.0)
 # The paper's student lr (0.1) diverges here: a briefly pre-trained source network and its fine-tuned
-# teacher differ much more than ImageNet features and theirs, so Omega starts ~10x larger.
+# teacher differ far more than ImageNet features and theirs, so Omega starts ~10x larger.
 RECIPE = dict(teacher=dict(batch_size=64, epochs=3, lr=0.01, lr_decay_epochs=2),
               student=dict(batch_size=64, epochs=3, lr=0.003, lr_decay_epochs=2),
               prune=dict(n_pruning_universal=4, thr_pruning_proxy=0.05),
