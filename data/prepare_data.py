@@ -49,15 +49,19 @@ def fetch(url, target_dir, filename, md5, extract=False):
                         f'into {target_dir}') from error
 
 
-def prepare_svhn(data_dir):
-    """SVHN: `<data_dir>/svhn/{train,test}_32x32.mat`."""
-    target_dir = os.path.join(data_dir, 'svhn')
-    for url, filename, md5 in SVHN_FILES:
+def fetch_unless_present(task, files, target_dir):
+    """Downloads each (url, filename, md5) of `files` into `target_dir` unless a file with that md5 is there."""
+    for url, filename, md5 in files:
         path = os.path.join(target_dir, filename)
         if check_integrity(path, md5):
-            print(f'svhn: {path} already present (md5 ok), nothing to download')
+            print(f'{task}: {path} already present (md5 ok), nothing to download')
         else:
             fetch(url, target_dir, filename, md5)
+
+
+def prepare_svhn(data_dir):
+    """SVHN: `<data_dir>/svhn/{train,test}_32x32.mat`."""
+    fetch_unless_present('svhn', SVHN_FILES, os.path.join(data_dir, 'svhn'))
 
 
 def missing_flowers_image(base_dir):
@@ -73,12 +77,7 @@ def missing_flowers_image(base_dir):
 def prepare_flowers(data_dir):
     """Flowers102: `<data_dir>/flowers-102/{imagelabels.mat,setid.mat,jpg/}`."""
     base_dir = os.path.join(data_dir, 'flowers-102')
-    for url, filename, md5 in FLOWERS_LISTS:
-        path = os.path.join(base_dir, filename)
-        if check_integrity(path, md5):
-            print(f'flowers: {path} already present (md5 ok), nothing to download')
-        else:
-            fetch(url, base_dir, filename, md5)
+    fetch_unless_present('flowers', FLOWERS_LISTS, base_dir)
     if missing_flowers_image(base_dir) is None:
         print(f'flowers: all images already present in {os.path.join(base_dir, "jpg")}, nothing to download')
     else:
