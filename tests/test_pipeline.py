@@ -180,3 +180,19 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
     for key, value in straight['model'].items():
         assert torch.equal(value, resumed['model'][key]), key
     assert [json.loads(line)['epoch'] for line in open(interrupted / 'metrics.jsonl')] == [0, 1, 2]
+
+
+def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_path, capsys):
+    import demo
+    tiny = dict(batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)
+    recipe = dict(teacher=tiny, student=tiny, prune=dict(n_pruning_universal=2, thr_pruning_proxy=0.0), retrain=tiny)
+    args = demo.get_args_parser('synth-digits', model_root=str(tmp_path), arch='resnet18', input_size=32,
+                                pretrained=str(workdir / 'backbone.pth')).parse_args(['--workers', '0',
+                                                                                     '--device', 'cpu'])
+    table = demo.run_demo('synth-digits', recipe, args)
+    assert table['stats']['universal_blocks_kept'] == 6 and 0 < table['flops_removed'] < 1
+    assert 'universal blocks' in capsys.readouterr().out
+    before = (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes()
+    again = demo.run_demo('synth-digits', recipe, args)  # every stage finished: skipped, same table
+    assert again['student_acc'] == table['student_acc']
+    assert (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes() == before
