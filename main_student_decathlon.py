@@ -22,7 +22,6 @@ from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_
                                    write_submission)
 from main_teacher import checkpoint_path, predict
 from main_teacher_decathlon import add_decathlon_args, run_tasks, task_runs
-from nettailor import format_stats
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
 

@@ -28,7 +28,7 @@ from decathlon_dataloaders import (CATEGORY_BASE, IMAGE_SIZE, MEAN_STD_FILE, ann
                                    decathlon_root)
 from synthetic import SYNTHETIC_TASKS, make_synthetic  # noqa: E402
 import utils  # noqa: E402
-from utils import UserError, atomic_write_json  # noqa: E402
+from utils import atomic_write_json  # noqa: E402
 
 # decathlon task name -> synthetic task stored under that name: three target tasks from easy to hard,
 # then the source task that plays ImageNet (the universal network is pre-trained on it)
