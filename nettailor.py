@@ -6,6 +6,8 @@ layer is the universal block, paths 1.. are proxies.  Gates live in one padded (
 `path_alive` marks the paths that exist and survived pruning.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,17 +51,52 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def batch_norm(bn, x, update_stats=True, scale=None):
-    """`bn(x)` with its affine parameters multiplied by `scale` (a gate folded in for free) and,
-    with `update_stats=False`, batch statistics used without touching the running ones."""
+def batch_norm(bn, x, scale=None):
+    """`bn(x)` with its affine parameters multiplied by `scale` (a gate folded in for free)."""
     weight, bias = bn.weight, bn.bias
     if scale is not None:
         weight, bias = weight * scale, bias * scale
-    if bn.training and not update_stats:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
     if bn.training:
         bn.num_batches_tracked.add_(1)
     return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.training, bn.momentum, bn.eps)
+
+
+class _SplitGradient(torch.autograd.Function):
+    """See `split_gradient`. The graph of `fn` is built once in forward and walked twice in backward."""
+
+    @staticmethod
+    def forward(ctx, fn, num_inputs, *tensors):
+        inputs, weights = tensors[:num_inputs], tensors[num_inputs:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            out = fn(*leaves)
+        ctx.graph = out, leaves, weights
+        return out.detach(), out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_local):
+        out, leaves, weights = ctx.graph
+        ctx.graph = None
+        grads = [None] * (len(leaves) + len(weights))
+        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+        if wanted:  # inputs: only the end-to-end gradient
+            for i, g in zip(wanted, torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, retain_graph=True)):
+                grads[i] = g
+        wanted = [i for i, t in enumerate(weights) if t.requires_grad]
+        if wanted:  # weights: both
+            found = torch.autograd.grad(out, [weights[i] for i in wanted], grad_out + grad_local, allow_unused=True)
+            for i, g in zip(wanted, found):
+                grads[len(leaves) + i] = g
+        return (None, None, *grads)
+
+
+def split_gradient(fn, inputs, weights):
+    """(y, y_local) with y = fn(*inputs) computed once; `weights` are tensors fn uses by reference.
+
+    y's gradient reaches `inputs` and `weights`; y_local's reaches only `weights`, exactly as if fn
+    had been re-run on detached inputs, without re-running it.
+    """
+    return _SplitGradient.apply(fn, len(inputs), *inputs, *weights)
 
 
 class Proxy(nn.Module):
@@ -82,13 +119,13 @@ class Proxy(nn.Module):
     def forward(self, x):
         return self.body(self.pool(x))
 
-    def gated_body(self, pooled, gate, update_stats=True):
+    def gated_body(self, pooled, gate):
         """gate * body(pooled), the gate folded into the last BatchNorm."""
         *layers, last_bn = self.body
         x = pooled
         for m in layers:
-            x = batch_norm(m, x, update_stats) if isinstance(m, nn.BatchNorm2d) else m(x)
-        return batch_norm(last_bn, x, update_stats, scale=gate)
+            x = batch_norm(m, x) if isinstance(m, nn.BatchNorm2d) else m(x)
+        return batch_norm(last_bn, x, scale=gate)
 
     def folded_conv(self, gate):
         """(weight, bias) of one 1x1 conv equal to gate * body in eval mode (single-conv proxies)."""
@@ -218,10 +255,9 @@ class NetTailor(nn.Module):
     def forward(self, x, distill=False):
         """Returns (logits, outputs).
 
-        outputs[l] is node l+1 (None once pruned away).  With `distill`, outputs[l] is instead the
-        same value recomputed so that its gradient reaches only layer l's own task-specific
-        parameters (its inputs treated as constants): the universal block output is reused
-        detached (the block is frozen), only the cheap proxies run a second time.
+        outputs[l] is node l+1 (None once pruned away).  With `distill`, outputs[l] has node l+1's
+        value but a gradient that reaches only layer l's own task-specific parameters (its inputs
+        treated as constants), for the per-layer distillation terms; nothing is computed twice.
         In eval mode each layer's proxies run as one convolution with BN and gates folded in.
         """
         gates = self.gates()
@@ -234,24 +270,30 @@ class NetTailor(nn.Module):
                 nodes.append(None)
                 outputs.append(None)
                 continue
-            pooled = {j: self._pooled(nodes, l, j, pool_cache) for j in paths if j > 0}
-            if fold:
-                total = self._folded_proxies(l, pooled, gates[l]) if pooled else 0
+            proxy_paths = [j for j in paths if j > 0]
+            inputs = [self._pooled(nodes, l, j, pool_cache) for j in proxy_paths]
+            if paths[0] == 0:
+                inputs.append(self.backbone.blocks[l].forward_pre_relu(nodes[l]))
+            layer_gates = gates[l]
+            combine = functools.partial(self._combine, l, proxy_paths, layer_gates, fold)
+            if distill:
+                weights = [layer_gates] + [p for j in proxy_paths for p in self.proxies[l][j - 1].parameters()]
+                node, local = split_gradient(combine, inputs, weights)
             else:
-                total = sum(self.proxies[l][j - 1].gated_body(p, gates[l, j]) for j, p in pooled.items())
-            if paths[0] == 0:
-                universal = self.backbone.blocks[l].forward_pre_relu(nodes[l])
-                total = total + gates[l, 0] * universal
-            nodes.append(F.relu(total))
-            if not distill:
-                outputs.append(nodes[-1])
-                continue
-            local = sum(self.proxies[l][j - 1].gated_body(p.detach(), gates[l, j], update_stats=False)
-                        for j, p in pooled.items())
-            if paths[0] == 0:
-                local = local + gates[l, 0] * universal.detach()
-            outputs.append(F.relu(local))
+                node = local = combine(*inputs)
+            nodes.append(node)
+            outputs.append(local)
         return self.backbone.forward_head(nodes[-1]), outputs
+
+    def _combine(self, l, proxy_paths, gates, fold, *inputs):
+        """Node l+1 from the pooled proxy inputs and, last when it is alive, the universal block's output."""
+        if fold:
+            total = self._folded_proxies(l, proxy_paths, inputs, gates) if proxy_paths else 0
+        else:
+            total = sum(self.proxies[l][j - 1].gated_body(p, gates[j]) for j, p in zip(proxy_paths, inputs))
+        if len(inputs) > len(proxy_paths):
+            total = total + gates[0] * inputs[-1]
+        return F.relu(total)
 
     def _pooled(self, nodes, l, j, cache):
         """Proxy j of layer l's input at the target resolution, pooling each (node, stride) once."""
@@ -264,10 +306,10 @@ class NetTailor(nn.Module):
             cache[key] = proxy.pool(nodes[source])
         return cache[key]
 
-    def _folded_proxies(self, l, pooled, gates):
+    def _folded_proxies(self, l, proxy_paths, inputs, gates):
         """Eval mode: sum_j gate_j * proxy_j(x_j) as a single 1x1 convolution over the stacked inputs."""
-        weights, biases = zip(*(self.proxies[l][j - 1].folded_conv(gates[j]) for j in pooled))
-        return F.conv2d(torch.cat(list(pooled.values()), dim=1), torch.cat(weights, dim=1), sum(biases))
+        weights, biases = zip(*(self.proxies[l][j - 1].folded_conv(gates[j]) for j in proxy_paths))
+        return F.conv2d(torch.cat(inputs[:len(proxy_paths)], dim=1), torch.cat(weights, dim=1), sum(biases))
 
     # ----- complexity (METHOD section 5) -----
     def expected_complexity(self):
