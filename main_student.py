@@ -35,7 +35,8 @@ def get_args_parser(add_help=True):
     parser.add_argument('--max-skip', default='3', help="proxies per layer from the k most recent nodes, or 'dense'")
     parser.add_argument('--complexity-coeff', type=float, default=None,
                         help='gamma1 (default 0.3; 0 when retraining with --full-model-dir)')
-    parser.add_argument('--teacher-coeff', type=float, default=10.0, help='gamma2')
+    parser.add_argument('--teacher-coeff', type=float, default=None,
+                        help="gamma2 (default 10; when retraining, the --full-model-dir run's)")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--lr', type=float, default=None, help='default 0.1; 0.01 when retraining (--full-model-dir)')
     parser.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (never on gates)')
@@ -50,6 +51,7 @@ def get_args_parser(add_help=True):
 
 def check_student_args(args):
     args.arch = args.backbone
+    full_args = {}
     if args.full_model_dir and not args.evaluate:
         full_args = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')['args']
         if args.pretrained is None:
@@ -59,6 +61,8 @@ def check_student_args(args):
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:
         args.pretrained = 'imagenet'
+    if args.teacher_coeff is None:
+        args.teacher_coeff = full_args.get('teacher_coeff', 10.0)
     if args.complexity_coeff is None:
         args.complexity_coeff = 0.0 if args.full_model_dir else 0.3
     if args.lr is None:
@@ -135,7 +139,7 @@ def main(args):
     if args.full_model_dir:
         logger.info(f"pruned {args.full_model_dir}: {args.n_pruning_universal} universal blocks, "
                     f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")
-    optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args)
+    optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args, len(train_loader))
 
     def train_step(images, labels):
         distill = teacher is not None

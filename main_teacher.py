@@ -37,9 +37,12 @@ def get_args_parser(add_help=True):
     parser.add_argument('--epochs', type=int, default=20)
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--lr', type=float, default=0.01)
-    parser.add_argument('--lr-decay-epochs', type=int, default=8, help='lr x0.1 every this many epochs')
-    parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam'],
-                        help="sgd (the paper's) or adam (handy when training from scratch)")
+    parser.add_argument('--lr-decay-epochs', type=int, default=8, help="lr x0.1 every this many epochs ('step')")
+    parser.add_argument('--lr-schedule', default='step', choices=['step', 'cosine'],
+                        help="step (the paper's) or cosine (to 0 over the run); both stepped every iteration")
+    parser.add_argument('--warmup-epochs', type=float, default=0.0, help='linear lr warm-up from 0 (may be a fraction)')
+    parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam', 'adamw'],
+                        help="sgd (the paper's), adam or adamw (handy when training from scratch)")
     parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
@@ -57,7 +60,7 @@ def check_args(args):
     for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size'):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ('momentum', 'weight_decay'):
+    for name in ('momentum', 'weight_decay', 'warmup_epochs'):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     for name in ('train_limit', 'test_limit'):
@@ -130,14 +133,26 @@ def predict(model, loader, device):
     return torch.cat([model(images.to(device))[0].argmax(1).cpu() for images, _ in loader]).tolist()
 
 
-def make_optimizer(param_groups, args):
-    """SGD with momentum (or Adam) and step decay (x0.1 every --lr-decay-epochs), stepped per epoch."""
+def make_optimizer(param_groups, args, steps_per_epoch):
+    """The optimizer and its lr schedule (stepped after every iteration): a linear warm-up over
+    --warmup-epochs, then x0.1 every --lr-decay-epochs ('step') or a cosine decay to 0 ('cosine')."""
     if args.optimizer == 'adam':
         optimizer = torch.optim.Adam(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    elif args.optimizer == 'adamw':
+        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_epochs, gamma=0.1)
-    return optimizer, scheduler
+    total = args.epochs * steps_per_epoch
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+
+    def lr_factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.lr_schedule == 'cosine':
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        return 0.1 ** (step // (args.lr_decay_epochs * steps_per_epoch))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
 def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step, model_state,
@@ -163,16 +178,16 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         model.train()
         start = time.time()
         sums, seen = {}, 0
+        lr = optimizer.param_groups[0]['lr']
         for images, labels in utils.progress(train_loader, desc=f'epoch {epoch}'):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             out = train_step(images, labels)
             if not math.isfinite(out['loss']):
                 raise UserError(f"training diverged at epoch {epoch} (loss {out['loss']}); lower --lr")
+            scheduler.step()
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value * (len(labels) if key != 'correct' else 1)
             seen += len(labels)
-        lr = optimizer.param_groups[0]['lr']
-        scheduler.step()
         train_time = time.time() - start
         accuracy = evaluate(model, test_loader, device)
         record = {key: value / seen for key, value in sums.items() if key != 'correct'}
@@ -223,7 +238,7 @@ def main(args):
         model.load_state_dict(resume_from['model'])
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"teacher {args.arch} on {args.task} ({num_classes} classes), device {device}")
-    optimizer, scheduler = make_optimizer(model.parameters(), args)
+    optimizer, scheduler = make_optimizer(model.parameters(), args, len(train_loader))
 
     def train_step(images, labels):
         logits, _ = model(images)

@@ -52,7 +52,7 @@ def pipeline(workdir):
     run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', teacher, '--epochs', 2,
         '--lr', 0.01, '--lr-decay-epochs', 1, '--log2file')
     run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
-        '--model-dir', student, '--epochs', 2, '--lr', 0.01)
+        '--model-dir', student, '--epochs', 2, '--lr', 0.01, '--teacher-coeff', 2)
     run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
         '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,
         '--thr-pruning-proxy', 0.01, '--epochs', 1, '--lr', 0.01)
@@ -68,7 +68,8 @@ def test_pipeline_run_directories(pipeline):
         assert all({'loss', 'train_acc', 'test_acc', 'lr', 'epoch_time'} <= set(r) for r in records)
     assert 'teacher top-1 accuracy' in open(teacher / 'log.txt').read()
     assert json.load(open(student / 'args.json'))['complexity_coeff'] == 0.3
-    assert json.load(open(pruned / 'args.json'))['complexity_coeff'] == 0.0  # retraining: gamma1 = 0
+    retrain_args = json.load(open(pruned / 'args.json'))
+    assert retrain_args['complexity_coeff'] == 0.0 and retrain_args['teacher_coeff'] == 2  # gamma1 0, gamma2 kept
     assert {'complexity', 'omega', 'ce'} <= set(json.loads(open(student / 'metrics.jsonl').readline()))
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
     assert checkpoint['finished'] and not any(k.startswith('backbone.layer') for k in checkpoint['model']['state'])
@@ -160,7 +161,7 @@ def test_missing_dataset_and_corrupt_image(tmp_path):
 
 def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
     args = TINY + ['--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 3, '--lr', 0.01,
-                   '--lr-decay-epochs', 2, '--train-limit', 160, '--seed', 5]
+                   '--lr-schedule', 'cosine', '--warmup-epochs', 0.5, '--train-limit', 160, '--seed', 5]
     run('main_teacher.py', *args, '--model-dir', tmp_path / 'straight')
     interrupted = tmp_path / 'interrupted'
     process = subprocess.Popen([sys.executable, os.path.join(REPO, 'main_teacher.py'), *map(str, args),
@@ -196,3 +197,48 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     again = demo.run_demo('synth-digits', recipe, args)  # every stage finished: skipped, same table
     assert again['student_acc'] == table['student_acc']
     assert (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes() == before
+
+
+def test_lr_schedules_step_every_iteration():
+    from argparse import Namespace
+    from main_teacher import make_optimizer
+
+    def lrs(**overrides):
+        args = Namespace(optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=0.0, epochs=4, lr_decay_epochs=2,
+                         lr_schedule='step', warmup_epochs=0.0)
+        vars(args).update(overrides)
+        optimizer, scheduler = make_optimizer([torch.nn.Parameter(torch.zeros(1))], args, steps_per_epoch=5)
+        seen = []
+        for _ in range(20):
+            seen.append(optimizer.param_groups[0]['lr'])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    assert lrs() == pytest.approx([0.1] * 10 + [0.01] * 10)  # x0.1 every 2 epochs, as the paper's StepLR
+    cosine = lrs(lr_schedule='cosine', warmup_epochs=1.0)
+    assert cosine[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # linear warm-up over one epoch
+    assert cosine[5] == pytest.approx(0.1) and all(a > b for a, b in zip(cosine[5:], cosine[6:]))
+    assert cosine[-1] < 0.002
+
+
+def test_offline_demo_pretrains_and_caches_its_backbone(tmp_path, monkeypatch):
+    """demo_synthetic.py end to end on tiny recipes: source pre-training exported as a torchvision-format
+    backbone file, the target stages on top of it, and the cached backbone reused by a second run."""
+    import demo_synthetic
+    tiny = dict(batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)
+    monkeypatch.setattr(demo_synthetic, 'SOURCE_RECIPE', dict(tiny, optimizer='adam', lr=1e-3))
+    monkeypatch.setattr(demo_synthetic, 'RECIPE', dict(teacher=tiny, student=dict(tiny, teacher_coeff=0.1),
+                                                       prune=dict(n_pruning_universal=1, thr_pruning_proxy=0.0),
+                                                       retrain=tiny))
+    args = demo_synthetic.get_args_parser().parse_args(['--model-root', str(tmp_path), '--device', 'cpu'])
+    table = demo_synthetic.main(args)
+    backbone = torch.load(tmp_path / 'resnet18_synth-source.pth', weights_only=True)
+    assert set(backbone) == {k for k in torchvision.models.resnet18().state_dict() if not k.startswith('fc.')}
+    assert json.load(open(tmp_path / 'synth-digits' / 'student' / 'args.json'))['pretrained'] == \
+        str(tmp_path / 'resnet18_synth-source.pth')
+    assert table['stats']['universal_blocks_kept'] == 7
+    again = demo_synthetic.main(demo_synthetic.get_args_parser().parse_args(['--model-root', str(tmp_path)]))
+    assert again['student_acc'] == table['student_acc']  # nothing retrained: same backbone, runs skipped
+    assert torch.equal(torch.load(tmp_path / 'resnet18_synth-source.pth', weights_only=True)['conv1.weight'],
+                       backbone['conv1.weight'])
