@@ -117,7 +117,14 @@ class Proxy(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.body(self.pool(x))
+        return self.body(self.pooled(x))
+
+    def pooled(self, x):
+        """x max-pooled to the target resolution.  On the CPU the pooling runs in channels-last layout:
+        PyTorch's NCHW max-pool kernel is ~10x slower there (2 ms vs 0.3 ms for 32x64x16x16)."""
+        if self.stride > 1 and x.device.type == 'cpu' and x.is_contiguous():
+            return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self.pool(x)
 
     def gated_body(self, pooled, gate):
         """gate * body(pooled), the gate folded into the last BatchNorm."""
@@ -303,7 +310,7 @@ class NetTailor(nn.Module):
             return nodes[source]
         key = (source, proxy.stride)
         if key not in cache:
-            cache[key] = proxy.pool(nodes[source])
+            cache[key] = proxy.pooled(nodes[source])
         return cache[key]
 
     def _folded_proxies(self, l, proxy_paths, inputs, gates):
