@@ -103,6 +103,7 @@ def test_finished_run_is_not_overwritten(pipeline, workdir):
 @pytest.mark.parametrize('script, flags, message', [
     ('main_teacher.py', ['--lr', '0'], '--lr must be positive'),
     ('main_teacher.py', ['--epochs', '-1'], '--epochs must be positive'),
+    ('main_teacher.py', ['--warmup-epochs', '-1'], '--warmup-epochs must be non-negative'),
     ('main_student.py', ['--max-skip', '0'], '--max-skip must be an integer >= 1'),
     ('main_student.py', ['--thr-pruning-proxy', '1.0'], '--thr-pruning-proxy must be in [0, 1)'),
     ('main_student.py', ['--teacher-coeff', '0', '--max-skip', '12'], '--max-skip must be an integer in [1, 8]'),
