@@ -26,7 +26,7 @@ SOURCE_RECIPE = dict(batch_size=64, epochs=2, lr=0.002, lr_decay_epochs=1, optim
                      train_limit=12000)
 # The paper's student recipe (SGD lr 0.1) with gamma2 = 0.1 instead of 10: features of a briefly pre-trained
 # source network and of its fine-tuned teacher differ far more than ImageNet features do (Omega starts near
-# 11), and gamma2 = 1 already diverges at lr 0.1; gamma1 0.5 pushes a third universal block's gate down.
+# 11), and gamma2 = 1 already diverges at lr 0.1.  gamma1 is 0.5 (the paper: 0.3).
 # Source and target stages train on the first 12000 / 3000 images so that the whole demo fits 10 minutes.
 TARGET = dict(batch_size=64, train_limit=3000)
 RECIPE = dict(teacher=dict(epochs=3, lr=0.01, lr_decay_epochs=2, **TARGET),
