@@ -4,6 +4,7 @@
 blocks whose pre-activation sum can be read (`forward_pre_relu`), and a task-specific head.
 `wide_resnet.py` reuses it for the Visual Decathlon backbone.
 """
+import contextlib
 import os
 
 import torch
@@ -17,6 +18,43 @@ ARCHS = {
     'resnet34': ('basic', (3, 4, 6, 3)),
     'resnet50': ('bottleneck', (3, 4, 6, 3)),
 }
+
+
+_fold_frozen_bn = True
+
+
+@contextlib.contextmanager
+def unfolded():
+    """Within this context `conv_bn` always calls its two modules (for hooks that count layers)."""
+    global _fold_frozen_bn
+    before, _fold_frozen_bn = _fold_frozen_bn, False
+    try:
+        yield
+    finally:
+        _fold_frozen_bn = before
+
+
+def conv_bn(conv, bn, x):
+    """bn(conv(x)).  When both are frozen (BatchNorm in eval mode, no parameter trained, as NetTailor's
+    universal blocks), one convolution with the BatchNorm folded in, refolded only when a tensor changes."""
+    if not _fold_frozen_bn or bn.training or conv.weight.requires_grad or bn.weight.requires_grad:
+        return bn(conv(x))
+    weight, bias = _folded_conv_bn(conv, bn)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _folded_conv_bn(conv, bn):
+    """(weight, bias) of conv followed by eval-mode bn, cached on the conv while its source tensors
+    (identity and in-place version: load_state_dict, .to(), optimizer steps) stay the same."""
+    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = conv.__dict__.get('_folded_bn')
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            cached = key, conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+        conv.__dict__['_folded_bn'] = cached
+    return cached[1:]
 
 
 class BasicBlock(nn.Module):
@@ -35,9 +73,9 @@ class BasicBlock(nn.Module):
                                             nn.BatchNorm2d(planes))
 
     def forward_pre_relu(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        out = F.relu(conv_bn(self.conv1, self.bn1, x))
+        out = conv_bn(self.conv2, self.bn2, out)
+        shortcut = x if self.downsample is None else conv_bn(*self.downsample, x)
         return out + shortcut
 
     def forward(self, x):
@@ -63,10 +101,10 @@ class Bottleneck(nn.Module):
                                             nn.BatchNorm2d(width))
 
     def forward_pre_relu(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        out = F.relu(conv_bn(self.conv1, self.bn1, x))
+        out = F.relu(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, out)
+        shortcut = x if self.downsample is None else conv_bn(*self.downsample, x)
         return out + shortcut
 
     def forward(self, x):
@@ -135,7 +173,7 @@ class ResNet(BlockNet):
                             "offline, pass a local torchvision state dict with --pretrained FILE") from None
 
     def forward_stem(self, x):
-        return self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x)))
 
     def forward_head(self, x):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

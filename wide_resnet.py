@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet import BlockNet
+from resnet import BlockNet, conv_bn
 
 STAGE_CHANNELS = (64, 128, 256)
 BLOCKS_PER_STAGE = 4
@@ -28,7 +28,7 @@ class WideBasicBlock(nn.Module):
         self.extra_channels = out_channels - in_channels
 
     def forward_pre_relu(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
         shortcut = x
         if self.reshape_shortcut:
             shortcut = F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 0, self.extra_channels))
@@ -61,7 +61,7 @@ class WideResNet(BlockNet):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
     def forward_stem(self, x):
-        return F.relu(self.bn1(self.conv1(x)))
+        return F.relu(conv_bn(self.conv1, self.bn1, x))
 
     def forward_head(self, x):
         x = F.relu(self.ends_bn(x))

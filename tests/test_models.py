@@ -80,6 +80,50 @@ def test_resnet34_flops_and_params_in_paper_convention():
     assert student.stats()['params_universal'] == backbone_params
 
 
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'wide_resnet26'])
+def test_frozen_blocks_run_with_batchnorm_folded(arch):
+    torch.manual_seed(0)
+    trained, frozen = create_teacher(arch, 4).eval(), create_teacher(arch, 4).eval()
+    for bn in (m for m in trained.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    frozen.load_state_dict(trained.state_dict())
+    frozen.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    frozen.blocks[1].bn1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        assert torch.allclose(frozen(x)[0], trained(x)[0], rtol=1e-4, atol=1e-5)
+    assert not calls  # folded: the BatchNorm module itself never ran
+    with torch.no_grad():  # new weights are refolded, not served from the cache
+        for bn in (m for m in trained.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.bias.normal_(0, 0.1)
+        frozen.load_state_dict(trained.state_dict())
+        assert torch.allclose(frozen(x)[0], trained(x)[0], rtol=1e-4, atol=1e-5)
+        unfolded_flops = count_flops(trained, lambda: trained(x))
+        assert count_flops(frozen, lambda: frozen(x)) == unfolded_flops  # counted layer by layer
+    trained.train()  # a trained network is never folded
+    calls.clear()
+    trained.blocks[1].bn1.register_forward_hook(lambda *args: calls.append(1))
+    trained(x)
+    assert calls
+
+
+@pytest.mark.parametrize('size', [4, 8, 16])
+def test_pointwise_conv_equals_conv2d(size):
+    x = torch.randn(3, 6, size, size, requires_grad=True)
+    weight = torch.randn(5, 6, 1, 1, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    grad = torch.randn(3, 5, size, size)
+    for b in (None, bias):
+        ours = torch.autograd.grad(nettailor.pointwise_conv(x, weight, b), [x, weight], grad)
+        reference = torch.autograd.grad(F.conv2d(x, weight, b), [x, weight], grad)
+        assert torch.allclose(nettailor.pointwise_conv(x, weight, b), F.conv2d(x, weight, b), atol=1e-5)
+        assert all(torch.allclose(a, r, atol=1e-4) for a, r in zip(ours, reference))
+
+
 def test_universal_blocks_frozen_and_task_parameters_trainable():
     student = tiny_student()
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
