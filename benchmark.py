@@ -4,6 +4,8 @@ Times, on the same batch and machine, interleaved round by round (so machine noi
   teacher forward (eval)         the unit every other time is divided by
   student train step             teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
+  proxy-free train step          the one-pass step of a student whose proxies are all pruned: the floor
+                                 (teacher forward, universal forward, universal input gradients)
   student eval forward           un-pruned student
   pruned eval forward            after removing --prune-universal universal blocks
 
@@ -98,10 +100,13 @@ def main(args):
     pruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     pruned.prune(args.prune_universal, 0.0)
     pruned.eval()
+    proxy_free = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
+    proxy_free.prune(0, 0.999)
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    proxy_free_optimizer = torch.optim.SGD([p for p in proxy_free.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
-        for model in (teacher, student, pruned):
+        for model in (teacher, student, pruned, proxy_free):
             model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -119,6 +124,7 @@ def main(args):
         'teacher forward': lambda: eval_forward(teacher),
         'student train step': lambda: one_pass_step(student.train(), teacher, optimizer, x, y),
         'two-pass train step': lambda: two_pass_step(student.train(), teacher, optimizer, x, y),
+        'proxy-free train step': lambda: one_pass_step(proxy_free, teacher, proxy_free_optimizer, x, y),
         'student eval forward': student_eval,
         'pruned eval forward': lambda: eval_forward(pruned),
     }
