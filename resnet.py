@@ -52,7 +52,8 @@ def _folded_conv_bn(conv, bn):
     if cached is None or cached[0] != key:
         with torch.no_grad():
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            cached = key, conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+            shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+            cached = key, conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
         conv.__dict__['_folded_bn'] = cached
     return cached[1:]
 
