@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet import create_teacher, unfolded
+from resnet import cached_derivation, create_teacher, unfolded
 from utils import UserError, atomic_save
 
 GATE_INIT_UNIVERSAL = 2.0
@@ -158,6 +158,11 @@ class Proxy(nn.Module):
         conv, bn = self.body
         scale = gate * bn.weight / torch.sqrt(bn.running_var + bn.eps)
         return conv.weight * scale[:, None, None, None], gate * bn.bias - scale * bn.running_mean
+
+    def fold_sources(self):
+        """The tensors `folded_conv` reads."""
+        conv, bn = self.body
+        return conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
 def parse_max_skip(max_skip, num_layers):
@@ -333,9 +338,20 @@ class NetTailor(nn.Module):
         return cache[key]
 
     def _folded_proxies(self, l, proxy_paths, inputs, gates):
-        """Eval mode: sum_j gate_j * proxy_j(x_j) as a single 1x1 convolution over the stacked inputs."""
-        weights, biases = zip(*(self.proxies[l][j - 1].folded_conv(gates[j]) for j in proxy_paths))
-        return pointwise_conv(torch.cat(inputs[:len(proxy_paths)], dim=1), torch.cat(weights, dim=1), sum(biases))
+        """Eval mode: sum_j gate_j * proxy_j(x_j) as a single 1x1 convolution over the stacked inputs.
+        Without autograd the folded weights are cached until a gate, proxy weight or statistic changes."""
+        proxies = [self.proxies[l][j - 1] for j in proxy_paths]
+
+        def fold():
+            weights, biases = zip(*(proxy.folded_conv(gates[j]) for j, proxy in zip(proxy_paths, proxies)))
+            return torch.cat(weights, dim=1), sum(biases)
+
+        if torch.is_grad_enabled():
+            weight, bias = fold()
+        else:
+            sources = [self.gate_logits, self.path_alive] + [t for proxy in proxies for t in proxy.fold_sources()]
+            weight, bias = cached_derivation(self.proxies[l], '_folded', sources, fold)
+        return pointwise_conv(torch.cat(inputs[:len(proxy_paths)], dim=1), weight, bias)
 
     # ----- complexity (METHOD section 5) -----
     def expected_complexity(self):

@@ -39,23 +39,28 @@ def conv_bn(conv, bn, x):
     universal blocks), one convolution with the BatchNorm folded in, refolded only when a tensor changes."""
     if not _fold_frozen_bn or bn.training or conv.weight.requires_grad or bn.weight.requires_grad:
         return bn(conv(x))
-    weight, bias = _folded_conv_bn(conv, bn)
+    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    weight, bias = cached_derivation(conv, '_folded_bn', sources, lambda: _fold_bn(conv, bn))
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _folded_conv_bn(conv, bn):
-    """(weight, bias) of conv followed by eval-mode bn, cached on the conv while its source tensors
-    (identity and in-place version: load_state_dict, .to(), optimizer steps) stay the same."""
-    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple((t.data_ptr(), t._version) for t in tensors)
-    cached = conv.__dict__.get('_folded_bn')
+def _fold_bn(conv, bn):
+    """(weight, bias) of one convolution equal to conv followed by eval-mode bn."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
+
+
+def cached_derivation(owner, name, sources, derive):
+    """derive() (run without autograd), cached on `owner` as `name` while the `sources` tensors keep their
+    storage and in-place version (load_state_dict, .to() and optimizer steps all change one of them)."""
+    key = tuple((t.data_ptr(), t._version) for t in sources)
+    cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-            cached = key, conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
-        conv.__dict__['_folded_bn'] = cached
-    return cached[1:]
+            cached = key, derive()
+        owner.__dict__[name] = cached
+    return cached[1]
 
 
 class BasicBlock(nn.Module):

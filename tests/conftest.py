@@ -2,3 +2,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_addoption(parser):
+    parser.addoption('--device', default='cpu',
+                     help="torch's default device for the model tests, e.g. cuda "
+                          "(pytest --device cuda tests/test_models.py tests/test_wide.py); TF32 is turned off "
+                          "so the float32 tolerances hold")
+
+
+def pytest_configure(config):
+    device = config.getoption('--device')
+    if device != 'cpu':
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_default_device(device)

@@ -21,9 +21,9 @@ def tiny_student(max_skip=3, num_classes=5, seed=0):
 
 def randomize_task_state(student, seed=1):
     """Gates, proxies and BN statistics away from their initial values, so tests see real mixing."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(student.gate_logits.device).manual_seed(seed)
     with torch.no_grad():
-        student.gate_logits.copy_(torch.randn(student.gate_logits.shape, generator=g))
+        student.gate_logits.copy_(torch.randn(student.gate_logits.shape, generator=g, device=g.device))
         for proxy_list in student.proxies:
             for m in proxy_list.modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -195,14 +195,33 @@ def test_eval_forward_with_folded_proxies_equals_plain_modules():
     student.prune(num_universal=2, proxy_threshold=0.1)
     student.eval()
     x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        gates = student.gates()
-        nodes = [student.backbone.forward_stem(x)]
-        for l in range(8):
-            nodes.append(reference_layer(student, gates, l, nodes) if student._alive_paths[l] else None)
-        logits, outputs = student(x)
-    assert torch.allclose(logits, student.backbone.forward_head(nodes[-1]), atol=1e-5)
-    assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, nodes[1:]))
+
+    def check():
+        with torch.no_grad():
+            gates = student.gates()
+            nodes = [student.backbone.forward_stem(x)]
+            for l in range(8):
+                nodes.append(reference_layer(student, gates, l, nodes) if student._alive_paths[l] else None)
+            logits, outputs = student(x)
+        assert torch.allclose(logits, student.backbone.forward_head(nodes[-1]), atol=1e-5)
+        assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+                   for a, b in zip(outputs, nodes[1:]))
+
+    check()
+    assert all('_folded' in proxies.__dict__ for l, proxies in enumerate(student.proxies)
+               if len(student._alive_paths[l]) > 1)  # cached without autograd
+    with torch.no_grad():  # changed gates and proxy statistics are refolded, not served from the cache
+        student.gate_logits.add_(torch.randn(student.gate_logits.shape))
+        for m in student.proxies.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.mul_(2.0)
+    check()
+    logits, _ = student(x)  # with autograd the folded weights carry gradients to gates and proxies
+    logits.sum().backward()
+    assert student.gate_logits.grad.abs().sum() > 0
+    alive = [proxy for l, proxies in enumerate(student.proxies) for j, proxy in enumerate(proxies)
+             if student.path_alive[l, j + 1]]
+    assert alive and all(p.grad is not None for proxy in alive for p in proxy.parameters())
 
 
 def test_one_pass_distillation_equals_two_pass_reference():

@@ -19,11 +19,11 @@ def released_weights_file(path, num_classes=1000, seed=0):
     state = {}
     for key, value in shapes.items():
         if key.endswith('num_batches_tracked'):
-            state[key] = torch.tensor(100)
+            state[key] = torch.tensor(100, device='cpu')
         elif key.endswith('running_var'):
-            state[key] = torch.rand(value.shape, generator=generator) + 0.5
+            state[key] = torch.rand(value.shape, generator=generator, device='cpu') + 0.5
         else:
-            state[key] = torch.randn(value.shape, generator=generator) * 0.1
+            state[key] = torch.randn(value.shape, generator=generator, device='cpu') * 0.1
     torch.save({'state_dict': state, 'epoch': 60}, path)
     return state
 
