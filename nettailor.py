@@ -215,6 +215,8 @@ class NetTailor(nn.Module):
         self.register_buffer('path_alive', exists.clone())
         self.register_buffer('path_exists', exists, persistent=False)
         self.register_buffer('path_source', source, persistent=False)
+        leaves = source.flatten() == torch.arange(num_layers).unsqueeze(1)
+        self.register_buffer('path_leaves', leaves, persistent=False)  # (node, flat path): path leaves node
         self.eval()  # batch-of-one probes
         self._measure_costs(shapes)
         self.train()
@@ -291,7 +293,7 @@ class NetTailor(nn.Module):
         treated as constants), for the per-layer distillation terms; nothing is computed twice.
         In eval mode each layer's proxies run as one convolution with BN and gates folded in.
         """
-        gates = self.gates()
+        gate_rows = self.gates().unbind()
         nodes = [self.backbone.forward_stem(x)]
         outputs = []
         fold = not self.training and self.backbone.block_kind == 'basic'
@@ -305,10 +307,11 @@ class NetTailor(nn.Module):
             inputs = [self._pooled(nodes, l, j, pool_cache) for j in proxy_paths]
             if paths[0] == 0:
                 inputs.append(self.backbone.blocks[l].forward_pre_relu(nodes[l]))
-            layer_gates = gates[l]
+            layer_gates = gate_rows[l].unbind()
             combine = functools.partial(self._combine, l, proxy_paths, layer_gates, fold)
             if distill:
-                weights = [layer_gates] + [p for j in proxy_paths for p in self.proxies[l][j - 1].parameters()]
+                weights = [layer_gates[j] for j in paths]
+                weights += [p for j in proxy_paths for p in self.proxies[l][j - 1].parameters()]
                 node, local = split_gradient(combine, inputs, weights)
             else:
                 node = local = combine(*inputs)
@@ -318,12 +321,17 @@ class NetTailor(nn.Module):
 
     def _combine(self, l, proxy_paths, gates, fold, *inputs):
         """Node l+1 from the pooled proxy inputs and, last when it is alive, the universal block's output."""
-        if fold:
-            total = self._folded_proxies(l, proxy_paths, inputs, gates) if proxy_paths else 0
+        if not proxy_paths:
+            total = None
+        elif fold:
+            total = self._folded_proxies(l, proxy_paths, inputs, gates)
         else:
-            total = sum(self.proxies[l][j - 1].gated_body(p, gates[j]) for j, p in zip(proxy_paths, inputs))
+            total = self.proxies[l][proxy_paths[0] - 1].gated_body(inputs[0], gates[proxy_paths[0]])
+            for j, x in zip(proxy_paths[1:], inputs[1:]):
+                total = total + self.proxies[l][j - 1].gated_body(x, gates[j])
         if len(inputs) > len(proxy_paths):
-            total = total + gates[0] * inputs[-1]
+            universal = inputs[-1]
+            total = gates[0] * universal if total is None else torch.addcmul(total, gates[0], universal)
         return F.relu(total)
 
     def _pooled(self, nodes, l, j, cache):
@@ -358,13 +366,10 @@ class NetTailor(nn.Module):
         """E[C] = sum over paths of C(path) * (a - P_in(source node) - P_out(target node))."""
         a = self.gates()
         r = torch.where(self.path_alive, 1 - a, torch.ones_like(a))
-        num_layers = a.shape[0]
-        p_in = torch.cat([a.new_zeros(1), r.prod(dim=1)])
-        p_out = torch.stack([r[self.path_source == node].prod() for node in range(num_layers)]
-                            + [a.new_zeros(())])
-        source = self.path_source.clamp(min=0)
-        target = torch.arange(1, num_layers + 1, device=a.device).unsqueeze(1).expand_as(source)
-        expected = self.path_cost * (a - p_in[source] - p_out[target])
+        p_in = torch.cat([a.new_zeros(1), r.prod(dim=1)])  # per node: no path enters it (node 0: the input)
+        p_out = torch.where(self.path_leaves, r.flatten(), 1).prod(dim=1)  # per node: no path leaves it
+        p_out_target = torch.cat([p_out[1:], a.new_zeros(1)]).unsqueeze(1)  # layer l's target is node l+1; the
+        expected = self.path_cost * (a - p_in[self.path_source.clamp(min=0)] - p_out_target)  # last one exempt
         return (expected * self.path_alive).sum()
 
     # ----- pruning (METHOD section 7) -----
