@@ -14,9 +14,9 @@ from resnet import create_teacher
 from utils import UserError
 
 
-def tiny_student(max_skip=3, num_classes=5, seed=0):
+def tiny_student(max_skip=3, num_classes=5, seed=0, arch='resnet18'):
     torch.manual_seed(seed)
-    return create_student('resnet18', num_classes, max_skip=max_skip, input_size=32)
+    return create_student(arch, num_classes, max_skip=max_skip, input_size=32)
 
 
 def randomize_task_state(student, seed=1):
@@ -224,10 +224,24 @@ def test_eval_forward_with_folded_proxies_equals_plain_modules():
     assert alive and all(p.grad is not None for proxy in alive for p in proxy.parameters())
 
 
-def test_one_pass_distillation_equals_two_pass_reference():
-    student = tiny_student()
+@pytest.fixture
+def float64():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
+def test_one_pass_distillation_equals_two_pass_reference_bottleneck(float64):
+    """Two-conv (bottleneck) proxies, in float64: at 32x32 their 1x1 last maps leave BatchNorm 4 values a
+    channel, which makes float32 gradients of a random network too ill-conditioned to compare."""
+    test_one_pass_distillation_equals_two_pass_reference('resnet50', tol=1e-9)
+
+
+def test_one_pass_distillation_equals_two_pass_reference(arch='resnet18', tol=1e-4):
+    student = tiny_student(arch=arch)
     randomize_task_state(student)
-    teacher = create_teacher('resnet18', 5).eval()
+    teacher = create_teacher(arch, 5).eval()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
     with torch.no_grad():
         t_logits, t_outputs = teacher(x)
@@ -248,12 +262,12 @@ def test_one_pass_distillation_equals_two_pass_reference():
     for name, p in student.named_parameters():
         if p.requires_grad:
             ref_grad = ref_params[name].grad
-            assert (p.grad - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max(), name
+            assert (p.grad - ref_grad).abs().max() <= tol * ref_grad.abs().max(), name
             checked += 1
     assert checked > 20
     # the second pass leaves BN running statistics as one training pass would
     bn = student.proxies[2][0].body[1]
-    fresh = tiny_student()
+    fresh = tiny_student(arch=arch)
     randomize_task_state(fresh)
     fresh.train()
     fresh(x)
