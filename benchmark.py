@@ -1,6 +1,7 @@
 """Speed of NetTailor against a plain teacher forward pass, measured in one run.
 
-Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike):
+Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike;
+ratios are the median of each round's ratio):
   teacher forward (eval)         the unit every other time is divided by
   student train step             teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
@@ -140,7 +141,7 @@ def main(args):
             if round_index >= 2:
                 times[name].append(time.perf_counter() - start)
 
-    unit = statistics.median(times['teacher forward'])
+    unit = times['teacher forward']
     stats_full, stats_pruned = student.stats(), pruned.stats()
     results = {
         'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
@@ -148,16 +149,20 @@ def main(args):
                    'channels_last': args.channels_last,
                    'repeats': args.repeats, 'prune_universal': args.prune_universal},
         'median_seconds': {name: statistics.median(t) for name, t in times.items()},
-        'ratio_to_teacher_forward': {name: statistics.median(t) / unit for name, t in times.items()},
+        # each round's time over the same round's teacher forward, then the median: paired, so that the
+        # host's slow drifts (shared machines) cancel
+        'ratio_to_teacher_forward': {name: statistics.median(a / b for a, b in zip(t, unit))
+                                     for name, t in times.items()},
         'pruned_flops_ratio': stats_pruned['flops'] / stats_full['flops_full'],
     }
     print(f"{args.arch}, max_skip {args.max_skip}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
-          f"{device} ({torch.get_num_threads()} threads), median of {args.repeats} interleaved rounds")
+          f"{device} ({torch.get_num_threads()} threads), median of {args.repeats} interleaved rounds "
+          f"(ratios: median of each round's ratio)")
     for name in cases:
         print(f"  {name:<22} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
-    print(f"  one-pass / two-pass train step: "
-          f"{results['median_seconds']['student train step'] / results['median_seconds']['two-pass train step']:.2f}")
+    paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
+    print(f"  one-pass / two-pass train step: {paired:.2f}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
           f"({stats_pruned['universal_blocks_kept']}/{stats_pruned['universal_blocks_total']} universal blocks)")
     if args.json:
