@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet import cached_derivation, create_teacher, unfolded
+from resnet import cached_derivation, create_teacher, fold_bn, fold_bn_sources, unfolded
 from utils import UserError, atomic_save
 
 GATE_INIT_UNIVERSAL = 2.0
@@ -160,14 +160,8 @@ class Proxy(nn.Module):
 
     def folded_conv(self, gate):
         """(weight, bias) of one 1x1 conv equal to gate * body in eval mode (single-conv proxies)."""
-        conv, bn = self.body
-        scale = gate * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        return conv.weight * scale[:, None, None, None], gate * bn.bias - scale * bn.running_mean
-
-    def fold_sources(self):
-        """The tensors `folded_conv` reads."""
-        conv, bn = self.body
-        return conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+        weight, bias = fold_bn(*self.body)
+        return gate * weight, gate * bias
 
 
 def parse_max_skip(max_skip, num_layers):
@@ -363,7 +357,8 @@ class NetTailor(nn.Module):
         if torch.is_grad_enabled():
             weight, bias = fold()
         else:
-            sources = [self.gate_logits, self.path_alive] + [t for proxy in proxies for t in proxy.fold_sources()]
+            sources = [self.gate_logits, self.path_alive]
+            sources += [t for proxy in proxies for t in fold_bn_sources(*proxy.body)]
             weight, bias = cached_derivation(self.proxies[l], '_folded', sources, fold)
         return pointwise_conv(torch.cat(inputs[:len(proxy_paths)], dim=1), weight, bias)
 
@@ -374,8 +369,9 @@ class NetTailor(nn.Module):
         r = torch.where(self.path_alive, 1 - a, torch.ones_like(a))
         p_in = torch.cat([a.new_zeros(1), r.prod(dim=1)])  # per node: no path enters it (node 0: the input)
         p_out = torch.where(self.path_leaves, r.flatten(), 1).prod(dim=1)  # per node: no path leaves it
-        p_out_target = torch.cat([p_out[1:], a.new_zeros(1)]).unsqueeze(1)  # layer l's target is node l+1; the
-        expected = self.path_cost * (a - p_in[self.path_source.clamp(min=0)] - p_out_target)  # last one exempt
+        # layer l's target is node l+1; the last node (the classifier's input) is exempt
+        p_out_target = torch.cat([p_out[1:], a.new_zeros(1)]).unsqueeze(1)
+        expected = self.path_cost * (a - p_in[self.path_source.clamp(min=0)] - p_out_target)
         return (expected * self.path_alive).sum()
 
     # ----- pruning (METHOD section 7) -----

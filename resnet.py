@@ -39,16 +39,21 @@ def conv_bn(conv, bn, x):
     universal blocks), one convolution with the BatchNorm folded in, refolded only when a tensor changes."""
     if not _fold_frozen_bn or bn.training or conv.weight.requires_grad or bn.weight.requires_grad:
         return bn(conv(x))
-    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    weight, bias = cached_derivation(conv, '_folded_bn', sources, lambda: _fold_bn(conv, bn))
+    weight, bias = cached_derivation(conv, '_folded_bn', fold_bn_sources(conv, bn), lambda: fold_bn(conv, bn))
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _fold_bn(conv, bn):
+def fold_bn(conv, bn):
     """(weight, bias) of one convolution equal to conv followed by eval-mode bn."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
     return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - shift * scale
+
+
+def fold_bn_sources(conv, bn):
+    """The tensors `fold_bn` reads."""
+    convs = (conv.weight,) if conv.bias is None else (conv.weight, conv.bias)
+    return convs + (bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
 def cached_derivation(owner, name, sources, derive):

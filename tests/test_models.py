@@ -9,6 +9,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import nettailor
+import resnet
 from nettailor import NetTailor, count_flops, create_student, distillation_loss
 from resnet import create_teacher
 from utils import UserError
@@ -109,6 +110,21 @@ def test_frozen_blocks_run_with_batchnorm_folded(arch):
     trained.blocks[1].bn1.register_forward_hook(lambda *args: calls.append(1))
     trained(x)
     assert calls
+
+
+def test_conv_bn_folds_and_refolds_a_conv_bias():
+    conv, bn = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    conv.requires_grad_(False)
+    bn.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), atol=1e-5)
+    assert '_folded_bn' in conv.__dict__
+    with torch.no_grad():
+        conv.bias.add_(1.0)
+    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), atol=1e-5)
 
 
 @pytest.mark.parametrize('size', [4, 8, 16])
