@@ -143,7 +143,8 @@ class Proxy(nn.Module):
 
     def gated_body(self, pooled, gate):
         """gate * body(pooled), the gate folded into the last BatchNorm.  On the CPU, maps under 8x8 run as
-        (pixel, channel) matrices: matrix products and 2-D BatchNorm beat the NCHW kernels there by 1.3-2x."""
+        (pixel, channel) matrices: a proxy's forward and backward measured 1.1-1.8x faster that way than
+        with the NCHW kernels (4x4 and 2x2 maps, batch 32)."""
         n, c, h, w = pooled.shape
         as_matrix = pooled.device.type == 'cpu' and h * w < 64
         x = pooled.permute(0, 2, 3, 1).reshape(n * h * w, c) if as_matrix else pooled
