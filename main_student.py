@@ -9,15 +9,18 @@
     python main_student.py --task svhn --model-dir checkpoints/svhn/pruned --evaluate
 
 Checkpoints hold the task pack (proxies, gates, classifier, pruning mask), never the universal
-weights: those come from --pretrained, as the args.json of the run records.
+weights: those come from --pretrained, as the args.json of the run records.  Every run also draws
+the architecture it ends with, gates included, in <model-dir>/architecture.png (figures.py).
 """
 import argparse
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import utils
+from figures import save_architecture
 from main_teacher import (build_loaders, checkpoint_path, check_args, evaluate, fit, get_args_parser as
                           teacher_args_parser, load_teacher, make_optimizer, prepare_run_dir)
 from nettailor import create_student, distillation_loss, format_stats
@@ -165,7 +168,9 @@ def main(args):
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    student.task_pack, resume_from, logger)
     stats = student.stats()
-    logger.info(f"{format_stats(stats)}\nstudent top-1 accuracy {accuracy:.2f}%")
+    figure = os.path.join(args.model_dir, 'architecture.png')
+    save_architecture(stats, figure)
+    logger.info(f"{format_stats(stats)}\nstudent top-1 accuracy {accuracy:.2f}%; tailored architecture drawn in {figure}")
     return {'accuracy': accuracy, 'stats': stats}
 
 

@@ -47,28 +47,30 @@ def run_script(main):
         sys.exit(f"error: {user_error_line(e)}")
 
 
-def atomic_save(obj, path):
-    """torch.save through a temporary file in the same folder, then rename: never a half-written file."""
+def atomic_write(path, write, suffix=''):
+    """`write(tmp)` to a temporary file in path's folder, then a rename: never a half-written `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pth')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=suffix)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
+def atomic_save(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix='.pth')
+
+
 def atomic_write_text(text, path):
-    """Write a text file through a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def atomic_write_json(obj, path):

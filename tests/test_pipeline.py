@@ -73,6 +73,8 @@ def test_pipeline_run_directories(pipeline):
     assert {'complexity', 'omega', 'ce'} <= set(json.loads(open(student / 'metrics.jsonl').readline()))
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
     assert checkpoint['finished'] and not any(k.startswith('backbone.layer') for k in checkpoint['model']['state'])
+    for run_dir in (student, pruned):  # each student run draws the architecture it ends with
+        assert (run_dir / 'architecture.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_evaluate_prints_accuracy_and_tailored_architecture(pipeline):
@@ -193,7 +195,8 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
                                                                                      '--device', 'cpu'])
     table = demo.run_demo('synth-digits', recipe, args)
     assert table['stats']['universal_blocks_kept'] == 6 and 0 < table['flops_removed'] < 1
-    assert 'universal blocks' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'universal blocks' in out and f"The tailored network: {tmp_path / 'pruned' / 'architecture.png'}" in out
     before = (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes()
     again = demo.run_demo('synth-digits', recipe, args)  # every stage finished: skipped, same table
     assert again['student_acc'] == table['student_acc']
