@@ -55,6 +55,9 @@ def atomic_write(path, write, suffix=''):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode open() would give, not mkstemp's owner-only one
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

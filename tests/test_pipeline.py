@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -75,6 +76,10 @@ def test_pipeline_run_directories(pipeline):
     assert checkpoint['finished'] and not any(k.startswith('backbone.layer') for k in checkpoint['model']['state'])
     for run_dir in (student, pruned):  # each student run draws the architecture it ends with
         assert (run_dir / 'architecture.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ('checkpoint.pth', 'args.json', 'metrics.jsonl', 'architecture.png'):  # written atomically,
+        assert stat.S_IMODE(os.stat(student / name).st_mode) == 0o666 & ~umask, name  # with open()'s mode
 
 
 def test_evaluate_prints_accuracy_and_tailored_architecture(pipeline):
