@@ -3,6 +3,7 @@
 Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike;
 ratios are the median of each round's ratio):
   teacher forward (eval)         the unit every other time is divided by
+  teacher train step             a fine-tuning step of the teacher (stage 1): forward, CE, backward, SGD step
   student train step             teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
   proxy-free train step          the one-pass step of a student whose proxies are all pruned: the floor
@@ -23,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from main_teacher import MixedPrecision
 from nettailor import create_student, distillation_loss
 from resnet import create_teacher
 from utils import resolve_device, run_cli
@@ -39,32 +41,39 @@ def get_args_parser():
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for models and inputs')
+    parser.add_argument('--amp', action='store_true',
+                        help='every case under torch.autocast, steps through a GradScaler (as main_*.py --amp)')
     parser.add_argument('--demo', action='store_true',
                         help='instead, time demo_synthetic.py end to end with an empty cache (a temporary folder)')
     parser.add_argument('--json', default=None, help='also write the results to this file')
     return parser
 
 
-def two_pass_step(student, teacher, optimizer, x, y):
+def two_pass_step(student, teacher, optimizer, x, y, precision):
     """The released code's formulation: each layer recomputed on detached inputs."""
     from tests.test_models import reference_two_pass_loss
-    with torch.no_grad():
-        t_logits, t_outputs = teacher(x)
-    loss = reference_two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    with precision.autocast():
+        with torch.no_grad():
+            t_logits, t_outputs = teacher(x)
+        loss = reference_two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0)
+    precision.backward_and_step(loss, optimizer)
 
 
-def one_pass_step(student, teacher, optimizer, x, y):
-    with torch.no_grad():
-        t_logits, t_outputs = teacher(x)
-    logits, local = student(x, distill=True)
-    loss = (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
-            + 10.0 * distillation_loss(logits, local, t_logits, t_outputs))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def fine_tuning_step(model, optimizer, x, y, precision):
+    """A teacher's training step (stage 1), for comparison."""
+    with precision.autocast():
+        loss = F.cross_entropy(model(x)[0], y)
+    precision.backward_and_step(loss, optimizer)
+
+
+def one_pass_step(student, teacher, optimizer, x, y, precision):
+    with precision.autocast():
+        with torch.no_grad():
+            t_logits, t_outputs = teacher(x)
+        logits, local = student(x, distill=True)
+        loss = (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
+                + 10.0 * distillation_loss(logits, local, t_logits, t_outputs))
+    precision.backward_and_step(loss, optimizer)
 
 
 def time_demo():
@@ -103,17 +112,21 @@ def main(args):
     pruned.eval()
     proxy_free = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     proxy_free.prune(0, 0.999)
+    fine_tuned = create_teacher(args.arch, num_classes).to(device)
+    fine_tuning_optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=1e-3, momentum=0.9)
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     proxy_free_optimizer = torch.optim.SGD([p for p in proxy_free.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
-        for model in (teacher, student, pruned, proxy_free):
+        for model in (teacher, fine_tuned, student, pruned, proxy_free):
             model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 
+    precision = MixedPrecision(device, args.amp)
+
     def eval_forward(model):
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast():
             model(x)
 
     def student_eval():
@@ -123,9 +136,10 @@ def main(args):
 
     cases = {
         'teacher forward': lambda: eval_forward(teacher),
-        'student train step': lambda: one_pass_step(student.train(), teacher, optimizer, x, y),
-        'two-pass train step': lambda: two_pass_step(student.train(), teacher, optimizer, x, y),
-        'proxy-free train step': lambda: one_pass_step(proxy_free, teacher, proxy_free_optimizer, x, y),
+        'teacher train step': lambda: fine_tuning_step(fine_tuned, fine_tuning_optimizer, x, y, precision),
+        'student train step': lambda: one_pass_step(student.train(), teacher, optimizer, x, y, precision),
+        'two-pass train step': lambda: two_pass_step(student.train(), teacher, optimizer, x, y, precision),
+        'proxy-free train step': lambda: one_pass_step(proxy_free, teacher, proxy_free_optimizer, x, y, precision),
         'student eval forward': student_eval,
         'pruned eval forward': lambda: eval_forward(pruned),
     }
@@ -146,7 +160,7 @@ def main(args):
     results = {
         'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
                    'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
-                   'channels_last': args.channels_last,
+                   'channels_last': args.channels_last, 'amp': args.amp,
                    'repeats': args.repeats, 'prune_universal': args.prune_universal},
         'median_seconds': {name: statistics.median(t) for name, t in times.items()},
         # each round's time over the same round's teacher forward, then the median: paired, so that the
@@ -156,8 +170,8 @@ def main(args):
         'pruned_flops_ratio': stats_pruned['flops'] / stats_full['flops_full'],
     }
     print(f"{args.arch}, max_skip {args.max_skip}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
-          f"{device} ({torch.get_num_threads()} threads), median of {args.repeats} interleaved rounds "
-          f"(ratios: median of each round's ratio)")
+          f"{device} ({torch.get_num_threads()} threads{', amp' if args.amp else ''}), median of {args.repeats} "
+          f"interleaved rounds (ratios: median of each round's ratio)")
     for name in cases:
         print(f"  {name:<22} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")

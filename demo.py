@@ -39,6 +39,7 @@ def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pret
     parser.add_argument('--pretrained', default=pretrained, help="'imagenet' or a local state-dict file")
     parser.add_argument('--input-size', type=int, default=input_size)
     parser.add_argument('--device', default='auto')
+    parser.add_argument('--amp', action='store_true', help='mixed-precision training in every stage (see main_teacher.py)')
     parser.add_argument('--workers', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--force', action='store_true', help='rerun stages whose runs are finished')
@@ -48,7 +49,7 @@ def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pret
 def stage_args(parser_fn, task, model_dir, demo_args, flags):
     """The argument namespace a stage's script would get on the command line, plus the recipe's flags."""
     args = parser_fn().parse_args(['--task', task, '--model-dir', model_dir])
-    for name in ('data_dir', 'pretrained', 'input_size', 'device', 'workers', 'seed', 'force'):
+    for name in ('data_dir', 'pretrained', 'input_size', 'device', 'amp', 'workers', 'seed', 'force'):
         setattr(args, name, getattr(demo_args, name))
     for name, value in flags.items():
         setattr(args, name, value)

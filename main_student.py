@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import utils
 from figures import save_architecture
-from main_teacher import (build_loaders, checkpoint_path, check_args, evaluate, fit, get_args_parser as
-                          teacher_args_parser, load_teacher, make_optimizer, prepare_run_dir)
+from main_teacher import (MixedPrecision, build_loaders, checkpoint_path, check_args, evaluate, fit,
+                          get_args_parser as teacher_args_parser, load_teacher, make_optimizer, prepare_run_dir)
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
 
@@ -143,30 +143,30 @@ def main(args):
         logger.info(f"pruned {args.full_model_dir}: {args.n_pruning_universal} universal blocks, "
                     f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")
     optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args, len(train_loader))
+    precision = MixedPrecision(device, args.amp)
 
     def train_step(images, labels):
         distill = teacher is not None
-        logits, outputs = student(images, distill=distill)
-        ce = F.cross_entropy(logits, labels)
-        loss, out = ce, {'ce': ce.item()}
-        if args.complexity_coeff > 0:
-            complexity = student.expected_complexity()
-            loss = loss + args.complexity_coeff * complexity
-            out['complexity'] = complexity.item()
-        if distill:
-            with torch.no_grad():
-                teacher_logits, teacher_outputs = teacher(images)
-            omega = distillation_loss(logits, outputs, teacher_logits, teacher_outputs)
-            loss = loss + args.teacher_coeff * omega
-            out['omega'] = omega.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits, outputs = student(images, distill=distill)
+            ce = F.cross_entropy(logits, labels)
+            loss, out = ce, {'ce': ce.item()}
+            if args.complexity_coeff > 0:
+                complexity = student.expected_complexity()
+                loss = loss + args.complexity_coeff * complexity
+                out['complexity'] = complexity.item()
+            if distill:
+                with torch.no_grad():
+                    teacher_logits, teacher_outputs = teacher(images)
+                omega = distillation_loss(logits, outputs, teacher_logits, teacher_outputs)
+                loss = loss + args.teacher_coeff * omega
+                out['omega'] = omega.item()
+        precision.backward_and_step(loss, optimizer)
         out.update(loss=loss.item(), correct=(logits.argmax(1) == labels).sum().item())
         return out
 
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
-                   student.task_pack, resume_from, logger)
+                   student.task_pack, resume_from, logger, precision)
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     save_architecture(stats, figure)

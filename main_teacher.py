@@ -45,6 +45,8 @@ def get_args_parser(add_help=True):
                         help="sgd (the paper's), adam or adamw (handy when training from scratch)")
     parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--amp', action='store_true', help='mixed-precision training (torch.autocast): float16 '
+                        'with gradient scaling on CUDA, bfloat16 on the CPU (fast only on CPUs with bfloat16 units)')
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
     parser.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda, cuda:N')
     parser.add_argument('--seed', type=int, default=0)
@@ -114,6 +116,25 @@ def prepare_run_dir(args):
     return existing if args.resume else None
 
 
+class MixedPrecision:
+    """--amp for a training step: forward and losses under `autocast()`, then `backward_and_step`, whose
+    GradScaler (float16 on CUDA only; bfloat16 needs none) is a plain backward + step when off."""
+
+    def __init__(self, device, enabled):
+        self.device_type, self.enabled = device.type, enabled
+        self.dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and device.type == 'cuda')
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def backward_and_step(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, desc='eval'):
     """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader`."""
@@ -156,18 +177,21 @@ def make_optimizer(param_groups, args, steps_per_epoch):
 
 
 def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step, model_state,
-        resume_from, logger, extra_checkpoint=None):
+        resume_from, logger, precision, extra_checkpoint=None):
     """The epoch loop shared by teacher and student: train, evaluate, log a metrics line, checkpoint.
 
     `train_step(images, labels)` returns a dict of floats (at least 'loss' and 'correct');
     `model_state()` gives what the checkpoint stores of the model.  Resumption restores the model
-    (by the caller), optimizer, schedule and every RNG, so it ends where an uninterrupted run would.
+    (by the caller), optimizer, schedule, gradient scale (`precision`) and every RNG, so it ends where
+    an uninterrupted run would.
     """
     metrics = utils.MetricsLog(os.path.join(args.model_dir, 'metrics.jsonl'))
     start_epoch = 0
     if resume_from is not None:
         optimizer.load_state_dict(resume_from['optimizer'])
         scheduler.load_state_dict(resume_from['scheduler'])
+        if resume_from.get('scaler'):  # empty without --amp
+            precision.scaler.load_state_dict(resume_from['scaler'])
         utils.set_rng_state(resume_from['rng'])
         train_loader.generator.set_state(resume_from['loader_rng'])
         start_epoch = resume_from['epoch'] + 1
@@ -196,7 +220,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         metrics.write(**record)
         logger.info(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         checkpoint = {'model': model_state(), 'optimizer': optimizer.state_dict(),
-                      'scheduler': scheduler.state_dict(), 'epoch': epoch, 'rng': utils.rng_state(),
+                      'scheduler': scheduler.state_dict(), 'scaler': precision.scaler.state_dict(),
+                      'epoch': epoch, 'rng': utils.rng_state(),
                       'loader_rng': train_loader.generator.get_state(), 'args': vars(args),
                       'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
         checkpoint.update(extra_checkpoint or {})
@@ -239,17 +264,17 @@ def main(args):
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"teacher {args.arch} on {args.task} ({num_classes} classes), device {device}")
     optimizer, scheduler = make_optimizer(model.parameters(), args, len(train_loader))
+    precision = MixedPrecision(device, args.amp)
 
     def train_step(images, labels):
-        logits, _ = model(images)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits, _ = model(images)
+            loss = F.cross_entropy(logits, labels)
+        precision.backward_and_step(loss, optimizer)
         return {'loss': loss.item(), 'correct': (logits.argmax(1) == labels).sum().item()}
 
     accuracy = fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step,
-                   model.state_dict, resume_from, logger, extra_checkpoint={'num_classes': num_classes})
+                   model.state_dict, resume_from, logger, precision, extra_checkpoint={'num_classes': num_classes})
     logger.info(f"teacher top-1 accuracy {accuracy:.2f}%")
     return {'accuracy': accuracy}
 

@@ -1,14 +1,18 @@
 """benchmark.py runs end to end on a tiny configuration and reports every case against the unit."""
+import pytest
+
 import benchmark
 
 
-def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys):
+@pytest.mark.parametrize('amp', [False, True])
+def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp):
     args = benchmark.get_args_parser().parse_args(
         ['--arch', 'resnet18', '--batch-size', '2', '--input-size', '32', '--repeats', '1',
-         '--prune-universal', '4', '--json', str(tmp_path / 'speed.json')])
+         '--prune-universal', '4', '--json', str(tmp_path / 'speed.json')] + ['--amp'] * amp)
     results = benchmark.main(args)
     ratios = results['ratio_to_teacher_forward']
-    assert set(ratios) == {'teacher forward', 'student train step', 'two-pass train step',
+    assert results['config']['amp'] == amp
+    assert set(ratios) == {'teacher forward', 'teacher train step', 'student train step', 'two-pass train step',
                            'proxy-free train step', 'student eval forward', 'pruned eval forward'}
     assert ratios['teacher forward'] == 1.0 and all(r > 0 for r in ratios.values())
     assert 0 < results['pruned_flops_ratio'] < 1

@@ -53,7 +53,7 @@ def pipeline(workdir):
     run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', teacher, '--epochs', 2,
         '--lr', 0.01, '--lr-decay-epochs', 1, '--log2file')
     run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
-        '--model-dir', student, '--epochs', 2, '--lr', 0.01, '--teacher-coeff', 2)
+        '--model-dir', student, '--epochs', 2, '--lr', 0.01, '--teacher-coeff', 2, '--amp')  # bfloat16 on the CPU
     run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
         '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,
         '--thr-pruning-proxy', 0.01, '--epochs', 1, '--lr', 0.01)
@@ -68,12 +68,14 @@ def test_pipeline_run_directories(pipeline):
         assert [r['epoch'] for r in records] == list(range(epochs))
         assert all({'loss', 'train_acc', 'test_acc', 'lr', 'epoch_time'} <= set(r) for r in records)
     assert 'teacher top-1 accuracy' in open(teacher / 'log.txt').read()
-    assert json.load(open(student / 'args.json'))['complexity_coeff'] == 0.3
+    student_args = json.load(open(student / 'args.json'))
+    assert student_args['complexity_coeff'] == 0.3 and student_args['amp']
     retrain_args = json.load(open(pruned / 'args.json'))
     assert retrain_args['complexity_coeff'] == 0.0 and retrain_args['teacher_coeff'] == 2  # gamma1 0, gamma2 kept
     assert {'complexity', 'omega', 'ce'} <= set(json.loads(open(student / 'metrics.jsonl').readline()))
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
     assert checkpoint['finished'] and not any(k.startswith('backbone.layer') for k in checkpoint['model']['state'])
+    assert checkpoint['scaler'] == {}  # bfloat16 needs no gradient scaling
     for run_dir in (student, pruned):  # each student run draws the architecture it ends with
         assert (run_dir / 'architecture.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     umask = os.umask(0)
