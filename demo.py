@@ -39,7 +39,7 @@ def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pret
     parser.add_argument('--pretrained', default=pretrained, help="'imagenet' or a local state-dict file")
     parser.add_argument('--input-size', type=int, default=input_size)
     parser.add_argument('--device', default='auto')
-    parser.add_argument('--amp', action='store_true', help='mixed-precision training in every stage (see main_teacher.py)')
+    parser.add_argument('--amp', action='store_true', help='mixed-precision training in every stage (main_teacher.py)')
     parser.add_argument('--workers', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--force', action='store_true', help='rerun stages whose runs are finished')

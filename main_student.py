@@ -170,7 +170,8 @@ def main(args):
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     save_architecture(stats, figure)
-    logger.info(f"{format_stats(stats)}\nstudent top-1 accuracy {accuracy:.2f}%; tailored architecture drawn in {figure}")
+    logger.info(f"{format_stats(stats)}\nstudent top-1 accuracy {accuracy:.2f}%; "
+                f"tailored architecture drawn in {figure}")
     return {'accuracy': accuracy, 'stats': stats}
 
 

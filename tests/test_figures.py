@@ -19,7 +19,8 @@ def test_figure_draws_kept_and_removed_paths_as_stats_says(tmp_path):
     assert len(drawn(figure, 'proxy-removed')) == stats['proxies_total'] - stats['proxies_kept'] > 0
     # kept universal blocks sit between the nodes they join; kept proxies' arcs span source -> target node
     kept_blocks = sorted(row['layer'] for row in stats['layers'] if row['path'] == 'universal' and row['kept'])
-    assert sorted(round(box.get_x() + box.get_width() / 2 + 0.5) for box in drawn(figure, 'universal-kept')) == kept_blocks
+    centres = [box.get_x() + box.get_width() / 2 for box in drawn(figure, 'universal-kept')]
+    assert sorted(round(centre + 0.5) for centre in centres) == kept_blocks
     kept = [row for row in stats['layers'] if row['path'] == 'proxy' and row['kept']]
     spans = sorted((round(arc.center[0] - arc.width / 2), round(arc.center[0] + arc.width / 2))
                    for arc in drawn(figure, 'proxy-kept'))
