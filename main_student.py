@@ -150,19 +150,19 @@ def main(args):
         with precision.autocast():
             logits, outputs = student(images, distill=distill)
             ce = F.cross_entropy(logits, labels)
-            loss, out = ce, {'ce': ce.item()}
+            loss, out = ce, {'ce': ce.detach()}
             if args.complexity_coeff > 0:
                 complexity = student.expected_complexity()
                 loss = loss + args.complexity_coeff * complexity
-                out['complexity'] = complexity.item()
+                out['complexity'] = complexity.detach()
             if distill:
                 with torch.no_grad():
                     teacher_logits, teacher_outputs = teacher(images)
                 omega = distillation_loss(logits, outputs, teacher_logits, teacher_outputs)
                 loss = loss + args.teacher_coeff * omega
-                out['omega'] = omega.item()
+                out['omega'] = omega.detach()
         precision.backward_and_step(loss, optimizer)
-        out.update(loss=loss.item(), correct=(logits.argmax(1) == labels).sum().item())
+        out.update(loss=loss.detach(), correct=(logits.argmax(1) == labels).sum())
         return out
 
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,

@@ -180,7 +180,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         resume_from, logger, precision, extra_checkpoint=None):
     """The epoch loop shared by teacher and student: train, evaluate, log a metrics line, checkpoint.
 
-    `train_step(images, labels)` returns a dict of floats (at least 'loss' and 'correct');
+    `train_step(images, labels)` returns a dict of 0-d tensors (at least 'loss' and 'correct'), read
+    back in one transfer per step;
     `model_state()` gives what the checkpoint stores of the model.  Resumption restores the model
     (by the caller), optimizer, schedule, gradient scale (`precision`) and every RNG, so it ends where
     an uninterrupted run would.
@@ -206,6 +207,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         for images, labels in utils.progress(train_loader, desc=f'epoch {epoch}'):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             out = train_step(images, labels)
+            out = dict(zip(out, torch.stack([value.float() for value in out.values()]).tolist()))
             if not math.isfinite(out['loss']):
                 raise UserError(f"training diverged at epoch {epoch} (loss {out['loss']}); lower --lr")
             scheduler.step()
@@ -271,7 +273,7 @@ def main(args):
             logits, _ = model(images)
             loss = F.cross_entropy(logits, labels)
         precision.backward_and_step(loss, optimizer)
-        return {'loss': loss.item(), 'correct': (logits.argmax(1) == labels).sum().item()}
+        return {'loss': loss.detach(), 'correct': (logits.argmax(1) == labels).sum()}
 
     accuracy = fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    model.state_dict, resume_from, logger, precision, extra_checkpoint={'num_classes': num_classes})
