@@ -54,14 +54,13 @@ def plot_architecture(stats, ax=None, name=None):
 def _universal_box(ax, row):
     left = row['layer'] - 0.8
     if row['kept']:
-        box = Rectangle((left, -0.14), 0.6, 0.28, facecolor=BLOCK_COLOUR, alpha=0.3 + 0.7 * row['gate'],
-                        edgecolor=BLOCK_COLOUR, zorder=3, gid='universal-kept')
+        style = dict(facecolor=BLOCK_COLOUR, alpha=0.3 + 0.7 * row['gate'], edgecolor=BLOCK_COLOUR,
+                     gid='universal-kept')
         ax.text(left + 0.3, 0, f"{row['gate']:.2f}", ha='center', va='center', fontsize=6, zorder=5,
                 color='white' if row['gate'] > 0.5 else 'black')
     else:
-        box = Rectangle((left, -0.14), 0.6, 0.28, facecolor='white', edgecolor=REMOVED_COLOUR,
-                        linestyle='--', zorder=3, gid='universal-removed')
-    ax.add_patch(box)
+        style = dict(facecolor='white', edgecolor=REMOVED_COLOUR, linestyle='--', gid='universal-removed')
+    ax.add_patch(Rectangle((left, -0.14), 0.6, 0.28, zorder=3, **style))
     ax.plot([row['layer'] - 1, row['layer']], [0, 0], color='black' if row['kept'] else REMOVED_COLOUR,
             lw=0.8, zorder=2)
 
@@ -72,13 +71,11 @@ def _proxy_arc(ax, row):
     depth = 0.25 + 0.2 * span
     centre = (row['source'] + row['layer']) / 2
     if row['kept']:
-        arc = Arc((centre, 0), span, 2 * depth, theta1=180, theta2=360, color=PROXY_COLOUR,
-                  lw=0.8 + 3 * row['gate'], zorder=2, gid='proxy-kept')
+        style = dict(color=PROXY_COLOUR, lw=0.8 + 3 * row['gate'], zorder=2, gid='proxy-kept')
         ax.text(centre, -depth - 0.02, f"{row['gate']:.2f}", ha='center', va='top', fontsize=6, color=PROXY_COLOUR)
     else:
-        arc = Arc((centre, 0), span, 2 * depth, theta1=180, theta2=360, color=REMOVED_COLOUR, lw=0.6,
-                  zorder=1, gid='proxy-removed')
-    ax.add_patch(arc)
+        style = dict(color=REMOVED_COLOUR, lw=0.6, zorder=1, gid='proxy-removed')
+    ax.add_patch(Arc((centre, 0), span, 2 * depth, theta1=180, theta2=360, **style))
     return depth + 0.15
 
 
