@@ -113,9 +113,12 @@ def main(args):
     proxy_free = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     proxy_free.prune(0, 0.999)
     fine_tuned = create_teacher(args.arch, num_classes).to(device)
-    fine_tuning_optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=1e-3, momentum=0.9)
-    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    proxy_free_optimizer = torch.optim.SGD([p for p in proxy_free.parameters() if p.requires_grad], lr=1e-3)
+    fused = device.type in ('cpu', 'cuda')  # as main_teacher.make_optimizer
+    fine_tuning_optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=1e-3, momentum=0.9, fused=fused)
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                                fused=fused)
+    proxy_free_optimizer = torch.optim.SGD([p for p in proxy_free.parameters() if p.requires_grad], lr=1e-3,
+                                           momentum=0.9, fused=fused)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
         for model in (teacher, fine_tuned, student, pruned, proxy_free):
