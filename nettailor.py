@@ -320,20 +320,20 @@ class NetTailor(nn.Module):
         return self.backbone.forward_head(nodes[-1]), outputs
 
     def _combine(self, l, proxy_paths, gates, fold, *inputs):
-        """Node l+1 from the pooled proxy inputs and, last when it is alive, the universal block's output."""
+        """Node l+1 from the pooled proxy inputs and, last when it is alive, the universal block's output.
+        The sum is accumulated in place: no backward reads a BatchNorm's or a sum's output."""
+        # nodes stay NCHW, whatever layout the proxies ran in
         total = None
         if proxy_paths and fold:
-            total = self._folded_proxies(l, proxy_paths, inputs, gates)
+            total = self._folded_proxies(l, proxy_paths, inputs, gates).contiguous()
         elif proxy_paths:
-            total = self.proxies[l][proxy_paths[0] - 1].gated_body(inputs[0], gates[proxy_paths[0]])
+            total = self.proxies[l][proxy_paths[0] - 1].gated_body(inputs[0], gates[proxy_paths[0]]).contiguous()
             for j, x in zip(proxy_paths[1:], inputs[1:]):
-                total = total + self.proxies[l][j - 1].gated_body(x, gates[j])
-        if total is not None:
-            total = total.contiguous()  # nodes stay NCHW, whatever layout the proxies ran in
+                total.add_(self.proxies[l][j - 1].gated_body(x, gates[j]))
         if len(inputs) > len(proxy_paths):
             universal = inputs[-1]
-            total = gates[0] * universal if total is None else torch.addcmul(total, gates[0], universal)
-        return F.relu(total)
+            total = gates[0] * universal if total is None else total.addcmul_(gates[0], universal)
+        return total.relu_()
 
     def _pooled(self, nodes, l, j, cache):
         """Proxy j of layer l's input at the target resolution, pooling each (node, stride) once."""
