@@ -127,6 +127,28 @@ def test_conv_bn_folds_and_refolds_a_conv_bias():
     assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), atol=1e-5)
 
 
+@pytest.mark.parametrize('kernel,size', [(3, (1, 1)), (3, (1, 2)), (3, (2, 2)), (3, (2, 3)), (5, (3, 3)), (3, (3, 3))])
+def test_conv_bn_on_maps_smaller_than_the_kernel_is_one_exact_matrix_product(kernel, size):
+    conv, bn = nn.Conv2d(6, 5, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+    conv.requires_grad_(False)
+    bn.requires_grad_(False)
+    x = torch.randn(4, 6, *size, dtype=torch.float64, requires_grad=True)
+    conv.double(), bn.double()
+    grad = torch.randn(4, 5, *size, dtype=torch.float64)
+    out, expected = resnet.conv_bn(conv, bn, x), bn(conv(x))
+    assert torch.allclose(out, expected)
+    assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+    dense = f'_dense_{size[0]}x{size[1]}' in conv.__dict__
+    assert dense == (size[0] * size[1] < kernel * kernel)
+    with torch.no_grad():
+        bn.running_var.mul_(3.0)  # a changed statistic rebuilds the matrix
+    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)))
+
+
 @pytest.mark.parametrize('size', [4, 8, 16])
 def test_pointwise_conv_equals_conv2d(size):
     x = torch.randn(3, 6, size, size, requires_grad=True)
