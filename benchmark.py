@@ -2,7 +2,9 @@
 
 Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike;
 ratios are the median of each round's ratio):
-  teacher forward (eval)         the unit every other time is divided by
+  teacher forward (eval)         the unit every other time is divided by: a plain forward (trainable weights)
+  frozen teacher forward         the same with its weights frozen, as NetTailor's universal blocks run (BatchNorm
+                                 folded, small maps as matrix products: resnet.conv_bn)
   teacher train step             a fine-tuning step of the teacher (stage 1): forward, CE, backward, SGD step
   student train step             teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
@@ -106,6 +108,7 @@ def main(args):
     torch.manual_seed(0)
     num_classes = 10
     teacher = create_teacher(args.arch, num_classes).to(device).eval()
+    frozen_teacher = create_teacher(args.arch, num_classes).to(device).eval().requires_grad_(False)
     student = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     pruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     pruned.prune(args.prune_universal, 0.0)
@@ -121,7 +124,7 @@ def main(args):
                                            momentum=0.9, fused=fused)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
-        for model in (teacher, fine_tuned, student, pruned, proxy_free):
+        for model in (teacher, frozen_teacher, fine_tuned, student, pruned, proxy_free):
             model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -139,6 +142,7 @@ def main(args):
 
     cases = {
         'teacher forward': lambda: eval_forward(teacher),
+        'frozen teacher forward': lambda: eval_forward(frozen_teacher),
         'teacher train step': lambda: fine_tuning_step(fine_tuned, fine_tuning_optimizer, x, y, precision),
         'student train step': lambda: one_pass_step(student.train(), teacher, optimizer, x, y, precision),
         'two-pass train step': lambda: two_pass_step(student.train(), teacher, optimizer, x, y, precision),
@@ -180,6 +184,8 @@ def main(args):
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
     paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
     print(f"  one-pass / two-pass train step: {paired:.2f}")
+    frozen = statistics.median(a / b for a, b in zip(times['student train step'], times['frozen teacher forward']))
+    print(f"  student train step / frozen teacher forward: {frozen:.2f}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
           f"({stats_pruned['universal_blocks_kept']}/{stats_pruned['universal_blocks_total']} universal blocks)")
     if args.json:

@@ -12,8 +12,9 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp):
     results = benchmark.main(args)
     ratios = results['ratio_to_teacher_forward']
     assert results['config']['amp'] == amp
-    assert set(ratios) == {'teacher forward', 'teacher train step', 'student train step', 'two-pass train step',
-                           'proxy-free train step', 'student eval forward', 'pruned eval forward'}
+    assert set(ratios) == {'teacher forward', 'frozen teacher forward', 'teacher train step', 'student train step',
+                           'two-pass train step', 'proxy-free train step', 'student eval forward',
+                           'pruned eval forward'}
     assert ratios['teacher forward'] == 1.0 and all(r > 0 for r in ratios.values())
     assert 0 < results['pruned_flops_ratio'] < 1
     assert 'one-pass / two-pass' in capsys.readouterr().out
