@@ -273,10 +273,16 @@ class NetTailor(nn.Module):
         self._alive_paths = [[j for j, on in enumerate(row) if on] for row in alive]
 
     def train(self, mode=True):
-        """Universal blocks stay in eval mode: their BN statistics are shared by all tasks."""
+        """Universal blocks stay in eval mode: their BN statistics are shared by all tasks.
+
+        Also drops the proxies' folded eval-mode weights: the cache notices in-place updates by their
+        tensors' version counters, and fused optimizers (`torch.optim.SGD(..., fused=True)`, as
+        main_teacher.make_optimizer builds them) update weights without bumping them."""
         super().train(mode)
         for m in self.universal_modules():
             m.eval()
+        for layer in self.proxies:
+            layer.__dict__.pop('_folded', None)
         return self
 
     # ----- forward -----

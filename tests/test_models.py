@@ -1,4 +1,5 @@
 """Teachers, the NetTailor student, complexity, distillation, pruning and task packs (METHOD 3-7)."""
+import argparse
 import copy
 
 import pytest
@@ -260,6 +261,31 @@ def test_eval_forward_with_folded_proxies_equals_plain_modules():
     alive = [proxy for l, proxies in enumerate(student.proxies) for j, proxy in enumerate(proxies)
              if student.path_alive[l, j + 1]]
     assert alive and all(p.grad is not None for proxy in alive for p in proxy.parameters())
+
+
+def test_eval_after_fused_optimizer_steps_folds_the_new_weights():
+    """Fused optimizers update weights without bumping their version counters, which key the fold cache."""
+    from main_student import param_groups
+    from main_teacher import make_optimizer
+    student = tiny_student()
+    randomize_task_state(student)
+    x = torch.randn(3, 3, 32, 32)
+    student.eval()
+    with torch.no_grad():
+        before = student(x)[0]  # caches the folded proxies
+    args = argparse.Namespace(optimizer='sgd', lr=0.5, momentum=0.9, weight_decay=0.0, epochs=1, warmup_epochs=0,
+                              lr_schedule='step', lr_decay_epochs=1)
+    optimizer, _ = make_optimizer(param_groups(student, 0.0), args, steps_per_epoch=1)
+    assert optimizer.defaults['fused']
+    student.train()
+    F.cross_entropy(student(x)[0], torch.tensor([0, 1, 2])).backward()
+    optimizer.step()
+    student.eval()
+    with torch.no_grad():
+        after = student(x)[0]
+    refolded = student(x)[0].detach()  # with autograd the proxies are folded afresh, never cached
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert torch.allclose(after, refolded, atol=1e-5)
 
 
 @pytest.fixture
