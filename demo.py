@@ -3,6 +3,7 @@
 demo_svhn.py, demo_flowers.py, demo_voc12.py and demo_synthetic.py call `run_demo` with a recipe
 (METHOD.md section 8): each stage runs main_teacher.main / main_student.main with the recipe's
 flags; a stage whose run is finished is skipped unless --force; a failed stage stops the demo.
+A recipe's `n_pruning_universal` is one k (the released demos) or several, tried as METHOD step 5 says.
 """
 import argparse
 import os
@@ -14,6 +15,7 @@ import main_teacher
 import utils
 from main_teacher import checkpoint_path
 
+ACCURACY_TOLERANCE = 0.5  # METHOD step 5: the leanest pruning whose accuracy is within this many points of the teacher
 RECIPES = {  # METHOD.md section 8: ResNet34, 224 px, SGD momentum 0.9, weight decay 5e-4
     'svhn': dict(teacher=dict(batch_size=64, epochs=20, lr=0.01, lr_decay_epochs=8),
                  student=dict(batch_size=32, epochs=20, lr=0.1, lr_decay_epochs=8),
@@ -82,12 +84,32 @@ def run_demo(task, recipe, demo_args):
     student = stage_args(main_student.get_args_parser, task, student_dir, demo_args,
                          dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir), **recipe['student']))
     run_stage('student', main_student.main, student, logger)
-    pruned = stage_args(main_student.get_args_parser, task, pruned_dir, demo_args,
+    candidates = recipe['prune']['n_pruning_universal']
+    candidates = [candidates] if isinstance(candidates, int) else sorted(candidates, reverse=True)
+    # METHOD step 5: the most blocks removed first, until a retrained network is within ACCURACY_TOLERANCE
+    # points of the teacher; if none is, the most accurate one
+    good_enough = utils.load_checkpoint(checkpoint_path(teacher_dir))['accuracy'] - ACCURACY_TOLERANCE
+    accuracies = {}
+    for k in candidates:
+        run_dir = pruned_dir if len(candidates) == 1 else f'{pruned_dir}-k{k}'
+        prune_and_retrain(task, recipe, demo_args, teacher_dir, student_dir, run_dir, k, logger)
+        accuracies[run_dir] = utils.load_checkpoint(checkpoint_path(run_dir))['accuracy']
+        logger.info(f"pruning {k} universal blocks: {accuracies[run_dir]:.2f}% after retraining "
+                    f"({'within' if accuracies[run_dir] >= good_enough else 'not within'} "
+                    f"{ACCURACY_TOLERANCE} points of the teacher)")
+        if accuracies[run_dir] >= good_enough:
+            return final_table(teacher_dir, run_dir)
+    return final_table(teacher_dir, max(accuracies, key=accuracies.get))
+
+
+def prune_and_retrain(task, recipe, demo_args, teacher_dir, student_dir, run_dir, num_universal, logger):
+    """Prune `num_universal` universal blocks (and the recipe's proxies) of the student, retrain into `run_dir`."""
+    flags = dict(recipe['prune'], n_pruning_universal=num_universal, **recipe['retrain'])
+    pruned = stage_args(main_student.get_args_parser, task, run_dir, demo_args,
                         dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir),
-                             full_model_dir=student_dir, **recipe['prune'], **recipe['retrain']))
+                             full_model_dir=student_dir, **flags))
     pruned.pretrained = None  # the universal weights the full student was trained on
-    run_stage('prune + retrain', main_student.main, pruned, logger)
-    return final_table(teacher_dir, pruned_dir)
+    run_stage(f'prune {num_universal} universal blocks + retrain', main_student.main, pruned, logger)
 
 
 def final_table(teacher_dir, pruned_dir):

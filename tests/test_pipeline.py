@@ -210,6 +210,29 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     assert (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes() == before
 
 
+@pytest.mark.parametrize('tolerance', [1000.0, -1000.0])
+def test_demo_tries_pruning_levels_until_one_is_within_tolerance(workdir, tmp_path, monkeypatch, tolerance):
+    """METHOD step 5: k = 2 first; kept if within the tolerance of the teacher, else k = 1 too, then the best."""
+    import demo
+    monkeypatch.setattr(demo, 'ACCURACY_TOLERANCE', tolerance)
+    tiny = dict(batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)
+    recipe = dict(teacher=tiny, student=tiny, prune=dict(n_pruning_universal=(1, 2), thr_pruning_proxy=0.0),
+                  retrain=tiny)
+    args = demo.get_args_parser('synth-digits', model_root=str(tmp_path), arch='resnet18', input_size=32,
+                                pretrained=str(workdir / 'backbone.pth')).parse_args(['--workers', '0',
+                                                                                     '--device', 'cpu'])
+    table = demo.run_demo('synth-digits', recipe, args)
+    runs = {k: tmp_path / f'pruned-k{k}' for k in (1, 2)}
+    if tolerance > 0:
+        assert (runs[2] / 'checkpoint.pth').exists() and not runs[1].exists()
+        assert table['stats']['universal_blocks_kept'] == 6
+    else:
+        accuracies = {k: torch.load(run / 'checkpoint.pth', weights_only=False)['accuracy'] for k, run in runs.items()}
+        best = max((2, 1), key=accuracies.get)  # on a tie the leaner network
+        assert table['student_acc'] == accuracies[best]
+        assert table['stats']['universal_blocks_kept'] == 8 - best
+
+
 def test_lr_schedules_step_every_iteration():
     from argparse import Namespace
     from main_teacher import make_optimizer
