@@ -1,6 +1,6 @@
 """The offline NetTailor demo: the whole procedure on procedural tasks, on a CPU, with no downloads.
 
-    python demo_synthetic.py                       # synth-digits (easy), 9 to 11 minutes on 2 cores
+    python demo_synthetic.py                       # synth-digits (easy), 8 to 11 minutes on 2 cores
     python demo_synthetic.py --task synth-shapes   # a harder target
 
 ImageNet weights and the real datasets need internet access, so the demo makes its own stand-ins
