@@ -328,8 +328,7 @@ class NetTailor(nn.Module):
     def _combine(self, l, proxy_paths, gates, fold, *inputs):
         """Node l+1 from the pooled proxy inputs and, last when it is alive, the universal block's output.
         The sum is accumulated in place: no backward reads a BatchNorm's or a sum's output."""
-        # nodes stay NCHW, whatever layout the proxies ran in
-        total = None
+        total = None  # made contiguous: nodes stay NCHW, whatever layout the proxies ran in
         if proxy_paths and fold:
             total = self._folded_proxies(l, proxy_paths, inputs, gates).contiguous()
         elif proxy_paths:

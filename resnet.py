@@ -43,11 +43,12 @@ def conv_bn(conv, bn, x):
     sources = fold_bn_sources(conv, bn)
     weight, bias = cached_derivation(conv, '_folded_bn', sources, lambda: fold_bn(conv, bn))
     n, _, h, w = x.shape
-    if x.device.type == 'cpu' and h * w < conv.kernel_size[0] * conv.kernel_size[1] and conv.stride == (1, 1) \
-            and conv.dilation == (1, 1) and conv.groups == 1 and 2 * conv.padding[0] + 1 == conv.kernel_size[0] \
-            and 2 * conv.padding[1] + 1 == conv.kernel_size[1]:
-        matrix, dense_bias = cached_derivation(conv, f'_dense_{h}x{w}', sources,
-                                               lambda: (dense_conv_matrix(weight, h, w).t(), bias.repeat_interleave(h * w)))
+    kh, kw = conv.kernel_size
+    same_size = conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and kh % 2 and kw % 2 \
+        and conv.padding == (kh // 2, kw // 2)
+    if x.device.type == 'cpu' and same_size and h * w < kh * kw:
+        matrix, dense_bias = cached_derivation(
+            conv, f'_dense_{h}x{w}', sources, lambda: (dense_conv_matrix(weight, h, w).t(), bias.repeat_interleave(h * w)))
         return torch.addmm(dense_bias, x.flatten(1), matrix).view(n, -1, h, w)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
