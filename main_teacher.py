@@ -154,14 +154,17 @@ def predict(model, loader, device):
     return torch.cat([model(images.to(device))[0].argmax(1).cpu() for images, _ in loader]).tolist()
 
 
+def fused_available(params):
+    """Whether PyTorch has fused (one kernel per step) optimizers for `params`' devices: 2.5x faster than the
+    per-tensor loop for a student's 2.8 M parameters on a 2-core CPU."""
+    return all(p.device.type in ('cpu', 'cuda') for p in params)
+
+
 def make_optimizer(param_groups, args, steps_per_epoch):
     """The optimizer and its lr schedule (stepped after every iteration): a linear warm-up over
     --warmup-epochs, then x0.1 every --lr-decay-epochs ('step') or a cosine decay to 0 ('cosine')."""
     param_groups = list(param_groups)
-    params = [p for g in param_groups for p in (g['params'] if isinstance(g, dict) else [g])]
-    # one kernel per step over all parameters where PyTorch has it (2.5x faster than the per-tensor loop for
-    # a student's 2.8 M parameters on a 2-core CPU)
-    fused = all(p.device.type in ('cpu', 'cuda') for p in params)
+    fused = fused_available([p for g in param_groups for p in (g['params'] if isinstance(g, dict) else [g])])
     if args.optimizer == 'adam':
         optimizer = torch.optim.Adam(param_groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     elif args.optimizer == 'adamw':
