@@ -5,6 +5,7 @@ blocks whose pre-activation sum can be read (`forward_pre_relu`), and a task-spe
 `wide_resnet.py` reuses it for the Visual Decathlon backbone.
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -37,7 +38,8 @@ def unfolded():
 def conv_bn(conv, bn, x):
     """bn(conv(x)).  When both are frozen (BatchNorm in eval mode, no parameter trained, as NetTailor's
     universal blocks), one convolution with the BatchNorm folded in, refolded only when a tensor changes;
-    on the CPU, over maps smaller than its kernel, one matrix product (`dense_conv_matrix`)."""
+    on the CPU, over maps smaller than its kernel, one matrix product (`dense_conv_matrix`), and 3x3 ones over
+    small maps as Winograd F(4x4, 3x3) (`winograd_conv3x3`) where that pays."""
     if not _fold_frozen_bn or bn.training or conv.weight.requires_grad or bn.weight.requires_grad:
         return bn(conv(x))
     sources = fold_bn_sources(conv, bn)
@@ -50,6 +52,12 @@ def conv_bn(conv, bn, x):
         matrix, dense_bias = cached_derivation(
             conv, f'_dense_{h}x{w}', sources, lambda: (dense_conv_matrix(weight, h, w).t(), bias.repeat_interleave(h * w)))
         return torch.addmm(dense_bias, x.flatten(1), matrix).view(n, -1, h, w)
+    # Winograd's transforms amplify rounding (bfloat16: 10% error, against 0.3% for the direct convolution)
+    precise = x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled('cpu')
+    if x.device.type == 'cpu' and same_size and (kh, kw) == (3, 3) and precise \
+            and winograd_pays(h, w, conv.in_channels, conv.out_channels):
+        filters = cached_derivation(conv, '_winograd', sources, lambda: winograd_filters(weight))
+        return winograd_conv3x3(x, filters, bias)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -69,6 +77,70 @@ def dense_conv_matrix(weight, h, w):
                     if 0 <= dy < kh and 0 <= dx < kw:
                         matrix[:, y_out, x_out, :, y_in, x_in] = weight[:, :, dy, dx]
     return matrix.reshape(c_out * h * w, c_in * h * w)
+
+
+# Winograd F(4x4, 3x3) (Lavin & Gray, CVPR 2016): a 4x4 output tile from a 6x6 input tile in 36 products
+# instead of 144.  Y = A^T [(G g G^T) * (B^T d B)] A for filter g and input tile d.
+WINOGRAD_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+               (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+              (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+
+
+def winograd_pays(h, w, c_in, c_out):
+    """Whether `winograd_conv3x3` beats oneDNN's direct 3x3 convolution on the CPU over h x w maps.  Measured (2
+    cores, batch 32, forward): 1.3-2.5x faster at 4x4 maps (64-512 channels) and 8x8 ones (128-512), 1.1-1.9x at
+    7x7 (128-512); slower
+    or even where the tiles are mostly padding (3x3, 5x5, 6x6 maps) or its dense tile transforms, which run
+    memory-bound, outweigh the products saved (8x8 with 64 channels, 14x14 and larger)."""
+    tiles = -(-h // 4) * -(-w // 4)
+    transforms = 36 * tiles * h * w * (c_in + c_out)
+    saved = (9 * h * w - 36 * tiles) * c_in * c_out
+    return h * w >= 12 * tiles and transforms < 0.4 * saved
+
+
+def winograd_filters(weight):
+    """The (36, C_in, C_out) Winograd-domain filters G g G^T of a 3x3 `weight` (computed in float64)."""
+    g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    filters = g @ weight.double() @ g.t()  # (C_out, C_in, 6, 6)
+    return filters.flatten(2).permute(2, 1, 0).to(weight.dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def winograd_transforms(h, w, dtype, device):
+    """(to_tiles, from_tiles): the (36*T, h*w) matrix taking an h x w map, zero-padded by one, to the Winograd
+    domain of its T 4x4 output tiles (rows ordered position, tile) and the (h*w, 36*T) one taking it back."""
+    def one_axis(size):
+        tiles = -(-size // 4)
+        bt, at = torch.tensor(WINOGRAD_BT, dtype=torch.float64), torch.tensor(WINOGRAD_AT, dtype=torch.float64)
+        to_tiles = torch.zeros(6, tiles, size, dtype=torch.float64)  # input pixel 4t + k - 1 is tap k of tile t
+        from_tiles = torch.zeros(size, 6, tiles, dtype=torch.float64)  # output pixel 4t + k is row k of tile t
+        for t in range(tiles):
+            for k in range(6):
+                if 0 <= 4 * t + k - 1 < size:
+                    to_tiles[:, t, 4 * t + k - 1] = bt[:, k]
+            for k in range(4):
+                if 4 * t + k < size:
+                    from_tiles[4 * t + k, :, t] = at[k]
+        return to_tiles, from_tiles
+
+    (to_h, from_h), (to_w, from_w) = one_axis(h), one_axis(w)
+    to_tiles = torch.einsum('aty,bsx->abtsyx', to_h, to_w).reshape(-1, h * w)
+    from_tiles = torch.einsum('yat,xbs->yxabts', from_h, from_w).reshape(h * w, -1)
+    return to_tiles.to(dtype=dtype, device=device), from_tiles.to(dtype=dtype, device=device)
+
+
+def winograd_conv3x3(x, filters, bias):
+    """F.conv2d(x, weight, bias, padding=1) for `filters = winograd_filters(weight)`, as three matrix products:
+    pixels to tiles, one product per Winograd position, tiles to pixels.  Relative error ~1e-5 in float32.
+    The result is laid out (h, w, n, c) in memory (NCHW shape): a following one reads it without a copy."""
+    n, c, h, w = x.shape
+    to_tiles, from_tiles = winograd_transforms(h, w, x.dtype, x.device)
+    tiles = to_tiles @ x.permute(2, 3, 0, 1).reshape(h * w, n * c)  # (36*T, n*c)
+    products = torch.bmm(tiles.view(36, -1, c), filters)  # (36, T*n, C_out)
+    out = torch.addmm(bias.repeat(n), from_tiles, products.view(-1, n * filters.shape[2]))
+    return out.view(h, w, n, -1).permute(2, 3, 0, 1)
 
 
 def fold_bn(conv, bn):

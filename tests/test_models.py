@@ -73,8 +73,8 @@ def test_resnet34_flops_and_params_in_paper_convention():
     teacher = student.backbone.eval()
     x = torch.randn(1, 3, 224, 224)
     ours = count_flops(teacher, lambda: teacher(x), layer_types=(nn.Conv2d, nn.Linear))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        teacher(x)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), resnet.unfolded():  # the layers as defined,
+        teacher(x)  # not the CPU's cheaper equivalents of frozen ones (BatchNorm folded, Winograd)
     independent = counter.get_total_flops() / 2  # FlopCounterMode counts 2 per multiply-accumulate
     assert abs(ours - independent) / independent < 0.02
     backbone_params = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith('fc.'))
@@ -148,6 +148,37 @@ def test_conv_bn_on_maps_smaller_than_the_kernel_is_one_exact_matrix_product(ker
     with torch.no_grad():
         bn.running_var.mul_(3.0)  # a changed statistic rebuilds the matrix
     assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)))
+
+
+@pytest.mark.parametrize('size', [(3, 3), (4, 4), (5, 7), (8, 8), (4, 12)])
+def test_winograd_conv3x3_equals_conv2d(size):
+    x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    grad = torch.randn(3, 5, *size, dtype=torch.float64)
+    out = resnet.winograd_conv3x3(x, resnet.winograd_filters(weight), bias)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    assert torch.allclose(out, expected)
+    assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+@pytest.mark.parametrize('channels,size', [(128, 4), (256, 7), (64, 8), (64, 16), (256, 3)])
+def test_frozen_conv_bn_runs_winograd_where_it_pays(channels, size):
+    conv, bn = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    conv.requires_grad_(False)
+    bn.requires_grad_(False)
+    x = torch.randn(2, channels, size, size)
+    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-4, atol=1e-4)
+    assert ('_winograd' in conv.__dict__) == (size in (4, 7))  # 64 channels at 8x8: the transforms cost more
+    conv.__dict__.pop('_winograd', None)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # too imprecise there
+        resnet.conv_bn(conv, bn, x)
+    assert '_winograd' not in conv.__dict__
+    with torch.no_grad():
+        bn.running_var.mul_(3.0)  # a changed statistic rebuilds the filters
+    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('size', [4, 8, 16])
