@@ -3,10 +3,11 @@
 Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike;
 ratios are the median of each round's ratio):
   teacher forward (eval)         the unit every other time is divided by: a plain forward (trainable weights)
-  frozen teacher forward         the same with its weights frozen, as NetTailor's universal blocks run (BatchNorm
-                                 folded, small maps as matrix products: resnet.conv_bn)
+  frozen teacher forward         the same with its weights frozen, as main_student.py runs the teacher and NetTailor
+                                 its universal blocks (resnet.conv_bn: BatchNorm folded; on the CPU small maps as
+                                 matrix products, Winograd)
   teacher train step             a fine-tuning step of the teacher (stage 1): forward, CE, backward, SGD step
-  student train step             teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
+  student train step             frozen teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
   proxy-free train step          the one-pass step of a student whose proxies are all pruned: the floor
                                  (teacher forward, universal forward, universal input gradients)
@@ -108,7 +109,7 @@ def main(args):
     torch.manual_seed(0)
     num_classes = 10
     teacher = create_teacher(args.arch, num_classes).to(device).eval()
-    frozen_teacher = create_teacher(args.arch, num_classes).to(device).eval().requires_grad_(False)
+    frozen_teacher = create_teacher(args.arch, num_classes).to(device).eval().requires_grad_(False)  # as load_teacher
     student = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     pruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     pruned.prune(args.prune_universal, 0.0)
@@ -144,9 +145,10 @@ def main(args):
         'teacher forward': lambda: eval_forward(teacher),
         'frozen teacher forward': lambda: eval_forward(frozen_teacher),
         'teacher train step': lambda: fine_tuning_step(fine_tuned, fine_tuning_optimizer, x, y, precision),
-        'student train step': lambda: one_pass_step(student.train(), teacher, optimizer, x, y, precision),
-        'two-pass train step': lambda: two_pass_step(student.train(), teacher, optimizer, x, y, precision),
-        'proxy-free train step': lambda: one_pass_step(proxy_free, teacher, proxy_free_optimizer, x, y, precision),
+        'student train step': lambda: one_pass_step(student.train(), frozen_teacher, optimizer, x, y, precision),
+        'two-pass train step': lambda: two_pass_step(student.train(), frozen_teacher, optimizer, x, y, precision),
+        'proxy-free train step': lambda: one_pass_step(proxy_free, frozen_teacher, proxy_free_optimizer, x, y,
+                                                         precision),
         'student eval forward': student_eval,
         'pruned eval forward': lambda: eval_forward(pruned),
     }

@@ -241,7 +241,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
 
 
 def load_teacher(path, device, num_classes=None, arch=None):
-    """A trained teacher from its checkpoint, checked against the expected class count and arch."""
+    """A trained teacher from its checkpoint, checked against the expected class count and arch; in eval mode
+    with its weights frozen, so that its convolutions run folded (`resnet.conv_bn`), as the universal blocks do."""
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if not {'model', 'args', 'num_classes'} <= set(checkpoint):
         raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
@@ -253,7 +254,7 @@ def load_teacher(path, device, num_classes=None, arch=None):
                         f"{num_classes}: wrong --teacher-fn?")
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])
-    return model.to(device).eval(), checkpoint
+    return model.to(device).eval().requires_grad_(False), checkpoint
 
 
 def main(args):

@@ -100,6 +100,22 @@ def test_evaluate_prints_accuracy_and_tailored_architecture(pipeline):
     assert accuracy == pytest.approx(recorded, abs=0.005)  # printed with two decimals
 
 
+def test_loaded_teacher_is_frozen_and_computes_the_trained_network(pipeline):
+    from main_teacher import load_teacher
+    from resnet import create_teacher
+    path = pipeline[0] / 'checkpoint.pth'
+    teacher, checkpoint = load_teacher(path, 'cpu', 10, 'resnet18')
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    plain = create_teacher('resnet18', 10).eval()  # trainable weights: every layer run as defined
+    plain.load_state_dict(checkpoint['model'])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        (logits, outputs), (plain_logits, plain_outputs) = teacher(x), plain(x)
+    assert torch.allclose(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(outputs, plain_outputs))
+    assert '_folded_bn' in teacher.blocks[0].conv1.__dict__  # it ran folded
+
+
 def test_finished_run_is_not_overwritten(pipeline, workdir):
     teacher = pipeline[0]
     before = (teacher / 'checkpoint.pth').read_bytes()
