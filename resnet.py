@@ -101,7 +101,8 @@ def winograd_pays(h, w, c_in, c_out):
 
 
 def winograd_filters(weight):
-    """The (36, C_in, C_out) Winograd-domain filters G g G^T of a 3x3 `weight` (computed in float64)."""
+    """The (36, C_in, C_out) Winograd-domain filters G g G^T of a 3x3 `weight` (computed in float64; 4x the
+    weight's memory)."""
     g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=weight.device)
     filters = g @ weight.double() @ g.t()  # (C_out, C_in, 6, 6)
     return filters.flatten(2).permute(2, 1, 0).to(weight.dtype).contiguous()
