@@ -181,6 +181,15 @@ def test_frozen_conv_bn_runs_winograd_where_it_pays(channels, size):
     assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-4, atol=1e-4)
 
 
+def test_proxy_pools_channels_last_whatever_the_input_layout():
+    proxy = nettailor.Proxy(4, 8, stride=2)
+    x = torch.randn(2, 4, 8, 8)
+    for layout in (x, x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)):  # NCHW; Winograd's (h, w, n, c)
+        pooled = proxy.pooled(layout)
+        assert pooled.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(pooled, F.max_pool2d(x, 3, 2, 1))
+
+
 @pytest.mark.parametrize('size', [4, 8, 16])
 def test_pointwise_conv_equals_conv2d(size):
     x = torch.randn(3, 6, size, size, requires_grad=True)
