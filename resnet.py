@@ -48,14 +48,14 @@ def conv_bn(conv, bn, x):
     kh, kw = conv.kernel_size
     same_size = conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and kh % 2 and kw % 2 \
         and conv.padding == (kh // 2, kw // 2)
-    if x.device.type == 'cpu' and same_size and h * w < kh * kw:
+    cpu_same_size = x.device.type == 'cpu' and same_size
+    if cpu_same_size and h * w < kh * kw:
         matrix, dense_bias = cached_derivation(
             conv, f'_dense_{h}x{w}', sources, lambda: (dense_conv_matrix(weight, h, w).t(), bias.repeat_interleave(h * w)))
         return torch.addmm(dense_bias, x.flatten(1), matrix).view(n, -1, h, w)
     # Winograd's transforms amplify rounding (bfloat16: 10% error, against 0.3% for the direct convolution)
     precise = x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled('cpu')
-    if x.device.type == 'cpu' and same_size and (kh, kw) == (3, 3) and precise \
-            and winograd_pays(h, w, conv.in_channels, conv.out_channels):
+    if cpu_same_size and (kh, kw) == (3, 3) and precise and winograd_pays(h, w, conv.in_channels, conv.out_channels):
         filters = cached_derivation(conv, '_winograd', sources, lambda: winograd_filters(weight))
         return winograd_conv3x3(x, filters, bias)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -91,9 +91,8 @@ WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0,
 def winograd_pays(h, w, c_in, c_out):
     """Whether `winograd_conv3x3` beats oneDNN's direct 3x3 convolution on the CPU over h x w maps.  Measured (2
     cores, batch 32, forward): 1.3-2.5x faster at 4x4 maps (64-512 channels) and 8x8 ones (128-512), 1.1-1.9x at
-    7x7 (128-512); slower
-    or even where the tiles are mostly padding (3x3, 5x5, 6x6 maps) or its dense tile transforms, which run
-    memory-bound, outweigh the products saved (8x8 with 64 channels, 14x14 and larger)."""
+    7x7 (128-512); slower or even where the tiles are mostly padding (3x3, 5x5, 6x6 maps) or its dense tile
+    transforms, which run memory-bound, outweigh the products saved (8x8 with 64 channels, 14x14 and larger)."""
     tiles = -(-h // 4) * -(-w // 4)
     transforms = 36 * tiles * h * w * (c_in + c_out)
     saved = (9 * h * w - 36 * tiles) * c_in * c_out
