@@ -8,6 +8,8 @@ ratios are the median of each round's ratio):
                                  matrix products, Winograd)
   teacher train step             a fine-tuning step of the teacher (stage 1): forward, CE, backward, SGD step
   student train step             frozen teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
+                                 (the universal BatchNorms on batch statistics: the task's own, as released)
+  shared-statistics train step   the same step with the universal blocks' pre-trained statistics (--shared-bn-stats)
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
   proxy-free train step          the one-pass step of a student whose proxies are all pruned: the floor
                                  (teacher forward, universal forward, universal input gradients)
@@ -111,6 +113,9 @@ def main(args):
     teacher = create_teacher(args.arch, num_classes).to(device).eval()
     frozen_teacher = create_teacher(args.arch, num_classes).to(device).eval().requires_grad_(False)  # as load_teacher
     student = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
+    shared = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size,
+                            task_bn_stats=False).to(device)
+    unpruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device).eval()
     pruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     pruned.prune(args.prune_universal, 0.0)
     pruned.eval()
@@ -121,11 +126,13 @@ def main(args):
     fine_tuning_optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=1e-3, momentum=0.9, fused=fused)
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
                                 fused=fused)
+    shared_optimizer = torch.optim.SGD([p for p in shared.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                                       fused=fused)
     proxy_free_optimizer = torch.optim.SGD([p for p in proxy_free.parameters() if p.requires_grad], lr=1e-3,
                                            momentum=0.9, fused=fused)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if args.channels_last:
-        for model in (teacher, frozen_teacher, fine_tuned, student, pruned, proxy_free):
+        for model in (teacher, frozen_teacher, fine_tuned, student, shared, unpruned, pruned, proxy_free):
             model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -136,20 +143,17 @@ def main(args):
         with torch.no_grad(), precision.autocast():
             model(x)
 
-    def student_eval():
-        student.eval()
-        eval_forward(student)
-        student.train()
-
     cases = {
         'teacher forward': lambda: eval_forward(teacher),
         'frozen teacher forward': lambda: eval_forward(frozen_teacher),
         'teacher train step': lambda: fine_tuning_step(fine_tuned, fine_tuning_optimizer, x, y, precision),
         'student train step': lambda: one_pass_step(student.train(), frozen_teacher, optimizer, x, y, precision),
+        'shared-statistics train step': lambda: one_pass_step(shared.train(), frozen_teacher, shared_optimizer, x, y,
+                                                               precision),
         'two-pass train step': lambda: two_pass_step(student.train(), frozen_teacher, optimizer, x, y, precision),
         'proxy-free train step': lambda: one_pass_step(proxy_free, frozen_teacher, proxy_free_optimizer, x, y,
                                                          precision),
-        'student eval forward': student_eval,
+        'student eval forward': lambda: eval_forward(unpruned),
         'pruned eval forward': lambda: eval_forward(pruned),
     }
     times = {name: [] for name in cases}
@@ -182,7 +186,7 @@ def main(args):
           f"{device} ({torch.get_num_threads()} threads{', amp' if args.amp else ''}), median of {args.repeats} "
           f"interleaved rounds (ratios: median of each round's ratio)")
     for name in cases:
-        print(f"  {name:<22} {results['median_seconds'][name] * 1e3:9.1f} ms  "
+        print(f"  {name:<28} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
     paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
     print(f"  one-pass / two-pass train step: {paired:.2f}")

@@ -64,12 +64,24 @@ MEAN_STD = {
                (0.10898684, 0.10810246, 0.10679939)),
 }
 
-IMAGE_SIZE = 72                      # shorter side of every decathlon image
-DEFAULT_CROP = 64
-TASK_CROP = {'dtd': 72}              # tasks whose default crop is not DEFAULT_CROP
-NO_FLIP_TASKS = {'svhn', 'omniglot'}  # flipping changes the meaning of digits and characters
-PADDED_CROP_TASKS = {'aircraft', 'cifar100', 'daimlerpedcls', 'gtsrb'}
-COLOR_JITTER_TASKS = {'gtsrb'}
+IMAGE_SIZE = 72  # shorter side of every decathlon image
+# Preprocessing of the released code (METHOD section 10).  squash: the whole image resized to 72x72 (else the
+# shorter side to 72); crop: the network's input side; pad: reflect padding before the training crop; flip:
+# random horizontal flips in training; jitter: colour jitter (brightness, contrast, saturation) in training.
+_RESIZE_CROP = dict(squash=False, crop=64, pad=0, flip=True, jitter=None)
+_SQUASH_PAD = dict(squash=True, crop=72, pad=8, flip=True, jitter=None)
+PREPROCESSING = {
+    'svhn': dict(_RESIZE_CROP, flip=False),      # digits and characters change meaning when mirrored
+    'omniglot': dict(_RESIZE_CROP, flip=False),
+    'aircraft': _SQUASH_PAD,
+    'cifar100': _SQUASH_PAD,
+    'daimlerpedcls': _SQUASH_PAD,
+    'gtsrb': dict(_SQUASH_PAD, flip=False, jitter=(0.5, 0.2, 0.2)),  # traffic signs have a handedness
+    'dtd': dict(_RESIZE_CROP, crop=72),
+    'imagenet12': _RESIZE_CROP,
+    'vgg-flowers': _RESIZE_CROP,
+    'ucf101': _RESIZE_CROP,
+}
 
 MEAN_STD_FILE = 'decathlon_mean_std.json'
 DOWNLOAD_HINT = ('run `python data/download_decathlon.py` for the real data or '
@@ -112,28 +124,32 @@ def task_mean_std(task, data_dir='data'):
 
 
 def crop_size(task, input_size=None):
-    """Side of the square crop fed to the network: input_size, or the task's default (64; 72 for dtd)."""
+    """Side of the square input fed to the network: input_size, or the task's default (64; 72 for aircraft,
+    cifar100, daimlerpedcls, gtsrb and dtd)."""
     check_task(task)
-    return input_size if input_size is not None else TASK_CROP.get(task, DEFAULT_CROP)
+    return input_size if input_size is not None else PREPROCESSING[task]['crop']
 
 
 def decathlon_transform(task, train, input_size=None, data_dir='data'):
-    """Per-task preprocessing: resize the shorter side to 72 px (scaled with the crop when input_size
-    differs from the task default), random crop / flip / jitter for training, center crop for evaluation."""
+    """The task's preprocessing (PREPROCESSING): resize (shorter side to 72, or the whole image to 72x72),
+    then for training a random crop (after reflect padding), flip and colour jitter where the task has them,
+    for evaluation a center crop (squashed images are used whole).  A non-default input_size scales the
+    resize and padding with the crop."""
+    recipe = PREPROCESSING[task]
     crop = crop_size(task, input_size)
-    resize = round(IMAGE_SIZE * crop / crop_size(task))
+    scale = crop / recipe['crop']
+    side = round(IMAGE_SIZE * scale)
     mean, std = task_mean_std(task, data_dir)
-    steps = [v2.Resize(resize, antialias=True)]
+    steps = [v2.Resize((side, side) if recipe['squash'] else side, antialias=True)]
     if train:
-        if task in PADDED_CROP_TASKS:
-            steps.append(v2.RandomCrop(crop, padding=4, padding_mode='reflect'))
-        else:
-            steps.append(v2.RandomCrop(crop))
-        if task not in NO_FLIP_TASKS:
+        pad = round(recipe['pad'] * scale)
+        steps.append(v2.RandomCrop(crop, padding=pad, padding_mode='reflect') if pad else v2.RandomCrop(crop))
+        if recipe['flip']:
             steps.append(v2.RandomHorizontalFlip())
-        if task in COLOR_JITTER_TASKS:
-            steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3))
-    else:
+        if recipe['jitter']:
+            brightness, contrast, saturation = recipe['jitter']
+            steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation))
+    elif not recipe['squash']:
         steps.append(v2.CenterCrop(crop))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
     return v2.Compose(steps)

@@ -8,8 +8,9 @@
         --n-pruning-universal 11 --thr-pruning-proxy 0.075 --model-dir checkpoints/svhn/pruned
     python main_student.py --task svhn --model-dir checkpoints/svhn/pruned --evaluate
 
-Checkpoints hold the task pack (proxies, gates, classifier, pruning mask), never the universal
-weights: those come from --pretrained, as the args.json of the run records.  Every run also draws
+Checkpoints hold the task pack (proxies, gates, classifier, pruning mask and the universal blocks'
+BatchNorm statistics learned on the task), never the universal weights: those come from
+--pretrained, as the args.json of the run records.  Every run also draws
 the architecture it ends with, gates included, in <model-dir>/architecture.png (figures.py).
 """
 import argparse
@@ -49,6 +50,13 @@ def get_args_parser(add_help=True):
     parser.add_argument('--full-model-dir', default=None, help='a trained student to prune and retrain')
     parser.add_argument('--n-pruning-universal', type=int, default=0, help='universal blocks to remove')
     parser.add_argument('--thr-pruning-proxy', type=float, default=0.05, help='remove proxies gated below this')
+    parser.add_argument('--shared-bn-stats', action='store_true', default=None,
+                        help="keep the universal blocks' pre-trained BatchNorm statistics (shared by all tasks) "
+                        "instead of the task's own, which the released code learns on the target data; "
+                        "when retraining, that of --full-model-dir")
+    parser.add_argument('--classifier-init', default='teacher', choices=['teacher', 'fresh'],
+                        help="the student's classifier starts as the teacher's (default) or fresh, as in the "
+                        "released code (docs/differences.md)")
     return parser
 
 
@@ -64,6 +72,13 @@ def check_student_args(args):
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:
         args.pretrained = 'imagenet'
+    if full_args:
+        full_shared = full_args.get('shared_bn_stats', True)  # runs from before task statistics shared them
+        if args.shared_bn_stats is not None and args.shared_bn_stats != full_shared:
+            raise UserError(f"{args.full_model_dir} was trained with "
+                            f"{'shared' if full_shared else 'task-specific'} BatchNorm statistics: drop --shared-bn-stats")
+        args.shared_bn_stats = full_shared
+    args.shared_bn_stats = bool(args.shared_bn_stats)
     if args.teacher_coeff is None:
         args.teacher_coeff = full_args.get('teacher_coeff', 10.0)
     if args.complexity_coeff is None:
@@ -94,9 +109,9 @@ def load_student(model_dir, device):
     pack = checkpoint.get('model')
     if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
         raise UserError(f"{checkpoint_path(model_dir)} is not a student checkpoint written by main_student.py")
-    saved = checkpoint['args']
-    student = create_student(saved['backbone'], pack['meta']['num_classes'], saved['max_skip'],
-                             saved['pretrained'], saved['input_size'])
+    saved, meta = checkpoint['args'], pack['meta']
+    student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], saved['pretrained'],
+                             saved['input_size'], task_bn_stats=meta.get('task_bn_stats', False))
     student.load_task_pack(pack, source=checkpoint_path(model_dir))
     return student.to(device), checkpoint
 
@@ -124,12 +139,13 @@ def main(args):
     teacher = None
     if args.teacher_coeff > 0:
         teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone)
-    student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size)
+    student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
+                             task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:
         full, _ = load_student(args.full_model_dir, torch.device('cpu'))
         student.load_task_pack(full.task_pack(), source=f"the student in {args.full_model_dir}")
         student.prune(args.n_pruning_universal, args.thr_pruning_proxy)
-    elif teacher is not None:  # the classifier starts from the teacher's
+    elif teacher is not None and args.classifier_init == 'teacher':
         for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
             mine.load_state_dict(theirs.state_dict())
     student.to(device)
@@ -138,7 +154,8 @@ def main(args):
         student.load_task_pack(resume_from['model'], source=checkpoint_path(args.model_dir))
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"student {args.backbone} (max_skip {args.max_skip}) on {args.task} ({num_classes} classes), "
-                f"gamma1 {args.complexity_coeff}, gamma2 {args.teacher_coeff}, device {device}")
+                f"gamma1 {args.complexity_coeff}, gamma2 {args.teacher_coeff}, "
+                f"{'shared' if args.shared_bn_stats else 'task-specific'} BatchNorm statistics, device {device}")
     if args.full_model_dir:
         logger.info(f"pruned {args.full_model_dir}: {args.n_pruning_universal} universal blocks, "
                     f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")

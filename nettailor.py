@@ -12,11 +12,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet import cached_derivation, create_teacher, fold_bn, fold_bn_sources, unfolded
+from resnet import cached_derivation, create_teacher, fold_bn, fold_bn_sources, forget_folds, unfolded
 from utils import UserError, atomic_save
 
 GATE_INIT_UNIVERSAL = 2.0
 GATE_INIT_PROXY = -2.0
+PROXY_INIT_STD = 0.01
+
+
+def bottleneck_proxy_width(out_channels):
+    """Hidden width of a two-conv proxy into a bottleneck block with `out_channels` outputs (the released code's)."""
+    return max(out_channels // 32, 16)
 
 
 def count_flops(module, run, layer_types=(nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
@@ -116,7 +122,8 @@ def split_gradient(fn, inputs, weights):
 class Proxy(nn.Module):
     """Task-specific path A_pl: max-pool to the target resolution, then 1x1 conv + BN.
 
-    With `hidden` (bottleneck backbones) the body is 1x1 conv, BN, ReLU, 1x1 conv, BN.
+    With `hidden` (bottleneck backbones) the body is 1x1 conv, BN, ReLU, 1x1 conv, BN.  Initialised as the
+    released code does: conv weights ~ N(0, 0.01), BatchNorm weight 1 and bias 0.
     """
 
     def __init__(self, in_channels, out_channels, stride, hidden=None):
@@ -129,6 +136,9 @@ class Proxy(nn.Module):
             layers = [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
                       nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
         self.body = nn.Sequential(*layers)
+        for m in self.body:
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, PROXY_INIT_STD)
 
     def forward(self, x):
         return self.body(self.pooled(x))
@@ -179,13 +189,20 @@ def parse_max_skip(max_skip, num_layers):
 
 
 class NetTailor(nn.Module):
-    """A student built around a pre-trained `BlockNet` (see resnet.py), whose stem and blocks it freezes."""
+    """A student built around a pre-trained `BlockNet` (see resnet.py), whose stem and blocks it freezes.
 
-    def __init__(self, backbone, max_skip=3, input_size=224):
+    With `task_bn_stats` (the released code's behaviour, METHOD 6b) the universal blocks' BatchNorms follow
+    the student's mode: in training they normalise with batch statistics and update their running averages
+    on the task's data, and those averages belong to the task pack; their affine weights stay frozen and
+    shared.  Without it they keep the pre-trained statistics, shared by all tasks, and always run in eval mode.
+    """
+
+    def __init__(self, backbone, max_skip=3, input_size=224, task_bn_stats=True):
         super().__init__()
         self.backbone = backbone
         self.max_skip = max_skip
         self.input_size = input_size
+        self.task_bn_stats = task_bn_stats
         num_layers = len(backbone.blocks)
         skip = parse_max_skip(max_skip, num_layers)
         for name, p in backbone.named_parameters():
@@ -197,9 +214,7 @@ class NetTailor(nn.Module):
         self.proxies = nn.ModuleList()
         for l, sources in enumerate(self.proxy_sources):
             out_c, out_h, _ = shapes[l + 1]
-            hidden = None
-            if backbone.block_kind == 'bottleneck':
-                hidden = max(backbone.blocks[l].conv1.out_channels // 4, 1)
+            hidden = bottleneck_proxy_width(out_c) if backbone.block_kind == 'bottleneck' else None
             self.proxies.append(nn.ModuleList(
                 Proxy(shapes[p][0], out_c, round(shapes[p][1] / out_h), hidden) for p in sources))
 
@@ -273,16 +288,17 @@ class NetTailor(nn.Module):
         self._alive_paths = [[j for j, on in enumerate(row) if on] for row in alive]
 
     def train(self, mode=True):
-        """Universal blocks stay in eval mode: their BN statistics are shared by all tasks.
+        """With shared BatchNorm statistics the universal blocks stay in eval mode.
 
-        Also drops the proxies' folded eval-mode weights: the cache notices in-place updates by their
-        tensors' version counters, and fused optimizers (`torch.optim.SGD(..., fused=True)`, as
-        main_teacher.make_optimizer builds them) update weights without bumping them."""
+        Entering eval mode drops every folded weight: the caches notice in-place updates by their tensors'
+        version counters, which neither fused optimizers (`torch.optim.SGD(..., fused=True)`, as
+        main_teacher.make_optimizer builds them) nor BatchNorm's running-average updates bump."""
         super().train(mode)
-        for m in self.universal_modules():
-            m.eval()
-        for layer in self.proxies:
-            layer.__dict__.pop('_folded', None)
+        if not self.task_bn_stats:
+            for m in self.universal_modules():
+                m.eval()
+        if not mode:
+            forget_folds(self)
         return self
 
     # ----- forward -----
@@ -452,11 +468,28 @@ class NetTailor(nn.Module):
     def _task_prefixes(self):
         return ('gate_logits', 'path_alive') + tuple(f'backbone.{p}' for p in self.backbone.head_prefixes)
 
+    def _task_statistics(self):
+        """State-dict names of the universal BatchNorm statistics the task owns: the stem's and those of the
+        universal blocks it still runs (none with shared statistics)."""
+        if not self.task_bn_stats:
+            return set()
+        alive_blocks = {id(b) for l, b in enumerate(self.backbone.blocks) if self.path_alive[l, 0]}
+        pruned_blocks = {id(b) for b in self.backbone.blocks} - alive_blocks
+        names, skip = set(), ()
+        for prefix, module in self.backbone.named_modules():
+            if id(module) in pruned_blocks:
+                skip += (prefix + '.',)
+            elif isinstance(module, nn.BatchNorm2d) and not prefix.startswith(skip + self.backbone.head_prefixes):
+                names |= {f'backbone.{prefix}.{buffer}' for buffer, _ in module.named_buffers()}
+        return names
+
     def task_pack(self):
-        """The task-specific state: gates, pruning mask, surviving proxies, classifier head."""
+        """The task-specific state: gates, pruning mask, surviving proxies, classifier head and, with task
+        statistics, the running BatchNorm statistics of the universal blocks it runs."""
         state = {}
+        statistics = self._task_statistics()
         for name, tensor in self.state_dict().items():
-            if name.startswith(self._task_prefixes()):
+            if name.startswith(self._task_prefixes()) or name in statistics:
                 state[name] = tensor.clone()
             elif name.startswith('proxies.'):
                 l, j = (int(i) for i in name.split('.')[1:3])
@@ -466,7 +499,7 @@ class NetTailor(nn.Module):
 
     def pack_meta(self):
         return {'arch': self.backbone.arch, 'num_classes': self.num_classes, 'max_skip': self.max_skip,
-                'num_layers': len(self.backbone.blocks)}
+                'num_layers': len(self.backbone.blocks), 'task_bn_stats': self.task_bn_stats}
 
     @property
     def num_classes(self):
@@ -476,15 +509,41 @@ class NetTailor(nn.Module):
         """Attach a task pack (from `task_pack()` or a file) to this student's universal blocks."""
         if not isinstance(pack, dict) or 'meta' not in pack or 'state' not in pack:
             raise UserError(f"{source} is not a NetTailor task pack")
-        meta, mine = pack['meta'], self.pack_meta()
+        meta, mine = dict(pack['meta']), self.pack_meta()
+        meta.setdefault('task_bn_stats', False)  # packs written before task statistics existed
         if meta != mine:
             diff = ', '.join(f"{k} {meta.get(k)!r} vs {mine[k]!r}" for k in mine if meta.get(k) != mine[k])
             raise UserError(f"{source} was built for another student ({diff} here)")
         self.load_state_dict(pack['state'], strict=False)
         self._refresh_alive_paths()
+        forget_folds(self)
 
     def save_task_pack(self, path):
         atomic_save(self.task_pack(), path)
+
+
+def share_universal_weights(backbone, universal):
+    """Make `backbone`'s stem and blocks use `universal`'s weights: the same tensors, not copies.  Their
+    BatchNorm statistics stay `backbone`'s own (copied from `universal`), since a task may bring its own."""
+    for name, module in universal.named_modules():
+        if not name or name.startswith(universal.head_prefixes):
+            continue
+        target = backbone.get_submodule(name)
+        for key, parameter in module.named_parameters(recurse=False):
+            setattr(target, key, parameter)
+        for key, buffer in module.named_buffers(recurse=False):
+            getattr(target, key).copy_(buffer)
+
+
+def student_on_universal(universal, pack, input_size):
+    """A task's student built around the universal weights of `universal` (a BlockNet loaded once and shared by
+    every task), with the task pack `pack` attached."""
+    meta = pack['meta']
+    backbone = create_teacher(universal.arch, meta['num_classes'])
+    share_universal_weights(backbone, universal)
+    student = NetTailor(backbone, meta['max_skip'], input_size, meta.get('task_bn_stats', False))
+    student.load_task_pack(pack)
+    return student.to(universal.conv1.weight.device)
 
 
 def format_stats(stats):
@@ -503,11 +562,12 @@ def format_stats(stats):
 
 
 def distillation_loss(student_logits, student_outputs, teacher_logits, teacher_outputs):
-    """Omega: MSE between logits plus the per-layer MSEs (summed over surviving layers, divided by L)."""
+    """Omega (paper eq. 11, as the released code normalises it): the MSE between logits plus the per-layer
+    MSEs of the surviving layers, all divided by L, the number of layers (pruned ones included)."""
     layer_terms = [F.mse_loss(s, t) for s, t in zip(student_outputs, teacher_outputs) if s is not None]
-    return F.mse_loss(student_logits, teacher_logits) + sum(layer_terms) / len(teacher_outputs)
+    return (F.mse_loss(student_logits, teacher_logits) + sum(layer_terms)) / len(teacher_outputs)
 
 
-def create_student(backbone, num_classes, max_skip=3, pretrained=None, input_size=224):
+def create_student(backbone, num_classes, max_skip=3, pretrained=None, input_size=224, task_bn_stats=True):
     """A NetTailor student on `backbone` (any `create_teacher` arch) with frozen pre-trained blocks."""
-    return NetTailor(create_teacher(backbone, num_classes, pretrained), max_skip, input_size)
+    return NetTailor(create_teacher(backbone, num_classes, pretrained), max_skip, input_size, task_bn_stats)

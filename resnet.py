@@ -156,6 +156,17 @@ def fold_bn_sources(conv, bn):
     return convs + (bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
+FOLD_CACHE_PREFIXES = ('_folded', '_dense_', '_winograd')  # the names `cached_derivation` is given here
+
+
+def forget_folds(module):
+    """Drop every cached derivation of `module` and its submodules (BatchNorm running statistics updated in
+    training mode do not bump their version counters, so the cache cannot notice them)."""
+    for m in module.modules():
+        for name in [name for name in m.__dict__ if name.startswith(FOLD_CACHE_PREFIXES)]:
+            del m.__dict__[name]
+
+
 def cached_derivation(owner, name, sources, derive):
     """derive() (run without autograd), cached on `owner` as `name` while the `sources` tensors keep their
     storage and in-place version (load_state_dict, .to() and optimizer steps all change one of them)."""

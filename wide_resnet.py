@@ -2,7 +2,7 @@
 
 A 3x3 stem with 32 channels, three stages of four basic blocks (64, 128, 256 channels), each stage
 starting with stride 2, shortcuts that average-pool 2x2 and zero-pad the new channels, and a final
-BatchNorm + ReLU before pooling.  Parameter names follow the released universal weights file
+BatchNorm before pooling, with no ReLU after it (what the released weights expect).  Parameter names follow the released universal weights file
 (`conv1`, `bn1`, `layers.<i>.{conv1,bn1,conv2,bn2}`, `ends_bn`, `linear`), so it loads as it is.
 """
 import torch
@@ -64,5 +64,5 @@ class WideResNet(BlockNet):
         return F.relu(conv_bn(self.conv1, self.bn1, x))
 
     def forward_head(self, x):
-        x = F.relu(self.ends_bn(x))
+        x = self.ends_bn(x)
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -13,6 +13,7 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp):
     ratios = results['ratio_to_teacher_forward']
     assert results['config']['amp'] == amp
     assert set(ratios) == {'teacher forward', 'frozen teacher forward', 'teacher train step', 'student train step',
+                           'shared-statistics train step',
                            'two-pass train step', 'proxy-free train step', 'student eval forward',
                            'pruned eval forward'}
     assert ratios['teacher forward'] == 1.0 and all(r > 0 for r in ratios.values())

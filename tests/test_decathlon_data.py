@@ -15,7 +15,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from decathlon_dataloaders import (BASELINE_ACC, CATEGORY_BASE, DECATHLON_TASKS, MEAN_STD, DecathlonDataset,
-                                   available_tasks, decathlon_score, decathlon_transform, get_decathlon_dataloaders,
+                                   available_tasks, crop_size, decathlon_score, decathlon_transform,
+                                   get_decathlon_dataloaders,
                                    get_decathlon_datasets, submission_entries, task_mean_std, write_submission)
 from utils import UserError
 
@@ -132,25 +133,63 @@ def step_types(transform):
     return [type(step) for step in transform.transforms]
 
 
+def describe(transform):
+    """(resize size, training crop (size, padding, mode) or None, center crop or None, flip, jitter) of a transform."""
+    steps = {type(step): step for step in transform.transforms}
+    crop = steps.get(v2.RandomCrop)
+    center = steps.get(v2.CenterCrop)
+    jitter = steps.get(v2.ColorJitter)
+    return (list(steps[v2.Resize].size),
+            None if crop is None else (tuple(crop.size), crop.padding, crop.padding_mode if crop.padding else None),
+            None if center is None else list(center.size),
+            v2.RandomHorizontalFlip in steps,
+            None if jitter is None else (jitter.brightness, jitter.contrast, jitter.saturation))
+
+
+# METHOD section 10, row by row: (train, eval) descriptions
+RESIZE_64_NO_FLIP = ((([72], ((64, 64), None, None), None, False, None)), ([72], None, [64, 64], False, None))
+RESIZE_64_FLIP = ((([72], ((64, 64), None, None), None, True, None)), ([72], None, [64, 64], False, None))
+SQUASH_PAD_FLIP = (([72, 72], ((72, 72), [8, 8, 8, 8], 'reflect'), None, True, None),
+                   ([72, 72], None, None, False, None))
+EXPECTED_PREPROCESSING = {
+    'svhn': RESIZE_64_NO_FLIP, 'omniglot': RESIZE_64_NO_FLIP,
+    'aircraft': SQUASH_PAD_FLIP, 'cifar100': SQUASH_PAD_FLIP, 'daimlerpedcls': SQUASH_PAD_FLIP,
+    'gtsrb': (([72, 72], ((72, 72), [8, 8, 8, 8], 'reflect'), None, False, ((0.5, 1.5), (0.8, 1.2), (0.8, 1.2))),
+              ([72, 72], None, None, False, None)),
+    'dtd': (([72], ((72, 72), None, None), None, True, None), ([72], None, [72, 72], False, None)),
+    'imagenet12': RESIZE_64_FLIP, 'vgg-flowers': RESIZE_64_FLIP, 'ucf101': RESIZE_64_FLIP,
+}
+
+
+@pytest.mark.parametrize('task', sorted(EXPECTED_PREPROCESSING))
+def test_per_task_preprocessing_is_the_released_codes(task):
+    train, evaluation = EXPECTED_PREPROCESSING[task]
+    assert describe(decathlon_transform(task, train=True)) == train
+    assert describe(decathlon_transform(task, train=False)) == evaluation
+    assert crop_size(task) == train[1][0][0]
+
+
 def test_per_task_transforms(decathlon):
     svhn_train = decathlon_transform('svhn', train=True)
-    assert v2.RandomHorizontalFlip not in step_types(svhn_train)
-    assert v2.RandomHorizontalFlip not in step_types(decathlon_transform('omniglot', train=True))
-    assert v2.RandomHorizontalFlip in step_types(decathlon_transform('cifar100', train=True))
-    aircraft_crop = decathlon_transform('aircraft', train=True).transforms[1]
-    assert isinstance(aircraft_crop, v2.RandomCrop)
-    assert aircraft_crop.padding == [4, 4, 4, 4] and aircraft_crop.padding_mode == 'reflect'
-    assert decathlon_transform('svhn', train=True).transforms[1].padding is None
-    assert v2.ColorJitter in step_types(decathlon_transform('gtsrb', train=True))
-    assert v2.ColorJitter not in step_types(decathlon_transform('cifar100', train=True))
-
     # svhn training draws only crops, never mirrors: an image whose columns all differ never comes back flipped
     image = Image.fromarray(np.tile(np.arange(0, 216, 3, dtype=np.uint8), (72, 1))[:, :, None].repeat(3, 2))
     for _ in range(20):
         row = svhn_train(image)[0, 0]
         assert bool((row[1:] > row[:-1]).all())
+    # gtsrb neither (signs have a handedness); its reflect padding mirrors only the 8 border columns and its
+    # colour jitter keeps the order of grey levels (or saturates them)
+    gtsrb_train = decathlon_transform('gtsrb', train=True)
+    for _ in range(20):
+        steps = gtsrb_train(image).mean(dim=(0, 1))[8:-8].diff()
+        assert bool((steps >= 0).all() and (steps > 0).any())
 
-    # crops: 64 by default, 72 for dtd, input_size overrides and scales the resize with it
+    # squashed tasks are evaluated on the whole image, distorted to 72x72: a 72x144 image keeps every column
+    wide = Image.fromarray(np.tile(np.arange(0, 144, dtype=np.uint8), (72, 1))[:, :, None].repeat(3, 2))
+    squashed = decathlon_transform('aircraft', train=False)(wide)[0]
+    assert squashed.shape == (72, 72) and squashed[0, 0] < squashed[0, 1] < squashed[0, -1]
+    assert decathlon_transform('svhn', train=False)(wide).shape == (3, 64, 64)
+
+    # input sizes: 64 by default, 72 for dtd and the squashed tasks; input_size overrides and scales the rest
     svhn_val = DecathlonDataset('svhn', 'val', decathlon, decathlon_transform('svhn', False, data_dir=decathlon))
     dtd_val = DecathlonDataset('dtd', 'val', decathlon, decathlon_transform('dtd', False, data_dir=decathlon))
     dtd_train = DecathlonDataset('dtd', 'train', decathlon, decathlon_transform('dtd', True, data_dir=decathlon))
@@ -159,6 +198,8 @@ def test_per_task_transforms(decathlon):
     small = decathlon_transform('svhn', False, input_size=32)
     assert small.transforms[0].size == [36] and small(image).shape == (3, 32, 32)
     assert decathlon_transform('dtd', False, input_size=72).transforms[0].size == [72]
+    half = describe(decathlon_transform('cifar100', True, input_size=36))
+    assert half[0] == [36, 36] and half[1] == ((36, 36), [4, 4, 4, 4], 'reflect')
 
 
 def test_mean_std_file_takes_precedence(decathlon):

@@ -16,9 +16,9 @@ from resnet import create_teacher
 from utils import UserError
 
 
-def tiny_student(max_skip=3, num_classes=5, seed=0, arch='resnet18'):
+def tiny_student(max_skip=3, num_classes=5, seed=0, arch='resnet18', task_bn_stats=True):
     torch.manual_seed(seed)
-    return create_student(arch, num_classes, max_skip=max_skip, input_size=32)
+    return create_student(arch, num_classes, max_skip=max_skip, input_size=32, task_bn_stats=task_bn_stats)
 
 
 def randomize_task_state(student, seed=1):
@@ -203,14 +203,90 @@ def test_pointwise_conv_equals_conv2d(size):
         assert all(torch.allclose(a, r, atol=1e-4) for a, r in zip(ours, reference))
 
 
-def test_universal_blocks_frozen_and_task_parameters_trainable():
-    student = tiny_student()
+@pytest.mark.parametrize('task_bn_stats', [True, False])
+def test_universal_blocks_frozen_and_task_parameters_trainable(task_bn_stats):
+    student = tiny_student(task_bn_stats=task_bn_stats)
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(('proxies.', 'gate_logits', 'backbone.fc.')) for n in trainable)
     assert any(n.startswith('proxies.') for n in trainable) and 'gate_logits' in trainable
     student.train()
-    assert not student.backbone.layer1.training and not student.backbone.bn1.training
+    # task statistics: the universal BatchNorms normalise with batch statistics while the student trains
+    assert student.backbone.layer1[0].bn1.training == student.backbone.bn1.training == task_bn_stats
     assert student.proxies[0][0].training
+    student.eval()
+    assert not student.backbone.layer1[0].bn1.training and not student.backbone.bn1.training
+
+
+def universal_bn_statistics(student):
+    return {n: b.clone() for n, b in student.backbone.named_buffers()
+            if n.endswith(('running_mean', 'running_var')) and not n.startswith('fc.')}
+
+
+@pytest.mark.parametrize('task_bn_stats', [True, False])
+def test_universal_batchnorm_statistics_are_the_tasks_and_travel_in_its_pack(task_bn_stats, tmp_path):
+    """METHOD 6b: training updates the universal blocks' running statistics (not their weights) on the task's
+    data; the pack carries them (the stem's and the kept blocks'), and a fresh student loading it computes
+    exactly the trained student's outputs.  With shared statistics nothing of the universal blocks changes."""
+    from main_student import param_groups
+    from main_teacher import make_optimizer
+    student = tiny_student(task_bn_stats=task_bn_stats)
+    randomize_task_state(student)
+    weights = {n: p.clone() for n, p in student.backbone.named_parameters() if not p.requires_grad}
+    statistics = universal_bn_statistics(student)
+    args = argparse.Namespace(optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=5e-4, epochs=1, warmup_epochs=0,
+                              lr_schedule='step', lr_decay_epochs=1)
+    optimizer, _ = make_optimizer(param_groups(student, 5e-4), args, steps_per_epoch=3)
+    x, y = 2 + 3 * torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))  # far from the pre-training data
+    student.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(student(x)[0], y).backward()
+        optimizer.step()
+    assert all(torch.equal(p, weights[n]) for n, p in student.backbone.named_parameters() if n in weights)
+    updated = universal_bn_statistics(student)
+    changed = {n for n in statistics if not torch.equal(statistics[n], updated[n])}
+    assert changed == (set(statistics) if task_bn_stats else set())
+
+    student.prune(num_universal=2, proxy_threshold=0.1)
+    pruned_blocks = [l for l in range(8) if not student.path_alive[l, 0]]
+    pack = student.task_pack()
+    in_pack = {n.removeprefix('backbone.') for n in pack['state'] if n.endswith(('running_mean', 'running_var'))}
+    in_pack = {n for n in in_pack if n in statistics}
+    block_names = [f'layer{1 + l // 2}.{l % 2}.' for l in range(8)]
+    if task_bn_stats:
+        assert in_pack == {n for n in statistics if not n.startswith(tuple(block_names[l] for l in pruned_blocks))}
+        assert {'bn1.running_mean', 'bn1.running_var'} <= in_pack  # the stem's
+    else:
+        assert not in_pack
+    assert pack['meta']['task_bn_stats'] == task_bn_stats
+
+    path = tmp_path / 'pack.pth'
+    student.save_task_pack(str(path))
+    fresh = tiny_student(task_bn_stats=task_bn_stats)  # the same universal weights, pre-trained statistics
+    fresh.load_task_pack(torch.load(path, weights_only=True))
+    student.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(student(x)[0], fresh(x)[0])
+    with pytest.raises(UserError, match=f'task_bn_stats {task_bn_stats} vs {not task_bn_stats}'):
+        tiny_student(task_bn_stats=not task_bn_stats).load_task_pack(pack)
+
+
+def test_eval_after_training_folds_the_tasks_new_statistics():
+    """Training-mode BatchNorm updates its running averages without bumping their version counters: the
+    eval forward after an epoch must fold the statistics as they are now, not as the last eval saw them."""
+    student = tiny_student()
+    randomize_task_state(student)
+    x = torch.randn(4, 3, 32, 32)
+    student.eval()
+    with torch.no_grad():
+        student(x)  # folds (and caches) the universal blocks
+        student.train()
+        student(2 + 3 * x)  # a training forward: new running statistics
+        student.eval()
+        folded = student(x)[0]
+        with resnet.unfolded():
+            plain = student(x)[0]
+    assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max())
 
 
 def test_untrained_gates_follow_paper_init():
@@ -238,8 +314,8 @@ def test_student_with_all_proxies_pruned_is_the_teacher():
     with torch.no_grad():
         s_logits, s_out = student(x)
         t_logits, t_out = teacher(x)
-    assert torch.allclose(s_logits, t_logits, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(s_out, t_out))
+    assert torch.allclose(s_logits, t_logits, rtol=1e-5, atol=1e-5 * t_logits.abs().max())
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max()) for a, b in zip(s_out, t_out))
     assert student.stats()['proxies_kept'] == 0
 
 
@@ -254,6 +330,17 @@ def reference_layer(student, gates, l, inputs):
     return F.relu(total)
 
 
+def test_distillation_loss_divides_the_logit_term_by_the_number_of_layers_too():
+    """Omega = (MSE(logits) + sum over surviving layers of MSE(x_l, teacher_l)) / L (METHOD 6), by hand."""
+    torch.manual_seed(0)
+    logits_s, logits_t = torch.randn(3, 5), torch.randn(3, 5)
+    teacher = [torch.randn(3, 4, 2, 2) for _ in range(4)]
+    student = [torch.randn(3, 4, 2, 2), None, torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)]  # layer 2 pruned
+    by_hand = (((logits_s - logits_t) ** 2).mean() + sum(((s - t) ** 2).mean() for s, t in zip(student, teacher)
+                                                         if s is not None)) / 4
+    assert distillation_loss(logits_s, student, logits_t, teacher).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
 def reference_two_pass_loss(student, teacher_logits, teacher_outputs, x, y, gamma1, gamma2):
     """Straightforward formulation: every layer re-run, universal block included, on detached inputs."""
     gates = student.gates()
@@ -263,8 +350,8 @@ def reference_two_pass_loss(student, teacher_logits, teacher_outputs, x, y, gamm
         nodes.append(reference_layer(student, gates, l, nodes))
         local_outputs.append(reference_layer(student, gates, l, [n.detach() for n in nodes]))
     logits = student.backbone.forward_head(nodes[-1])
-    omega = F.mse_loss(logits, teacher_logits) + sum(
-        F.mse_loss(s, t) for s, t in zip(local_outputs, teacher_outputs)) / len(teacher_outputs)
+    omega = (F.mse_loss(logits, teacher_logits) + sum(
+        F.mse_loss(s, t) for s, t in zip(local_outputs, teacher_outputs))) / len(teacher_outputs)
     return F.cross_entropy(logits, y) + gamma1 * student.expected_complexity() + gamma2 * omega
 
 
@@ -336,14 +423,13 @@ def float64():
     torch.set_default_dtype(default)
 
 
-def test_one_pass_distillation_equals_two_pass_reference_bottleneck(float64):
-    """Two-conv (bottleneck) proxies, in float64: at 32x32 their 1x1 last maps leave BatchNorm 4 values a
-    channel, which makes float32 gradients of a random network too ill-conditioned to compare."""
-    test_one_pass_distillation_equals_two_pass_reference('resnet50', tol=1e-9)
-
-
-def test_one_pass_distillation_equals_two_pass_reference(arch='resnet18', tol=1e-4):
-    student = tiny_student(arch=arch)
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('task_bn_stats', [True, False])
+def test_one_pass_distillation_equals_two_pass_reference(float64, arch, task_bn_stats):
+    """In float64 (bottleneck proxies' 1x1 last maps at 32x32 leave BatchNorm 4 values a channel, which makes
+    float32 gradients of a random network too ill-conditioned to compare), with the universal BatchNorms on
+    batch statistics (the task's) or on the pre-trained ones."""
+    student = tiny_student(arch=arch, task_bn_stats=task_bn_stats)
     randomize_task_state(student)
     teacher = create_teacher(arch, 5).eval()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
@@ -360,22 +446,23 @@ def test_one_pass_distillation_equals_two_pass_reference(arch='resnet18', tol=1e
             + 10.0 * distillation_loss(logits, local, t_logits, t_outputs))
     loss.backward()
 
-    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12)
     ref_params = dict(reference.named_parameters())
     checked = 0
     for name, p in student.named_parameters():
         if p.requires_grad:
             ref_grad = ref_params[name].grad
-            assert (p.grad - ref_grad).abs().max() <= tol * ref_grad.abs().max(), name
+            assert (p.grad - ref_grad).abs().max() <= 1e-9 * ref_grad.abs().max(), name
             checked += 1
     assert checked > 20
-    # the second pass leaves BN running statistics as one training pass would
-    bn = student.proxies[2][0].body[1]
-    fresh = tiny_student(arch=arch)
+    # one pass updates each BatchNorm's running statistics once, as one training forward does
+    fresh = tiny_student(arch=arch, task_bn_stats=task_bn_stats)
     randomize_task_state(fresh)
     fresh.train()
     fresh(x)
-    assert torch.allclose(bn.running_mean, fresh.proxies[2][0].body[1].running_mean)
+    for bn_name in ('proxies.2.0.body.1', 'backbone.bn1'):
+        mine, theirs = dict(student.named_modules())[bn_name], dict(fresh.named_modules())[bn_name]
+        assert torch.allclose(mine.running_mean, theirs.running_mean, rtol=1e-12)
 
 
 def test_distillation_targets_reach_only_their_own_layer():
@@ -537,9 +624,11 @@ def test_task_pack_round_trip_holds_no_universal_tensor(tmp_path):
     fresh.backbone.load_state_dict(
         {k: v for k, v in student.backbone.state_dict().items() if not k.startswith('fc.')}, strict=False)
     pack = torch.load(path, weights_only=True)
-    universal_names = {f'backbone.{k}' for k in student.backbone.state_dict() if not k.startswith('fc.')}
-    assert not universal_names & set(pack['state'])
-    assert all(k.startswith(('proxies.', 'gate_logits', 'path_alive', 'backbone.fc.')) for k in pack['state'])
+    universal_weights = {f'backbone.{k}' for k, p in student.backbone.named_parameters() if not k.startswith('fc.')}
+    assert not universal_weights & set(pack['state'])
+    statistics = ('running_mean', 'running_var', 'num_batches_tracked')  # the task's own (METHOD 6b)
+    assert all(k.startswith(('proxies.', 'gate_logits', 'path_alive', 'backbone.fc.')) or k.endswith(statistics)
+               for k in pack['state'])
     pruned_proxy = [(l, j) for l in range(8) for j in range(1, len(student.proxy_sources[l]) + 1)
                     if not student.path_alive[l, j]][0]
     assert not any(k.startswith(f'proxies.{pruned_proxy[0]}.{pruned_proxy[1] - 1}.') for k in pack['state'])
@@ -565,12 +654,35 @@ def test_task_pack_for_another_student_is_refused():
         other.load_task_pack({'state_dict': {}})
 
 
+def test_proxies_start_as_released():
+    """Task-specific convolutions ~ N(0, 0.01), BatchNorm weight 1 and bias 0, gates +2 / -2."""
+    student = create_student('resnet50', 4, input_size=32)
+    weights = torch.cat([m.weight.detach().flatten() for m in student.proxies.modules() if isinstance(m, nn.Conv2d)])
+    assert weights.numel() > 10 ** 5 and abs(weights.mean()) < 1e-3 and weights.std() == pytest.approx(0.01, rel=0.02)
+    norms = [m for m in student.proxies.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in norms)
+
+
+def test_bottleneck_proxies_have_the_released_width():
+    """Hidden width max(C_out / 32, 16): ResNet50 with max_skip 3 at 224 px has 3.35 M proxy parameters and
+    0.60 GFLOPs of proxies (paper convention)."""
+    student = create_student('resnet50', 1000, input_size=224)
+    for l, block in enumerate(student.backbone.blocks):
+        for proxy in student.proxies[l]:
+            convs = [m for m in proxy.body if isinstance(m, nn.Conv2d)]
+            assert [c.out_channels for c in convs] == [max(block.conv3.out_channels // 32, 16),
+                                                       block.conv3.out_channels]
+    proxies = student.path_exists.clone()
+    proxies[:, 0] = False
+    assert round(int(student.path_params[proxies].sum()) / 1e6, 2) == 3.35
+    assert round(float(student.path_flops[proxies].sum()) / 1e9, 2) == 0.60
+
+
 def test_bottleneck_student_uses_two_layer_proxies():
     student = create_student('resnet50', 4, input_size=32)
     proxy = student.proxies[4][0]
     convs = [m for m in proxy.body if isinstance(m, nn.Conv2d)]
     assert len(convs) == 2
-    assert convs[0].out_channels == student.backbone.blocks[4].conv1.out_channels // 4
     student.eval()
     with torch.no_grad():
         logits, _ = student(torch.randn(2, 3, 32, 32))
@@ -603,8 +715,9 @@ def test_one_pass_step_under_autocast_trains_like_float32():
     assert dtype32 == torch.float32 and dtype16 == (torch.float16 if x.is_cuda else torch.bfloat16)
     assert torch.allclose(loss16, loss32, rtol=0.05)
     assert all(g is not None and torch.isfinite(g).all() for g in grads16)
-    # bfloat16 keeps 8 bits of mantissa: each parameter's gradient within ~20 degrees of float32's (0.95-1.0
-    # measured), all of them together within ~8 (0.99)
+    # bfloat16 keeps 8 bits of mantissa: each parameter's gradient within ~35 degrees of float32's (0.90-1.0
+    # measured), all of them together within ~25 (0.92; 0.98 with shared statistics: the universal BatchNorms
+    # on batch statistics add bfloat16 rounding to every layer's backward)
     assert all(F.cosine_similarity(a.flatten().float(), b.flatten(), dim=0) > 0.8 for a, b in zip(grads16, grads32))
     flat32, flat16 = torch.cat([g.flatten() for g in grads32]), torch.cat([g.flatten().float() for g in grads16])
-    assert F.cosine_similarity(flat16, flat32, dim=0) > 0.97
+    assert F.cosine_similarity(flat16, flat32, dim=0) > 0.9

@@ -73,8 +73,14 @@ def test_pipeline_run_directories(pipeline):
     retrain_args = json.load(open(pruned / 'args.json'))
     assert retrain_args['complexity_coeff'] == 0.0 and retrain_args['teacher_coeff'] == 2  # gamma1 0, gamma2 kept
     assert {'complexity', 'omega', 'ce'} <= set(json.loads(open(student / 'metrics.jsonl').readline()))
+    assert not student_args['shared_bn_stats'] and student_args['classifier_init'] == 'teacher'
+    assert not retrain_args['shared_bn_stats']  # the full student's
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
-    assert checkpoint['finished'] and not any(k.startswith('backbone.layer') for k in checkpoint['model']['state'])
+    state = checkpoint['model']['state']
+    statistics = ('running_mean', 'running_var', 'num_batches_tracked')
+    assert checkpoint['finished'] and checkpoint['model']['meta']['task_bn_stats']
+    assert not any(k.startswith('backbone.layer') and not k.endswith(statistics) for k in state)  # no weights
+    assert 'backbone.layer4.1.bn2.running_var' in state  # the task's own statistics (METHOD 6b)
     assert checkpoint['scaler'] == {}  # bfloat16 needs no gradient scaling
     for run_dir in (student, pruned):  # each student run draws the architecture it ends with
         assert (run_dir / 'architecture.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -185,28 +191,74 @@ def test_missing_dataset_and_corrupt_image(tmp_path):
         assert_one_line_error(result, 'corrupt image file', broken)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
-    args = TINY + ['--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 3, '--lr', 0.01,
-                   '--lr-schedule', 'cosine', '--warmup-epochs', 0.5, '--train-limit', 160, '--seed', 5]
-    run('main_teacher.py', *args, '--model-dir', tmp_path / 'straight')
-    interrupted = tmp_path / 'interrupted'
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'main_teacher.py'), *map(str, args),
-                                '--model-dir', str(interrupted)], cwd=REPO,
+def kill_after_first_epoch(script, args, model_dir):
+    """Start `script` and SIGKILL it as soon as its first checkpoint exists."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args),
+                                '--model-dir', str(model_dir)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = interrupted / 'checkpoint.pth'
+    checkpoint = model_dir / 'checkpoint.pth'
     deadline = time.time() + 240
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert torch.load(checkpoint, weights_only=True)['epoch'] == 0, 'the run was not interrupted after epoch 0'
+
+
+def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
+    args = TINY + ['--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 3, '--lr', 0.01,
+                   '--lr-schedule', 'cosine', '--warmup-epochs', 0.5, '--train-limit', 160, '--seed', 5]
+    run('main_teacher.py', *args, '--model-dir', tmp_path / 'straight')
+    interrupted = tmp_path / 'interrupted'
+    kill_after_first_epoch('main_teacher.py', args, interrupted)
     run('main_teacher.py', *args, '--model-dir', interrupted, '--resume')
     straight = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)
-    resumed = torch.load(checkpoint, weights_only=True)
+    resumed = torch.load(interrupted / 'checkpoint.pth', weights_only=True)
     assert resumed['finished'] and resumed['epoch'] == 2
     for key, value in straight['model'].items():
         assert torch.equal(value, resumed['model'][key]), key
     assert [json.loads(line)['epoch'] for line in open(interrupted / 'metrics.jsonl')] == [0, 1, 2]
+
+
+def test_student_resume_restores_the_tasks_batchnorm_statistics(pipeline, workdir, tmp_path):
+    """A killed student run, resumed, ends bit-exact where an uninterrupted one does, the universal blocks'
+    task statistics included."""
+    args = TINY + ['--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 2, '--lr', 0.01,
+                   '--teacher-fn', pipeline[0] / 'checkpoint.pth', '--teacher-coeff', 1, '--train-limit', 160]
+    run('main_student.py', *args, '--model-dir', tmp_path / 'straight')
+    interrupted = tmp_path / 'interrupted'
+    kill_after_first_epoch('main_student.py', args, interrupted)
+    run('main_student.py', *args, '--model-dir', interrupted, '--resume')
+    straight = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']['state']
+    resumed = torch.load(interrupted / 'checkpoint.pth', weights_only=True)['model']['state']
+    assert straight.keys() == resumed.keys() and 'backbone.layer2.0.downsample.1.running_mean' in straight
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_retraining_keeps_the_full_students_statistics_mode(pipeline, tmp_path):
+    teacher, student, _ = pipeline
+    result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
+                 '--full-model-dir', student, '--n-pruning-universal', 1, '--shared-bn-stats',
+                 '--model-dir', tmp_path / 'run', expect_ok=False)
+    assert_one_line_error(result, 'trained with task-specific BatchNorm statistics', 'drop --shared-bn-stats')
+    assert not (tmp_path / 'run').exists()
+
+
+def test_shared_statistics_and_fresh_classifier_on_request(pipeline, workdir, tmp_path):
+    teacher = pipeline[0]
+    run('main_student.py', *TINY, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+        '--teacher-fn', teacher / 'checkpoint.pth', '--model-dir', tmp_path / 'shared', '--epochs', 1,
+        '--shared-bn-stats', '--classifier-init', 'fresh', '--lr', '1e-9')
+    saved = json.load(open(tmp_path / 'shared' / 'args.json'))
+    assert saved['shared_bn_stats'] and saved['classifier_init'] == 'fresh'
+    pack = torch.load(tmp_path / 'shared' / 'checkpoint.pth', weights_only=True)['model']
+    assert not pack['meta']['task_bn_stats'] and not any(k.startswith('backbone.layer') for k in pack['state'])
+    teacher_fc = torch.load(teacher / 'checkpoint.pth', weights_only=True)['model']['fc.weight']
+    assert not torch.allclose(pack['state']['backbone.fc.weight'], teacher_fc, atol=1e-3)  # fresh, barely trained
+    out = run('main_student.py', *TINY, '--model-dir', tmp_path / 'shared', '--evaluate').stdout
+    recorded = json.loads(open(tmp_path / 'shared' / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
+    assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
 
 
 def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_path, capsys):

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import wide_nettailor
 from resnet import create_teacher
@@ -28,6 +29,14 @@ def released_weights_file(path, num_classes=1000, seed=0):
     return state
 
 
+@pytest.fixture
+def float64():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
 def test_parameter_names_follow_released_file():
     keys = list(create_teacher('wide_resnet26', 10).state_dict())
     assert all(RELEASED_KEY.match(k) for k in keys), [k for k in keys if not RELEASED_KEY.match(k)]
@@ -47,6 +56,43 @@ def test_released_layout_loads_and_replaces_the_classifier(tmp_path):
     assert [o.shape[1:] for o in outputs[3::4]] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
     with pytest.raises(UserError, match='torchvision has no ImageNet weights'):
         create_teacher('wide_resnet26', 7, pretrained='imagenet')
+
+
+def released_forward(state, x):
+    """The released Wide ResNet-26 written out from its weights file: conv-bn-relu stem, 12 blocks
+    relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut), shortcut = 2x2 average pool + zero channels where the
+    shape changes, then linear(avgpool(ends_bn(x))) with no ReLU after ends_bn."""
+    def bn(x, name):
+        return F.batch_norm(x, state[f'{name}.running_mean'], state[f'{name}.running_var'], state[f'{name}.weight'],
+                            state[f'{name}.bias'], False, 0.0, 1e-5)
+
+    x = F.relu(bn(F.conv2d(x, state['conv1.weight'], padding=1), 'bn1'))
+    for i in range(12):
+        p = f'layers.{i}'
+        stride = 2 if i % 4 == 0 else 1
+        out = F.relu(bn(F.conv2d(x, state[f'{p}.conv1.weight'], stride=stride, padding=1), f'{p}.bn1'))
+        out = bn(F.conv2d(out, state[f'{p}.conv2.weight'], padding=1), f'{p}.bn2')
+        shortcut = x
+        if stride == 2 or out.shape[1] != x.shape[1]:
+            shortcut = F.avg_pool2d(x, 2)
+            shortcut = torch.cat([shortcut, shortcut.new_zeros(shortcut.shape[0], out.shape[1] - x.shape[1],
+                                                                *shortcut.shape[2:])], dim=1)
+        x = F.relu(out + shortcut)
+    x = bn(x, 'ends_bn').mean(dim=(2, 3))
+    return F.linear(x, state['linear.weight'], state['linear.bias'])
+
+
+def test_released_weights_give_the_released_networks_logits(tmp_path, float64):
+    path = tmp_path / 'wide_resnet26.pth.tar'
+    state = {k: v.double() if v.is_floating_point() else v for k, v in released_weights_file(path).items()}
+    torch.save({'state_dict': state}, path)
+    network = create_teacher('wide_resnet26', 1000)
+    network.load_state_dict(torch.load(path, weights_only=True)['state_dict'])
+    x = torch.randn(2, 3, 64, 64)
+    for frozen in (False, True):  # as defined, and folded as a frozen network runs
+        network.eval().requires_grad_(not frozen)
+        with torch.no_grad():
+            assert torch.allclose(network(x)[0], released_forward(state, x), rtol=1e-10, atol=1e-12)
 
 
 def test_wide_student_with_all_proxies_pruned_is_the_teacher(tmp_path):
