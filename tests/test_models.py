@@ -415,14 +415,6 @@ def test_eval_after_fused_optimizer_steps_folds_the_new_weights():
     assert torch.allclose(after, refolded, atol=1e-5)
 
 
-@pytest.fixture
-def float64():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(default)
-
-
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
 @pytest.mark.parametrize('task_bn_stats', [True, False])
 def test_one_pass_distillation_equals_two_pass_reference(float64, arch, task_bn_stats):

@@ -29,14 +29,6 @@ def released_weights_file(path, num_classes=1000, seed=0):
     return state
 
 
-@pytest.fixture
-def float64():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(default)
-
-
 def test_parameter_names_follow_released_file():
     keys = list(create_teacher('wide_resnet26', 10).state_dict())
     assert all(RELEASED_KEY.match(k) for k in keys), [k for k in keys if not RELEASED_KEY.match(k)]
