@@ -328,7 +328,7 @@ class NetTailor(nn.Module):
             proxy_paths = [j for j in paths if j > 0]
             inputs = [self._pooled(nodes, l, j, pool_cache) for j in proxy_paths]
             if paths[0] == 0:
-                inputs.append(self.backbone.blocks[l].forward_pre_relu(nodes[l]))
+                inputs.append(self.backbone.universal_path(l, nodes[l]))
             layer_gates = gate_rows[l].unbind()
             combine = functools.partial(self._combine, l, proxy_paths, layer_gates, fold)
             if distill:

@@ -240,6 +240,12 @@ class BlockNet(nn.Module):
     `forward_head`, `head_prefixes` (names of the task-specific head modules), `block_kind`
     ('basic' or 'bottleneck': which proxy NetTailor attaches) and `arch` (a name).
     """
+    gated_after_relu = False  # NetTailor's gate scales the block's sum before its final ReLU (METHOD 3)
+
+    def universal_path(self, l, x):
+        """Block l's output as NetTailor's layer l gates it (`gated_after_relu`: after the block's ReLU)."""
+        block = self.blocks[l]
+        return block(x) if self.gated_after_relu else block.forward_pre_relu(x)
 
     def forward(self, x):
         x = self.forward_stem(x)

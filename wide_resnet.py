@@ -42,6 +42,7 @@ class WideResNet(BlockNet):
     arch = 'wide_resnet26'
     block_kind = 'basic'
     head_prefixes = ('ends_bn', 'linear')
+    gated_after_relu = True  # as the released Wide ResNet student, which the released task checkpoints expect
 
     def __init__(self, num_classes=1000):
         super().__init__()

@@ -1,55 +1,110 @@
-"""Download the released NetTailor universal blocks: the Wide ResNet-26 pre-trained on the decathlon's
-imagenet12, saved as checkpoints/wide_resnet26.pth.tar.
+"""Download the authors' released NetTailor decathlon models: the universal blocks (the Wide ResNet-26
+pre-trained on the decathlon's imagenet12, checkpoints/wide_resnet26.pth.tar) and the task-specific blocks
+of their final decathlon students (decathlon_models.tar.gz, unpacked into checkpoints/decathlon_models/).
 
-WIDE_RESNET26_URL is where the authors published the file (their lab's web space); it cannot be checked
-from here and may have moved. Pass --url to fetch it from another location (any http(s) URL of the same
-file), or copy the file to checkpoints/wide_resnet26.pth.tar yourself. An existing file is kept.
+The URLs are where the authors published the files (their lab's web space); they cannot be checked from
+here and may have moved. Pass --url / --models-url to fetch them from another location (any http(s) URL
+of the same file), or copy the files there yourself. What already exists is kept.
 
     python checkpoints/download_models.py [--url URL] [--output checkpoints/wide_resnet26.pth.tar]
+                                          [--models-url URL] [--models-dir checkpoints/decathlon_models]
+    python checkpoints/convert_released.py checkpoints/decathlon_models --out checkpoints/released_packs
 """
 import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torchvision.datasets.utils import download_url  # noqa: E402
+from torchvision.datasets.utils import download_url, extract_archive  # noqa: E402
 
 import utils  # noqa: E402
 from utils import UserError  # noqa: E402
+from wide_nettailor import released_task_checkpoints  # noqa: E402
 
 WIDE_RESNET26_URL = 'http://www.svcl.ucsd.edu/~morgado/nettailor/data/wide_resnet26.pth.tar'
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wide_resnet26.pth.tar')
+DECATHLON_MODELS_URL = 'http://www.svcl.ucsd.edu/~morgado/nettailor/data/decathlon_models.tar.gz'
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUTPUT = os.path.join(HERE, 'wide_resnet26.pth.tar')
+DEFAULT_MODELS_DIR = os.path.join(HERE, 'decathlon_models')
 
 
-def check_reachable(url):
-    utils.check_reachable(url, "downloading the released weights needs internet access; pass --url for another "
-                               f"location or copy the file to {DEFAULT_OUTPUT}")
+def check_reachable(url, flag, destination):
+    utils.check_reachable(url, f"downloading the released models needs internet access; pass {flag} for another "
+                               f"location or copy the file to {destination}")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--url', default=WIDE_RESNET26_URL, help=f'where to fetch it (default {WIDE_RESNET26_URL})')
-    parser.add_argument('--output', default=DEFAULT_OUTPUT, help='where to save it (default %(default)s)')
+    parser.add_argument('--url', default=WIDE_RESNET26_URL, help='where to fetch the universal blocks (default %(default)s)')
+    parser.add_argument('--output', default=DEFAULT_OUTPUT, help='where to save them (default %(default)s)')
+    parser.add_argument('--models-url', default=DECATHLON_MODELS_URL,
+                        help='where to fetch the task-specific blocks (default %(default)s)')
+    parser.add_argument('--models-dir', default=DEFAULT_MODELS_DIR,
+                        help='where to unpack them, one folder per task (default %(default)s)')
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if os.path.isfile(args.output):
-        print(f'{args.output} exists, kept')
-        return
-    check_reachable(args.url)
-    folder, filename = os.path.split(os.path.abspath(args.output))
+def download(url, path, flag):
+    """`url` saved as `path`, through a partial file renamed when complete."""
+    check_reachable(url, flag, path)
+    folder, filename = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, filename + '.part')
     if os.path.exists(partial):
         os.remove(partial)
     try:
-        download_url(args.url, folder, filename + '.part')
+        download_url(url, folder, filename + '.part')
     except OSError as error:
-        raise UserError(f"downloading {args.url} failed ({error}); pass --url for another location") from error
-    os.replace(partial, args.output)
+        raise UserError(f"downloading {url} failed ({error}); pass {flag} for another location") from error
+    os.replace(partial, path)
+
+
+def fetch_universal(args):
+    if os.path.isfile(args.output):
+        print(f'{args.output} exists, kept')
+        return
+    download(args.url, args.output, '--url')
     print(f'saved {args.output}')
+
+
+def fetch_task_models(args):
+    """The released task checkpoints, unpacked into --models-dir (whole, or not at all)."""
+    if os.path.isdir(args.models_dir) and released_task_checkpoints(args.models_dir):
+        print(f'{args.models_dir} holds released task checkpoints, kept')
+        return
+    if os.path.isdir(args.models_dir) and os.listdir(args.models_dir):
+        raise UserError(f"{args.models_dir} exists but holds no released task checkpoint; move it away or pass "
+                        "another --models-dir")
+    parent = os.path.dirname(os.path.abspath(args.models_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix='.decathlon_models-') as scratch:
+        archive = os.path.join(scratch, os.path.basename(args.models_url.split('?')[0]) or 'decathlon_models.tar.gz')
+        download(args.models_url, archive, '--models-url')
+        unpacked = os.path.join(scratch, 'unpacked')
+        try:
+            extract_archive(archive, unpacked, remove_finished=True)
+        except Exception as error:
+            raise UserError(f"{args.models_url} is not a readable archive ({error}); pass --models-url for "
+                            "another location") from error
+        entries = os.listdir(unpacked)
+        root = os.path.join(unpacked, entries[0]) if len(entries) == 1 and os.path.isdir(
+            os.path.join(unpacked, entries[0])) else unpacked
+        tasks = released_task_checkpoints(root)
+        if not tasks:
+            raise UserError(f"{args.models_url} holds no task checkpoint named after a decathlon task")
+        if os.path.isdir(args.models_dir):
+            os.rmdir(args.models_dir)  # empty
+        os.replace(root, args.models_dir)
+    print(f"unpacked the released task-specific blocks of {len(tasks)} tasks ({', '.join(sorted(tasks))}) "
+          f"into {args.models_dir}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fetch_universal(args)
+    fetch_task_models(args)
 
 
 if __name__ == '__main__':

@@ -348,10 +348,15 @@ def test_download_decathlon_fails_fast_and_clearly_offline(tmp_path):
 
 def test_download_models_fails_fast_and_clearly_offline(tmp_path):
     downloader = load_script('checkpoints/download_models.py')
-    output = str(tmp_path / 'wide_resnet26.pth.tar')
-    with pytest.raises(UserError, match='^cannot reach 127.0.0.1 .*--url'):
-        downloader.main(['--url', closed_local_url('w.pth.tar'), '--output', output])
-    assert not os.path.exists(output)
+    output, models = tmp_path / 'wide_resnet26.pth.tar', tmp_path / 'decathlon_models'
+    with pytest.raises(UserError, match=f'^cannot reach 127.0.0.1 .*--url .*{output}'):
+        downloader.main(['--url', closed_local_url('w.pth.tar'), '--output', str(output), '--models-dir', str(models)])
+    assert not output.exists()
+    output.write_bytes(b'weights')  # the universal blocks are there, the task-specific ones are not
+    with pytest.raises(UserError, match='^cannot reach 127.0.0.1 .*--models-url'):
+        downloader.main(['--output', str(output), '--models-url', closed_local_url('m.tar.gz'),
+                         '--models-dir', str(models)])
+    assert sorted(os.listdir(tmp_path)) == ['wide_resnet26.pth.tar']  # nothing half-written left behind
 
 
 def refuse_network(*args, **kwargs):
@@ -402,18 +407,48 @@ def test_download_decathlon_fetches_only_the_missing_archive(tmp_path, monkeypat
     assert not os.path.exists(os.path.join(data_dir, 'decathlon-1.0', 'data', 'decathlon-1.0-data.tar.gz'))
 
 
-def test_download_models_skips_an_existing_file_and_saves_a_new_one(tmp_path, monkeypatch):
+def released_fixture_archive(path):
+    """A decathlon_models.tar.gz like the authors': a top folder, one folder per task holding its checkpoint."""
+    import tarfile
+    with tarfile.open(path, 'w:gz') as archive:
+        archive.add(os.path.join(REPO_ROOT, 'tests', 'data', 'released_fixture', 'task', 'checkpoint.pth.tar'),
+                    arcname='decathlon_models/svhn/checkpoint.pth.tar')
+
+
+def test_download_models_skips_what_exists_and_fetches_what_is_missing(tmp_path, monkeypatch, capsys):
     downloader = load_script('checkpoints/download_models.py')
-    output = tmp_path / 'wide_resnet26.pth.tar'
+    output, models = tmp_path / 'wide_resnet26.pth.tar', tmp_path / 'decathlon_models'
     output.write_bytes(b'weights')
+    (models / 'svhn').mkdir(parents=True)
+    (models / 'svhn' / 'checkpoint.pth.tar').write_bytes(b'task')
     monkeypatch.setattr(downloader, 'check_reachable', refuse_network)
     monkeypatch.setattr(downloader, 'download_url', refuse_network)
-    downloader.main(['--output', str(output)])
-    assert output.read_bytes() == b'weights'
+    downloader.main(['--output', str(output), '--models-dir', str(models)])
+    assert output.read_bytes() == b'weights' and 'holds released task checkpoints, kept' in capsys.readouterr().out
 
     output.unlink()
-    monkeypatch.setattr(downloader, 'check_reachable', lambda url: None)
-    monkeypatch.setattr(downloader, 'download_url',
-                        lambda url, folder, filename: open(os.path.join(folder, filename), 'wb').close())
-    downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar'])
-    assert os.listdir(tmp_path) == ['wide_resnet26.pth.tar']
+    (models / 'svhn' / 'checkpoint.pth.tar').unlink()
+    (models / 'svhn').rmdir()
+    fetched = []
+
+    def fake_download(url, folder, filename):
+        fetched.append(url)
+        if url.endswith('.tar.gz'):
+            released_fixture_archive(os.path.join(folder, filename))
+        else:
+            open(os.path.join(folder, filename), 'wb').close()
+
+    monkeypatch.setattr(downloader, 'check_reachable', lambda url, flag, destination: None)
+    monkeypatch.setattr(downloader, 'download_url', fake_download)
+    downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar', '--models-dir', str(models),
+                     '--models-url', 'https://example.org/decathlon_models.tar.gz'])
+    assert fetched == ['https://example.org/w.pth.tar', 'https://example.org/decathlon_models.tar.gz']
+    assert sorted(os.listdir(tmp_path)) == ['decathlon_models', 'wide_resnet26.pth.tar']
+    assert os.listdir(models) == ['svhn'] and os.listdir(models / 'svhn') == ['checkpoint.pth.tar']
+    assert 'released task-specific blocks of 1 tasks (svhn)' in capsys.readouterr().out
+
+    (models / 'svhn' / 'checkpoint.pth.tar').unlink()
+    (models / 'svhn' / 'notes.txt').write_text('mine')
+    with pytest.raises(UserError, match='holds no released task checkpoint; move it away'):
+        downloader.main(['--output', str(output), '--models-dir', str(models)])
+    assert (models / 'svhn' / 'notes.txt').read_text() == 'mine'

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,8 +17,10 @@ from nbclient import NotebookClient
 
 import main_student
 import utils
-from decathlon_dataloaders import CATEGORY_BASE, annotation_path
-from main_teacher import checkpoint_path
+from torch.utils.data import DataLoader
+
+from decathlon_dataloaders import CATEGORY_BASE, DecathlonDataset, annotation_path, decathlon_transform
+from main_teacher import checkpoint_path, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'deploy_decathlon.ipynb')
@@ -82,26 +85,35 @@ def files_under(folder):
     return sorted(os.path.join(path, name) for path, _, names in os.walk(folder) for name in names)
 
 
-@pytest.fixture(scope='module')
-def executed_notebook(decathlon, tmp_path_factory):
-    """deploy_decathlon.ipynb executed headless on the tiny runs: the notebook and the text its code cells printed."""
+def execute_notebook(runtime, **env):
+    """deploy_decathlon.ipynb executed headless with the NETTAILOR_* variables `env`: the notebook and the text
+    its code cells printed."""
     assert 'python3' in find_kernel_specs(), "no 'python3' Jupyter kernel: install ipykernel in this environment"
-    runtime = tmp_path_factory.mktemp('jupyter')
-    models_before = files_under(decathlon['models'])
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv('NETTAILOR_DATA_DIR', str(decathlon['data']))
-        env.setenv('NETTAILOR_MODEL_ROOT', str(decathlon['models']))
-        env.setenv('NETTAILOR_UNIVERSAL', str(decathlon['universal']))
-        env.setenv('OMP_NUM_THREADS', '1')
-        env.setenv('JUPYTER_RUNTIME_DIR', str(runtime / 'runtime'))
-        env.setenv('IPYTHONDIR', str(runtime / 'ipython'))
-        env.setenv('TMPDIR', str(runtime))  # where the notebook writes the task packs
+    runtime.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ('NETTAILOR_RELEASED', 'NETTAILOR_MODEL_ROOT'):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(f'NETTAILOR_{name.upper()}', str(value))
+        patch.setenv('OMP_NUM_THREADS', '1')
+        patch.setenv('JUPYTER_RUNTIME_DIR', str(runtime / 'runtime'))
+        patch.setenv('IPYTHONDIR', str(runtime / 'ipython'))
+        patch.setenv('TMPDIR', str(runtime))  # where the notebook writes the task packs
         NotebookClient(notebook, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
-    assert files_under(decathlon['models']) == models_before, 'the notebook must only read the runs'
     text = '\n'.join(output.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
                      for output in cell.outputs)
     return {'notebook': notebook, 'text': text}
+
+
+@pytest.fixture(scope='module')
+def executed_notebook(decathlon, tmp_path_factory):
+    """The notebook on the tiny runs."""
+    models_before = files_under(decathlon['models'])
+    executed = execute_notebook(tmp_path_factory.mktemp('jupyter'), data_dir=decathlon['data'],
+                                model_root=decathlon['models'], universal=decathlon['universal'])
+    assert files_under(decathlon['models']) == models_before, 'the notebook must only read the runs'
+    return executed
 
 
 def test_runs_are_finished_and_svhn_is_pruned(decathlon):
@@ -194,3 +206,28 @@ def test_notebook_reports_storage_switch_time_and_accuracy(decathlon, executed_n
     drawn = [cell.source for cell in cells if cell.cell_type == 'code'
              if any('image/png' in output.get('data', {}) for output in cell.outputs)]
     assert len(drawn) == 2 and 'plot_architecture(stats, ax=ax, name=task)' in drawn[0]  # architectures, samples
+
+
+def test_notebook_deploys_the_released_models(decathlon, tmp_path):
+    """The released path: the authors' universal weights loaded once and their task checkpoints converted and
+    attached (here the fixture made by the released code, as an svhn model, on the miniature's svhn images)."""
+    from test_wide import FIXTURE, released_fixture_student, released_fixture_universal
+    from wide_nettailor import load_released_pack
+    released = tmp_path / 'decathlon_models'
+    (released / 'svhn').mkdir(parents=True)
+    shutil.copy(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), released / 'svhn' / 'checkpoint.pth.tar')
+    released_fixture_universal(tmp_path / 'wide_resnet26.pth.tar')
+    text = execute_notebook(tmp_path / 'jupyter', released=released, universal=tmp_path / 'wide_resnet26.pth.tar',
+                            data_dir=decathlon['data'])['text']
+    assert f"Models:            {released} -- the released models, chosen by NETTAILOR_RELEASED" in text
+    assert re.search(r'svhn +\(released\): .*universal weights shared with the loaded blocks: True; '
+                     r'BatchNorm statistics its own: True', text)
+    assert '== svhn (released): 10/12 universal blocks, 30/33 proxies' in text
+    student = released_fixture_student(tmp_path, load_released_pack(str(released / 'svhn' / 'checkpoint.pth.tar')))
+    dataset = DecathlonDataset('svhn', 'val', decathlon['data'],
+                               decathlon_transform('svhn', False, data_dir=decathlon['data']))
+    expected = evaluate(student, DataLoader(dataset, batch_size=7), 'cpu')
+    accuracy = re.search(r'svhn +val top-1 accuracy ([\d.]+)% on (\d+) images \(recorded: acc 0.0 in the released '
+                         r'checkpoint\)', text)
+    assert float(accuracy.group(1)) == pytest.approx(expected, abs=0.01) and int(accuracy.group(2)) == len(dataset)
+    assert re.search(r'svhn +task pack [\d.]+ MB on disk', text) and 'NetTailor, 1 tasks' in text

@@ -324,7 +324,7 @@ def reference_layer(student, gates, l, inputs):
     total = 0
     for j in student._alive_paths[l]:
         if j == 0:
-            total = total + gates[l, j] * student.backbone.blocks[l].forward_pre_relu(inputs[l])
+            total = total + gates[l, j] * student.backbone.universal_path(l, inputs[l])
         else:
             total = total + gates[l, j] * student.proxies[l][j - 1](inputs[student.proxy_sources[l][j - 1]])
     return F.relu(total)

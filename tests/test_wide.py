@@ -1,13 +1,22 @@
 """Wide ResNet-26 (the decathlon backbone) and the NetTailor student built on it."""
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import resnet
 import wide_nettailor
+from nettailor import student_on_universal
 from resnet import create_teacher
 from utils import UserError
+from wide_nettailor import pack_from_released
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RELEASED_KEY = re.compile(r'^(conv1\.weight|bn1\.\w+|layers\.([0-9]|1[01])\.(conv1\.weight|bn1\.\w+|conv2\.weight|bn2\.\w+)'
                           r'|ends_bn\.\w+|linear\.(weight|bias))$')
@@ -115,3 +124,91 @@ def test_wide_student_trains_and_prunes_at_72px():
     assert logits.shape == (4, 4) and local[-1].shape == (4, 256, 9, 9)
     student.prune(4, 0.0)
     assert student.stats()['universal_blocks_kept'] == 8
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'released_fixture')
+
+
+def released_fixture_universal(path):
+    """The fixture's universal weights (int8 with exact power-of-two scales) as the released
+    wide_resnet26.pth.tar lays them out: {'state_dict': {key: float32 tensor}}."""
+    compact = torch.load(os.path.join(FIXTURE, 'universal_int8.pt'), weights_only=True)
+    state = {key: value if torch.is_tensor(value) else value[2] + value[0].float() * value[1]
+             for key, value in compact.items()}
+    torch.save({'state_dict': state}, path)
+    return state
+
+
+def released_fixture_student(tmp_path, pack):
+    universal_file = tmp_path / 'wide_resnet26.pth.tar'
+    state = released_fixture_universal(universal_file)
+    universal = create_teacher('wide_resnet26', state['linear.weight'].shape[0], pretrained=str(universal_file))
+    return student_on_universal(universal.eval(), pack, input_size=64).eval()
+
+
+def test_converted_released_checkpoint_computes_the_released_logits(tmp_path):
+    """The fixture's task checkpoint (made by the released code: some paths pruned, per-task statistics),
+    converted and attached to the released universal weights, gives the released student's logits."""
+    checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
+    student = released_fixture_student(tmp_path, pack_from_released(checkpoint))
+    expected = torch.load(os.path.join(FIXTURE, 'expected.pt'), weights_only=True)
+    with torch.no_grad():
+        logits = student(expected['input'])[0]
+        assert torch.allclose(logits, expected['logits'], rtol=1e-5, atol=1e-5 * expected['logits'].abs().max())
+        with resnet.unfolded():  # the plain modules too, not only the folded eval path
+            plain = student(expected['input'])[0]
+        assert torch.allclose(plain, expected['logits'], rtol=1e-5, atol=1e-5 * expected['logits'].abs().max())
+    stats = student.stats()
+    flags = checkpoint['keep_flags']
+    assert stats['universal_blocks_kept'] == sum(row[0] for row in flags) == 10
+    assert stats['proxies_kept'] == sum(sum(row[1:]) for row in flags) == 30
+    # the released proxy k reads the k-th nearest earlier node; here proxies run oldest source first
+    assert student.proxy_sources[5] == [3, 4, 5] and not student.path_alive[5, 2]  # released layer 5, proxy 1
+
+
+def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path):
+    released = tmp_path / 'decathlon_models'
+    for task in ('svhn', 'gtsrb'):
+        (released / task).mkdir(parents=True)
+        shutil.copy(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), released / task / 'checkpoint.pth.tar')
+    command = [sys.executable, os.path.join(REPO, 'checkpoints', 'convert_released.py')]
+    result = subprocess.run(command + [str(released), '--out', str(tmp_path / 'packs')], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / 'packs')) == ['gtsrb.pth', 'svhn.pth']
+    assert 'svhn' in result.stdout and '10/12 universal blocks kept' in result.stdout
+    result = subprocess.run(command + [str(released / 'svhn' / 'checkpoint.pth.tar'), '--out', str(tmp_path / 'one.pth')],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    pack = torch.load(tmp_path / 'one.pth', weights_only=True)
+    expected = torch.load(os.path.join(FIXTURE, 'expected.pt'), weights_only=True)
+    with torch.no_grad():
+        logits = released_fixture_student(tmp_path, pack)(expected['input'])[0]
+    assert torch.allclose(logits, expected['logits'], rtol=1e-5, atol=1e-5 * expected['logits'].abs().max())
+
+    bad = {'a teacher checkpoint': {'model': {}, 'args': {}},
+           'a truncated one': None}
+    for what, content in bad.items():
+        path = tmp_path / 'bad.pth.tar'
+        if content is None:
+            path.write_bytes((released / 'svhn' / 'checkpoint.pth.tar').read_bytes()[:4000])
+        else:
+            torch.save(content, path)
+        result = subprocess.run(command + [str(path), '--out', str(tmp_path / 'bad.pth')], capture_output=True,
+                                text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), (what, result.stderr)
+        assert str(path) in lines[0] and not (tmp_path / 'bad.pth').exists()
+
+
+def test_incomplete_released_checkpoint_is_refused():
+    checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
+    del checkpoint['state_dict']['layers.4.proxies.2.bn.running_var']
+    with pytest.raises(UserError, match='lacks layers.4.proxies.2.bn.running_var'):
+        pack_from_released(checkpoint, 'x.pth.tar')
+    checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
+    checkpoint['state_dict']['layers.0.main.conv1.weight'] = torch.zeros(1)
+    with pytest.raises(UserError, match='holds tensors a released task checkpoint does not: layers.0.main.conv1'):
+        pack_from_released(checkpoint, 'x.pth.tar')
+    checkpoint['keep_flags'] = checkpoint['keep_flags'][:-1]
+    with pytest.raises(UserError, match='keep_flags do not describe a Wide ResNet-26 student'):
+        pack_from_released(checkpoint, 'x.pth.tar')
