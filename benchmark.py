@@ -3,9 +3,8 @@
 Times, on the same batch and machine, interleaved round by round (so machine noise hits all alike;
 ratios are the median of each round's ratio):
   teacher forward (eval)         the unit every other time is divided by: a plain forward (trainable weights)
-  frozen teacher forward         the same with its weights frozen, as main_student.py runs the teacher and NetTailor
-                                 its universal blocks (resnet.conv_bn: BatchNorm folded; on the CPU small maps as
-                                 matrix products, Winograd)
+  frozen teacher forward         the same with its weights frozen and folded (fast.freeze), as main_student.py runs
+                                 the teacher and NetTailor its universal blocks in eval mode
   teacher train step             a fine-tuning step of the teacher (stage 1): forward, CE, backward, SGD step
   student train step             frozen teacher forward + student forward + CE, E[C] and Omega + backward + SGD step
                                  (the universal BatchNorms on batch statistics: the task's own, as released)
@@ -30,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from main_teacher import MixedPrecision, fused_available
-from nettailor import create_student, distillation_loss
-from resnet import create_teacher
+from nettailor import create_student, distillation_loss, two_pass_loss
+import fast
+from backbones import create_teacher
 from utils import resolve_device, run_cli
 
 
@@ -56,11 +56,10 @@ def get_args_parser():
 
 def two_pass_step(student, teacher, optimizer, x, y, precision):
     """The released code's formulation: each layer recomputed on detached inputs."""
-    from tests.test_models import reference_two_pass_loss
     with precision.autocast():
         with torch.no_grad():
             t_logits, t_outputs = teacher(x)
-        loss = reference_two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0)
+        loss = two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0)
     precision.backward_and_step(loss, optimizer)
 
 
@@ -111,7 +110,9 @@ def main(args):
     torch.manual_seed(0)
     num_classes = 10
     teacher = create_teacher(args.arch, num_classes).to(device).eval()
-    frozen_teacher = create_teacher(args.arch, num_classes).to(device).eval().requires_grad_(False)  # as load_teacher
+    frozen_teacher = create_teacher(args.arch, num_classes).eval().requires_grad_(False)  # as load_teacher
+    fast.freeze(frozen_teacher)
+    frozen_teacher.to(device)
     student = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     shared = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size,
                             task_bn_stats=False).to(device)

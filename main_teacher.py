@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from resnet import create_teacher
+import fast
+from backbones import create_teacher
 from utils import UserError
 
 
@@ -242,7 +243,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
 
 def load_teacher(path, device, num_classes=None, arch=None):
     """A trained teacher from its checkpoint, checked against the expected class count and arch; in eval mode
-    with its weights frozen, so that its convolutions run folded (`resnet.conv_bn`), as the universal blocks do."""
+    with its weights frozen and folded (`fast.freeze`): it is fixed while the student trains."""
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if not {'model', 'args', 'num_classes'} <= set(checkpoint):
         raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
@@ -254,7 +255,9 @@ def load_teacher(path, device, num_classes=None, arch=None):
                         f"{num_classes}: wrong --teacher-fn?")
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])
-    return model.to(device).eval().requires_grad_(False), checkpoint
+    model.eval().requires_grad_(False)
+    fast.freeze(model)
+    return model.to(device), checkpoint
 
 
 def main(args):

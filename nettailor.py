@@ -2,17 +2,21 @@
 
 Layer l (0-based here, producing node l+1) combines its universal block and proxies from the
 `max_skip` most recent nodes:  x_{l+1} = relu(sum_j a_lj * path_lj(x_source)).  Path 0 of every
-layer is the universal block, paths 1.. are proxies.  Gates live in one padded (L, P) tensor;
-`path_alive` marks the paths that exist and survived pruning.
-"""
+layer is the universal block, paths 1.. are proxies, oldest source first.  Gates live in one padded
+(L, P) tensor; `path_alive` marks the paths that exist and survived pruning.
 
+`reference_layer` and `two_pass_loss` state the layer and the released code's loss with the plain
+modules; `NetTailor.forward` computes the same through fast.py's exact equivalents (folded frozen
+layers, proxies folded for evaluation) and computes each layer once (`split_gradient`).
+"""
 import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet import cached_derivation, create_teacher, fold_bn, fold_bn_sources, forget_folds, unfolded
+import fast
+from backbones import create_teacher
 from utils import UserError, atomic_save
 
 GATE_INIT_UNIVERSAL = 2.0
@@ -43,9 +47,11 @@ def count_flops(module, run, layer_types=(nn.Conv2d, nn.BatchNorm2d, nn.Linear))
         else:
             total += m.in_features * m.out_features
 
+    if any(isinstance(m, nn.Conv2d) and fast.is_folded(m) for m in module.modules()):
+        raise ValueError("count_flops counts the layers as defined: thaw a network folded by fast.freeze first")
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, layer_types)]
     try:
-        with torch.no_grad(), unfolded():
+        with torch.no_grad():
             run()
     finally:
         for h in handles:
@@ -55,68 +61,6 @@ def count_flops(module, run, layer_types=(nn.Conv2d, nn.BatchNorm2d, nn.Linear))
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def pointwise_conv(x, weight, bias=None):
-    """F.conv2d(x, weight, bias) for a 1x1 `weight`.  On the CPU, over maps of 8x8 or more, as a batched
-    matrix product: oneDNN's NCHW 1x1 kernels are up to 2x slower there (64 channels, 16x16 to 56x56)."""
-    n, c, h, w = x.shape
-    if x.device.type != 'cpu' or h * w < 64:
-        return F.conv2d(x, weight, bias)
-    out_c = weight.shape[0]
-    weight = weight.view(out_c, c).expand(n, out_c, c)
-    x = x.reshape(n, c, h * w)
-    if bias is None:
-        return torch.bmm(weight, x).view(n, out_c, h, w)
-    return torch.baddbmm(bias.view(1, out_c, 1).expand(n, out_c, h * w), weight, x).view(n, out_c, h, w)
-
-
-def batch_norm(bn, x, scale=None):
-    """`bn(x)` with its affine parameters multiplied by `scale` (a gate folded in for free)."""
-    weight, bias = bn.weight, bn.bias
-    if scale is not None:
-        weight, bias = weight * scale, bias * scale
-    if bn.training:
-        bn.num_batches_tracked.add_(1)
-    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.training, bn.momentum, bn.eps)
-
-
-class _SplitGradient(torch.autograd.Function):
-    """See `split_gradient`. The graph of `fn` is built once in forward and walked twice in backward."""
-
-    @staticmethod
-    def forward(ctx, fn, num_inputs, *tensors):
-        inputs, weights = tensors[:num_inputs], tensors[num_inputs:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-            out = fn(*leaves)
-        ctx.graph = out, leaves, weights
-        return out.detach(), out.detach()
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_local):
-        out, leaves, weights = ctx.graph
-        ctx.graph = None
-        grads = [None] * (len(leaves) + len(weights))
-        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
-        if wanted:  # inputs: only the end-to-end gradient
-            for i, g in zip(wanted, torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, retain_graph=True)):
-                grads[i] = g
-        wanted = [i for i, t in enumerate(weights) if t.requires_grad]
-        if wanted:  # weights: both
-            found = torch.autograd.grad(out, [weights[i] for i in wanted], grad_out + grad_local, allow_unused=True)
-            for i, g in zip(wanted, found):
-                grads[len(leaves) + i] = g
-        return (None, None, *grads)
-
-
-def split_gradient(fn, inputs, weights):
-    """(y, y_local) with y = fn(*inputs) computed once; `weights` are tensors fn uses by reference.
-
-    y's gradient reaches `inputs` and `weights`; y_local's reaches only `weights`, exactly as if fn
-    had been re-run on detached inputs, without re-running it.
-    """
-    return _SplitGradient.apply(fn, len(inputs), *inputs, *weights)
 
 
 class Proxy(nn.Module):
@@ -141,38 +85,7 @@ class Proxy(nn.Module):
                 nn.init.normal_(m.weight, 0.0, PROXY_INIT_STD)
 
     def forward(self, x):
-        return self.body(self.pooled(x))
-
-    def pooled(self, x):
-        """x max-pooled to the target resolution.  On the CPU the pooling runs, and its result stays, in
-        channels-last layout, whatever x's (NCHW, or the (h, w, n, c) that `resnet.winograd_conv3x3` leaves):
-        PyTorch's max-pool kernel for other layouts is ~10x slower there (2-6 ms vs 0.3-0.6 ms for 32x64x16x16)."""
-        if self.stride > 1 and x.device.type == 'cpu':
-            return self.pool(x.contiguous(memory_format=torch.channels_last))
-        return self.pool(x)
-
-    def gated_body(self, pooled, gate):
-        """gate * body(pooled), the gate folded into the last BatchNorm.  On the CPU, maps under 8x8 run as
-        (pixel, channel) matrices: a proxy's forward and backward measured 1.1-1.8x faster that way than
-        with the NCHW kernels (4x4 and 2x2 maps, batch 32)."""
-        n, c, h, w = pooled.shape
-        as_matrix = pooled.device.type == 'cpu' and h * w < 64
-        x = pooled.permute(0, 2, 3, 1).reshape(n * h * w, c) if as_matrix else pooled
-        *layers, last_bn = self.body
-        for m in layers:
-            if isinstance(m, nn.Conv2d):
-                x = x @ m.weight.flatten(1).t() if as_matrix else pointwise_conv(x, m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                x = batch_norm(m, x)
-            else:
-                x = m(x)
-        x = batch_norm(last_bn, x, scale=gate)
-        return x.view(n, h, w, -1).permute(0, 3, 1, 2) if as_matrix else x
-
-    def folded_conv(self, gate):
-        """(weight, bias) of one 1x1 conv equal to gate * body in eval mode (single-conv proxies)."""
-        weight, bias = fold_bn(*self.body)
-        return gate * weight, gate * bias
+        return self.body(self.pool(x))
 
 
 def parse_max_skip(max_skip, num_layers):
@@ -186,6 +99,18 @@ def parse_max_skip(max_skip, num_layers):
     if not 1 <= value <= num_layers:
         raise UserError(f"--max-skip must be an integer in [1, {num_layers}] or 'dense', got {max_skip!r}")
     return value
+
+
+def reference_layer(student, l, nodes, gates):
+    """Layer l as METHOD 3 states it, with the plain modules: relu(sum over its surviving paths of gate * path),
+    the universal path G_l(x_l) and each proxy A_pl(x_p)."""
+    total = 0
+    for j in student._alive_paths[l]:
+        if j == 0:
+            total = total + gates[l, 0] * student.backbone.universal_path(l, nodes[l])
+        else:
+            total = total + gates[l, j] * student.proxies[l][j - 1](nodes[student.proxy_sources[l][j - 1]])
+    return F.relu(total)
 
 
 class NetTailor(nn.Module):
@@ -232,10 +157,10 @@ class NetTailor(nn.Module):
         self.register_buffer('path_source', source, persistent=False)
         leaves = source.flatten() == torch.arange(num_layers).unsqueeze(1)
         self.register_buffer('path_leaves', leaves, persistent=False)  # (node, flat path): path leaves node
-        self.eval()  # batch-of-one probes
+        self.backbone.eval(), self.proxies.eval()  # batch-of-one probes, on the modules as defined
         self._measure_costs(shapes)
-        self.train()
         self._refresh_alive_paths()
+        self.train()
 
     # ----- construction helpers -----
     def universal_modules(self):
@@ -288,49 +213,64 @@ class NetTailor(nn.Module):
         self._alive_paths = [[j for j, on in enumerate(row) if on] for row in alive]
 
     def train(self, mode=True):
-        """With shared BatchNorm statistics the universal blocks stay in eval mode.
-
-        Entering eval mode drops every folded weight: the caches notice in-place updates by their tensors'
-        version counters, which neither fused optimizers (`torch.optim.SGD(..., fused=True)`, as
-        main_teacher.make_optimizer builds them) nor BatchNorm's running-average updates bump."""
+        """With shared BatchNorm statistics the universal blocks stay in eval mode.  A mode change is a fold
+        point (fast.py): training may have changed the proxies, the gates and the task's statistics."""
+        changed = mode != self.training
         super().train(mode)
         if not self.task_bn_stats:
             for m in self.universal_modules():
                 m.eval()
-        if not mode:
-            forget_folds(self)
+        self._fold(universal=changed)
         return self
 
-    # ----- forward -----
+    def _fold(self, universal=True):
+        """Fold what is frozen now: the universal blocks while their BatchNorms are in eval mode (again only when
+        `universal`, or when they are not folded yet), and in eval mode each layer's single-conv proxies into
+        one convolution with their gates."""
+        stem_conv, stem_bn = self.backbone.stem_conv_bn()
+        if stem_bn.training:
+            fast.thaw(self.backbone)
+        elif universal or not fast.is_folded(stem_conv):
+            fast.freeze(self.backbone)
+        gates = self.gates().detach()
+        for l, layer in enumerate(self.proxies):
+            layer._buffers.pop('folded_weight', None)
+            layer._buffers.pop('folded_bias', None)
+            proxy_paths = [j for j in self._alive_paths[l] if j > 0]
+            if not self.training and proxy_paths and self.backbone.block_kind == 'basic':
+                with torch.no_grad():
+                    weight, bias = fast.fold_proxies([layer[j - 1] for j in proxy_paths], gates[l, proxy_paths])
+                layer.register_buffer('folded_weight', weight, persistent=False)
+                layer.register_buffer('folded_bias', bias, persistent=False)
+
+    # ----- gates and the layer formula (METHOD 3) -----
     def gates(self):
         """Softmax of the gate logits over each layer's surviving paths; 0 for removed paths."""
         logits = self.gate_logits.masked_fill(~self.path_alive, -1e4)
         return logits.softmax(dim=1) * self.path_alive
 
     def forward(self, x, distill=False):
-        """Returns (logits, outputs).
+        """Returns (logits, outputs): `reference_layer` for every layer, then the classifier.
 
         outputs[l] is node l+1 (None once pruned away).  With `distill`, outputs[l] has node l+1's
         value but a gradient that reaches only layer l's own task-specific parameters (its inputs
         treated as constants), for the per-layer distillation terms; nothing is computed twice.
-        In eval mode each layer's proxies run as one convolution with BN and gates folded in.
         """
         gate_rows = self.gates().unbind()
         nodes = [self.backbone.forward_stem(x)]
         outputs = []
-        fold = not self.training and self.backbone.block_kind == 'basic'
-        pool_cache = {}
+        pooled = {}
         for l, paths in enumerate(self._alive_paths):
             if not paths:
                 nodes.append(None)
                 outputs.append(None)
                 continue
             proxy_paths = [j for j in paths if j > 0]
-            inputs = [self._pooled(nodes, l, j, pool_cache) for j in proxy_paths]
+            inputs = [self._pooled(nodes, l, j, pooled) for j in proxy_paths]
             if paths[0] == 0:
                 inputs.append(self.backbone.universal_path(l, nodes[l]))
             layer_gates = gate_rows[l].unbind()
-            combine = functools.partial(self._combine, l, proxy_paths, layer_gates, fold)
+            combine = functools.partial(self._combine, l, proxy_paths, layer_gates)
             if distill:
                 weights = [layer_gates[j] for j in paths]
                 weights += [p for j in proxy_paths for p in self.proxies[l][j - 1].parameters()]
@@ -341,20 +281,31 @@ class NetTailor(nn.Module):
             outputs.append(local)
         return self.backbone.forward_head(nodes[-1]), outputs
 
-    def _combine(self, l, proxy_paths, gates, fold, *inputs):
-        """Node l+1 from the pooled proxy inputs and, last when it is alive, the universal block's output.
+    def _combine(self, l, proxy_paths, gates, *inputs):
+        """x_{l+1} from the proxies' pooled inputs and, last when it is alive, the universal block's output.
         The sum is accumulated in place: no backward reads a BatchNorm's or a sum's output."""
         total = None  # made contiguous: nodes stay NCHW, whatever layout the proxies ran in
-        if proxy_paths and fold:
-            total = self._folded_proxies(l, proxy_paths, inputs, gates).contiguous()
-        elif proxy_paths:
-            total = self.proxies[l][proxy_paths[0] - 1].gated_body(inputs[0], gates[proxy_paths[0]]).contiguous()
-            for j, x in zip(proxy_paths[1:], inputs[1:]):
-                total.add_(self.proxies[l][j - 1].gated_body(x, gates[j]))
+        if proxy_paths:
+            total = self._proxy_sum(l, proxy_paths, gates, inputs[:len(proxy_paths)]).contiguous()
         if len(inputs) > len(proxy_paths):
             universal = inputs[-1]
             total = gates[0] * universal if total is None else total.addcmul_(gates[0], universal)
         return total.relu_()
+
+    def _proxy_sum(self, l, proxy_paths, gates, inputs):
+        """sum_j a_lj * A_lj(x_j) over layer l's surviving proxies: in eval mode one folded convolution."""
+        layer = self.proxies[l]
+        if 'folded_weight' in layer._buffers or (not self.training and torch.is_grad_enabled()
+                                                 and self.backbone.block_kind == 'basic'):
+            if torch.is_grad_enabled():  # folded afresh, so that gradients reach gates and proxies
+                weight, bias = fast.fold_proxies([layer[j - 1] for j in proxy_paths], [gates[j] for j in proxy_paths])
+            else:
+                weight, bias = layer.folded_weight, layer.folded_bias
+            return fast.pointwise_conv(torch.cat(inputs, dim=1), weight, bias)
+        total = fast.gated_proxy(layer[proxy_paths[0] - 1], inputs[0], gates[proxy_paths[0]]).contiguous()
+        for j, x in zip(proxy_paths[1:], inputs[1:]):
+            total.add_(fast.gated_proxy(layer[j - 1], x, gates[j]))
+        return total
 
     def _pooled(self, nodes, l, j, cache):
         """Proxy j of layer l's input at the target resolution, pooling each (node, stride) once."""
@@ -364,25 +315,8 @@ class NetTailor(nn.Module):
             return nodes[source]
         key = (source, proxy.stride)
         if key not in cache:
-            cache[key] = proxy.pooled(nodes[source])
+            cache[key] = proxy.pool(fast.channels_last_on_cpu(nodes[source]))
         return cache[key]
-
-    def _folded_proxies(self, l, proxy_paths, inputs, gates):
-        """Eval mode: sum_j gate_j * proxy_j(x_j) as a single 1x1 convolution over the stacked inputs.
-        Without autograd the folded weights are cached until a gate, proxy weight or statistic changes."""
-        proxies = [self.proxies[l][j - 1] for j in proxy_paths]
-
-        def fold():
-            weights, biases = zip(*(proxy.folded_conv(gates[j]) for j, proxy in zip(proxy_paths, proxies)))
-            return torch.cat(weights, dim=1), sum(biases)
-
-        if torch.is_grad_enabled():
-            weight, bias = fold()
-        else:
-            sources = [self.gate_logits, self.path_alive]
-            sources += [t for proxy in proxies for t in fold_bn_sources(*proxy.body)]
-            weight, bias = cached_derivation(self.proxies[l], '_folded', sources, fold)
-        return pointwise_conv(torch.cat(inputs[:len(proxy_paths)], dim=1), weight, bias)
 
     # ----- complexity (METHOD section 5) -----
     def expected_complexity(self):
@@ -417,6 +351,7 @@ class NetTailor(nn.Module):
                             "leaves no path from the input to the classifier; prune less")
         self.path_alive.copy_(alive)
         self._refresh_alive_paths()
+        self._fold()
 
     def _apply_exclusion_rules(self, alive):
         """Until nothing changes: a node with no incoming path loses its outgoing paths, and a node
@@ -516,10 +451,72 @@ class NetTailor(nn.Module):
             raise UserError(f"{source} was built for another student ({diff} here)")
         self.load_state_dict(pack['state'], strict=False)
         self._refresh_alive_paths()
-        forget_folds(self)
+        self._fold()
 
     def save_task_pack(self, path):
         atomic_save(self.task_pack(), path)
+
+
+def distillation_loss(student_logits, student_outputs, teacher_logits, teacher_outputs):
+    """Omega (paper eq. 11, as the released code normalises it): the MSE between logits plus the per-layer
+    MSEs of the surviving layers, all divided by L, the number of layers (pruned ones included)."""
+    layer_terms = [F.mse_loss(s, t) for s, t in zip(student_outputs, teacher_outputs) if s is not None]
+    return (F.mse_loss(student_logits, teacher_logits) + sum(layer_terms)) / len(teacher_outputs)
+
+
+def two_pass_loss(student, teacher_logits, teacher_outputs, x, y, complexity_coeff, teacher_coeff):
+    """L = CE + gamma1 E[C] + gamma2 Omega as the released code computes it: every layer run twice with the
+    plain modules, the second time on detached inputs for its own Omega term.  The reference that
+    `forward(distill=True)` reproduces in one pass (tests, benchmark)."""
+    gates = student.gates()
+    nodes = [student.backbone.forward_stem(x)]
+    local_outputs = []
+    for l in range(len(student._alive_paths)):
+        alive = bool(student._alive_paths[l])
+        nodes.append(reference_layer(student, l, nodes, gates) if alive else None)
+        detached = [None if n is None else n.detach() for n in nodes]
+        local_outputs.append(reference_layer(student, l, detached, gates) if alive else None)
+    logits = student.backbone.forward_head(nodes[-1])
+    omega = distillation_loss(logits, local_outputs, teacher_logits, teacher_outputs)
+    return F.cross_entropy(logits, y) + complexity_coeff * student.expected_complexity() + teacher_coeff * omega
+
+
+class _SplitGradient(torch.autograd.Function):
+    """See `split_gradient`. The graph of `fn` is built once in forward and walked twice in backward."""
+
+    @staticmethod
+    def forward(ctx, fn, num_inputs, *tensors):
+        inputs, weights = tensors[:num_inputs], tensors[num_inputs:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            out = fn(*leaves)
+        ctx.graph = out, leaves, weights
+        return out.detach(), out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_local):
+        out, leaves, weights = ctx.graph
+        ctx.graph = None
+        grads = [None] * (len(leaves) + len(weights))
+        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+        if wanted:  # inputs: only the end-to-end gradient
+            for i, g in zip(wanted, torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, retain_graph=True)):
+                grads[i] = g
+        wanted = [i for i, t in enumerate(weights) if t.requires_grad]
+        if wanted:  # weights: both
+            found = torch.autograd.grad(out, [weights[i] for i in wanted], grad_out + grad_local, allow_unused=True)
+            for i, g in zip(wanted, found):
+                grads[len(leaves) + i] = g
+        return (None, None, *grads)
+
+
+def split_gradient(fn, inputs, weights):
+    """(y, y_local) with y = fn(*inputs) computed once; `weights` are tensors fn uses by reference.
+
+    y's gradient reaches `inputs` and `weights`; y_local's reaches only `weights`, exactly as if fn
+    had been re-run on detached inputs, without re-running it.
+    """
+    return _SplitGradient.apply(fn, len(inputs), *inputs, *weights)
 
 
 def share_universal_weights(backbone, universal):
@@ -531,8 +528,9 @@ def share_universal_weights(backbone, universal):
         target = backbone.get_submodule(name)
         for key, parameter in module.named_parameters(recurse=False):
             setattr(target, key, parameter)
-        for key, buffer in module.named_buffers(recurse=False):
-            getattr(target, key).copy_(buffer)
+        if isinstance(module, nn.BatchNorm2d):
+            for key, buffer in module.named_buffers(recurse=False):
+                getattr(target, key).copy_(buffer)
 
 
 def student_on_universal(universal, pack, input_size):
@@ -561,13 +559,6 @@ def format_stats(stats):
     return '\n'.join(lines)
 
 
-def distillation_loss(student_logits, student_outputs, teacher_logits, teacher_outputs):
-    """Omega (paper eq. 11, as the released code normalises it): the MSE between logits plus the per-layer
-    MSEs of the surviving layers, all divided by L, the number of layers (pruned ones included)."""
-    layer_terms = [F.mse_loss(s, t) for s, t in zip(student_outputs, teacher_outputs) if s is not None]
-    return (F.mse_loss(student_logits, teacher_logits) + sum(layer_terms)) / len(teacher_outputs)
-
-
 def create_student(backbone, num_classes, max_skip=3, pretrained=None, input_size=224, task_bn_stats=True):
-    """A NetTailor student on `backbone` (any `create_teacher` arch) with frozen pre-trained blocks."""
+    """A NetTailor student on `backbone` (any `backbones.ARCHS` name) with frozen pre-trained blocks."""
     return NetTailor(create_teacher(backbone, num_classes, pretrained), max_skip, input_size, task_bn_stats)

@@ -10,7 +10,7 @@ import os
 import torch
 
 from nettailor import GATE_INIT_PROXY, NetTailor
-from resnet import create_teacher
+from backbones import create_teacher
 from utils import UserError, load_checkpoint
 from wide_resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS
 

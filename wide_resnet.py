@@ -27,6 +27,9 @@ class WideBasicBlock(nn.Module):
         self.reshape_shortcut = stride != 1 or in_channels != out_channels
         self.extra_channels = out_channels - in_channels
 
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
     def forward_pre_relu(self, x):
         out = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
         shortcut = x
@@ -60,6 +63,9 @@ class WideResNet(BlockNet):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def stem_conv_bn(self):
+        return self.conv1, self.bn1
 
     def forward_stem(self, x):
         return F.relu(conv_bn(self.conv1, self.bn1, x))

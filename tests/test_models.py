@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
+import fast
 import nettailor
-import resnet
-from nettailor import NetTailor, count_flops, create_student, distillation_loss
-from resnet import create_teacher
+from backbones import create_teacher
+from nettailor import NetTailor, count_flops, create_student, distillation_loss, reference_layer, two_pass_loss
 from utils import UserError
 
 
@@ -73,134 +73,13 @@ def test_resnet34_flops_and_params_in_paper_convention():
     teacher = student.backbone.eval()
     x = torch.randn(1, 3, 224, 224)
     ours = count_flops(teacher, lambda: teacher(x), layer_types=(nn.Conv2d, nn.Linear))
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), resnet.unfolded():  # the layers as defined,
-        teacher(x)  # not the CPU's cheaper equivalents of frozen ones (BatchNorm folded, Winograd)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        teacher(x)
     independent = counter.get_total_flops() / 2  # FlopCounterMode counts 2 per multiply-accumulate
     assert abs(ours - independent) / independent < 0.02
     backbone_params = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith('fc.'))
     assert 21.28e6 <= backbone_params <= 21.30e6
     assert student.stats()['params_universal'] == backbone_params
-
-
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'wide_resnet26'])
-def test_frozen_blocks_run_with_batchnorm_folded(arch):
-    torch.manual_seed(0)
-    trained, frozen = create_teacher(arch, 4).eval(), create_teacher(arch, 4).eval()
-    for bn in (m for m in trained.modules() if isinstance(m, nn.BatchNorm2d)):
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5)
-            bn.running_mean.normal_(0, 0.2)
-            bn.running_var.uniform_(0.5, 2.0)
-    frozen.load_state_dict(trained.state_dict())
-    frozen.requires_grad_(False)
-    x = torch.randn(2, 3, 32, 32)
-    calls = []
-    frozen.blocks[1].bn1.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        assert torch.allclose(frozen(x)[0], trained(x)[0], rtol=1e-4, atol=1e-5)
-    assert not calls  # folded: the BatchNorm module itself never ran
-    with torch.no_grad():  # new weights are refolded, not served from the cache
-        for bn in (m for m in trained.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.bias.normal_(0, 0.1)
-        frozen.load_state_dict(trained.state_dict())
-        assert torch.allclose(frozen(x)[0], trained(x)[0], rtol=1e-4, atol=1e-5)
-        unfolded_flops = count_flops(trained, lambda: trained(x))
-        assert count_flops(frozen, lambda: frozen(x)) == unfolded_flops  # counted layer by layer
-    trained.train()  # a trained network is never folded
-    calls.clear()
-    trained.blocks[1].bn1.register_forward_hook(lambda *args: calls.append(1))
-    trained(x)
-    assert calls
-
-
-def test_conv_bn_folds_and_refolds_a_conv_bias():
-    conv, bn = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    conv.requires_grad_(False)
-    bn.requires_grad_(False)
-    x = torch.randn(2, 3, 8, 8)
-    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), atol=1e-5)
-    assert '_folded_bn' in conv.__dict__
-    with torch.no_grad():
-        conv.bias.add_(1.0)
-    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), atol=1e-5)
-
-
-@pytest.mark.parametrize('kernel,size', [(3, (1, 1)), (3, (1, 2)), (3, (2, 2)), (3, (2, 3)), (5, (3, 3)), (3, (3, 3))])
-def test_conv_bn_on_maps_smaller_than_the_kernel_is_one_exact_matrix_product(kernel, size):
-    conv, bn = nn.Conv2d(6, 5, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(5).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.normal_()
-    conv.requires_grad_(False)
-    bn.requires_grad_(False)
-    x = torch.randn(4, 6, *size, dtype=torch.float64, requires_grad=True)
-    conv.double(), bn.double()
-    grad = torch.randn(4, 5, *size, dtype=torch.float64)
-    out, expected = resnet.conv_bn(conv, bn, x), bn(conv(x))
-    assert torch.allclose(out, expected)
-    assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
-    dense = f'_dense_{size[0]}x{size[1]}' in conv.__dict__
-    assert dense == (size[0] * size[1] < kernel * kernel)
-    with torch.no_grad():
-        bn.running_var.mul_(3.0)  # a changed statistic rebuilds the matrix
-    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)))
-
-
-@pytest.mark.parametrize('size', [(3, 3), (4, 4), (5, 7), (8, 8), (4, 12)])
-def test_winograd_conv3x3_equals_conv2d(size):
-    x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
-    weight, bias = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    grad = torch.randn(3, 5, *size, dtype=torch.float64)
-    out = resnet.winograd_conv3x3(x, resnet.winograd_filters(weight), bias)
-    expected = F.conv2d(x, weight, bias, padding=1)
-    assert torch.allclose(out, expected)
-    assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
-
-
-@pytest.mark.parametrize('channels,size', [(128, 4), (256, 7), (64, 8), (64, 16), (256, 3)])
-def test_frozen_conv_bn_runs_winograd_where_it_pays(channels, size):
-    conv, bn = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    conv.requires_grad_(False)
-    bn.requires_grad_(False)
-    x = torch.randn(2, channels, size, size)
-    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-4, atol=1e-4)
-    assert ('_winograd' in conv.__dict__) == (size in (4, 7))  # 64 channels at 8x8: the transforms cost more
-    conv.__dict__.pop('_winograd', None)
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # too imprecise there
-        resnet.conv_bn(conv, bn, x)
-    assert '_winograd' not in conv.__dict__
-    with torch.no_grad():
-        bn.running_var.mul_(3.0)  # a changed statistic rebuilds the filters
-    assert torch.allclose(resnet.conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-4, atol=1e-4)
-
-
-def test_proxy_pools_channels_last_whatever_the_input_layout():
-    proxy = nettailor.Proxy(4, 8, stride=2)
-    x = torch.randn(2, 4, 8, 8)
-    for layout in (x, x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)):  # NCHW; Winograd's (h, w, n, c)
-        pooled = proxy.pooled(layout)
-        assert pooled.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(pooled, F.max_pool2d(x, 3, 2, 1))
-
-
-@pytest.mark.parametrize('size', [4, 8, 16])
-def test_pointwise_conv_equals_conv2d(size):
-    x = torch.randn(3, 6, size, size, requires_grad=True)
-    weight = torch.randn(5, 6, 1, 1, requires_grad=True)
-    bias = torch.randn(5, requires_grad=True)
-    grad = torch.randn(3, 5, size, size)
-    for b in (None, bias):
-        ours = torch.autograd.grad(nettailor.pointwise_conv(x, weight, b), [x, weight], grad)
-        reference = torch.autograd.grad(F.conv2d(x, weight, b), [x, weight], grad)
-        assert torch.allclose(nettailor.pointwise_conv(x, weight, b), F.conv2d(x, weight, b), atol=1e-5)
-        assert all(torch.allclose(a, r, atol=1e-4) for a, r in zip(ours, reference))
 
 
 @pytest.mark.parametrize('task_bn_stats', [True, False])
@@ -279,13 +158,13 @@ def test_eval_after_training_folds_the_tasks_new_statistics():
     x = torch.randn(4, 3, 32, 32)
     student.eval()
     with torch.no_grad():
-        student(x)  # folds (and caches) the universal blocks
+        student(x)  # the universal blocks and proxies folded as they are
         student.train()
         student(2 + 3 * x)  # a training forward: new running statistics
         student.eval()
         folded = student(x)[0]
-        with resnet.unfolded():
-            plain = student(x)[0]
+        fast.thaw(student.backbone)
+        plain = reference_forward(student, x)[0]
     assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max())
 
 
@@ -319,40 +198,14 @@ def test_student_with_all_proxies_pruned_is_the_teacher():
     assert student.stats()['proxies_kept'] == 0
 
 
-def reference_layer(student, gates, l, inputs):
-    """Layer l written out path by path with the plain modules (no folding, no pooling cache)."""
-    total = 0
-    for j in student._alive_paths[l]:
-        if j == 0:
-            total = total + gates[l, j] * student.backbone.universal_path(l, inputs[l])
-        else:
-            total = total + gates[l, j] * student.proxies[l][j - 1](inputs[student.proxy_sources[l][j - 1]])
-    return F.relu(total)
-
-
-def test_distillation_loss_divides_the_logit_term_by_the_number_of_layers_too():
-    """Omega = (MSE(logits) + sum over surviving layers of MSE(x_l, teacher_l)) / L (METHOD 6), by hand."""
-    torch.manual_seed(0)
-    logits_s, logits_t = torch.randn(3, 5), torch.randn(3, 5)
-    teacher = [torch.randn(3, 4, 2, 2) for _ in range(4)]
-    student = [torch.randn(3, 4, 2, 2), None, torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)]  # layer 2 pruned
-    by_hand = (((logits_s - logits_t) ** 2).mean() + sum(((s - t) ** 2).mean() for s, t in zip(student, teacher)
-                                                         if s is not None)) / 4
-    assert distillation_loss(logits_s, student, logits_t, teacher).item() == pytest.approx(by_hand.item(), rel=1e-6)
-
-
-def reference_two_pass_loss(student, teacher_logits, teacher_outputs, x, y, gamma1, gamma2):
-    """Straightforward formulation: every layer re-run, universal block included, on detached inputs."""
-    gates = student.gates()
-    nodes = [student.backbone.forward_stem(x)]
-    local_outputs = []
-    for l in range(len(student._alive_paths)):
-        nodes.append(reference_layer(student, gates, l, nodes))
-        local_outputs.append(reference_layer(student, gates, l, [n.detach() for n in nodes]))
-    logits = student.backbone.forward_head(nodes[-1])
-    omega = (F.mse_loss(logits, teacher_logits) + sum(
-        F.mse_loss(s, t) for s, t in zip(local_outputs, teacher_outputs))) / len(teacher_outputs)
-    return F.cross_entropy(logits, y) + gamma1 * student.expected_complexity() + gamma2 * omega
+def reference_forward(student, x):
+    """(logits, nodes 1..L) with `nettailor.reference_layer`: the plain modules, no folding, no pooling cache."""
+    with torch.no_grad():
+        gates = student.gates()
+        nodes = [student.backbone.forward_stem(x)]
+        for l in range(len(student._alive_paths)):
+            nodes.append(reference_layer(student, l, nodes, gates) if student._alive_paths[l] else None)
+        return student.backbone.forward_head(nodes[-1]), nodes[1:]
 
 
 def test_eval_forward_with_folded_proxies_equals_plain_modules():
@@ -364,23 +217,21 @@ def test_eval_forward_with_folded_proxies_equals_plain_modules():
 
     def check():
         with torch.no_grad():
-            gates = student.gates()
-            nodes = [student.backbone.forward_stem(x)]
-            for l in range(8):
-                nodes.append(reference_layer(student, gates, l, nodes) if student._alive_paths[l] else None)
             logits, outputs = student(x)
-        assert torch.allclose(logits, student.backbone.forward_head(nodes[-1]), atol=1e-5)
-        assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5)
-                   for a, b in zip(outputs, nodes[1:]))
+        expected_logits, nodes = reference_forward(student, x)
+        assert torch.allclose(logits, expected_logits, rtol=1e-5, atol=1e-5 * expected_logits.abs().max())
+        assert all((a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max())
+                   for a, b in zip(outputs, nodes))
 
     check()
-    assert all('_folded' in proxies.__dict__ for l, proxies in enumerate(student.proxies)
-               if len(student._alive_paths[l]) > 1)  # cached without autograd
-    with torch.no_grad():  # changed gates and proxy statistics are refolded, not served from the cache
+    assert all('folded_weight' in proxies._buffers for l, proxies in enumerate(student.proxies)
+               if len(student._alive_paths[l]) > 1)  # folded when the student entered eval mode
+    with torch.no_grad():  # changed gates and proxy statistics: entering eval mode again refolds them
         student.gate_logits.add_(torch.randn(student.gate_logits.shape))
         for m in student.proxies.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.mul_(2.0)
+    student.train().eval()
     check()
     logits, _ = student(x)  # with autograd the folded weights carry gradients to gates and proxies
     logits.sum().backward()
@@ -390,29 +241,30 @@ def test_eval_forward_with_folded_proxies_equals_plain_modules():
     assert alive and all(p.grad is not None for proxy in alive for p in proxy.parameters())
 
 
-def test_eval_after_fused_optimizer_steps_folds_the_new_weights():
-    """Fused optimizers update weights without bumping their version counters, which key the fold cache."""
-    from main_student import param_groups
-    from main_teacher import make_optimizer
+@pytest.mark.parametrize('fused', [True, False])
+def test_eval_after_optimizer_steps_computes_the_new_weights(fused):
+    """Entering eval mode folds the proxies and the task's statistics as they are after the steps (fused
+    optimizers update weights without bumping their version counters, which once fooled a cache here)."""
     student = tiny_student()
     randomize_task_state(student)
     x = torch.randn(3, 3, 32, 32)
     student.eval()
     with torch.no_grad():
-        before = student(x)[0]  # caches the folded proxies
-    args = argparse.Namespace(optimizer='sgd', lr=0.5, momentum=0.9, weight_decay=0.0, epochs=1, warmup_epochs=0,
-                              lr_schedule='step', lr_decay_epochs=1)
-    optimizer, _ = make_optimizer(param_groups(student, 0.0), args, steps_per_epoch=1)
-    assert optimizer.defaults['fused']
+        before = student(x)[0]
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5, momentum=0.9,
+                                fused=fused)
     student.train()
-    F.cross_entropy(student(x)[0], torch.tensor([0, 1, 2])).backward()
-    optimizer.step()
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(student(x)[0], torch.tensor([0, 1, 2])).backward()
+        optimizer.step()
     student.eval()
     with torch.no_grad():
         after = student(x)[0]
-    refolded = student(x)[0].detach()  # with autograd the proxies are folded afresh, never cached
+    fast.thaw(student.backbone)
+    expected = reference_forward(student, x)[0]
     assert not torch.allclose(after, before, atol=1e-3)
-    assert torch.allclose(after, refolded, atol=1e-5)
+    assert torch.allclose(after, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
@@ -430,7 +282,7 @@ def test_one_pass_distillation_equals_two_pass_reference(float64, arch, task_bn_
     student.train()
 
     reference = copy.deepcopy(student)
-    ref_loss = reference_two_pass_loss(reference, t_logits, t_outputs, x, y, 0.3, 10.0)
+    ref_loss = two_pass_loss(reference, t_logits, t_outputs, x, y, 0.3, 10.0)
     ref_loss.backward()
 
     logits, local = student(x, distill=True)
@@ -574,7 +426,7 @@ def test_pruning_refuses_disconnection_and_leaves_model_unchanged():
         student.prune(num_universal=1, proxy_threshold=1.0)
 
 
-def test_pruned_blocks_are_never_executed_and_flops_fall():
+def test_pruned_blocks_are_never_executed_and_flops_fall(monkeypatch):
     student = tiny_student()
     randomize_task_state(student)
     full = student.stats()
@@ -589,17 +441,27 @@ def test_pruned_blocks_are_never_executed_and_flops_fall():
 
     for l, block in enumerate(student.backbone.blocks):
         record(block, 'forward_pre_relu', ('u', l))
-    for l, proxy_list in enumerate(student.proxies):
-        for j, proxy in enumerate(proxy_list):
-            record(proxy, 'gated_body', ('p', l, j))   # training mode
-            record(proxy, 'folded_conv', ('p', l, j))  # eval mode
-    expected = {('u', l) for l in range(8) if student.path_alive[l, 0]} | {
-        ('p', l, j - 1) for l in range(8) for j in range(1, student.path_alive.shape[1]) if student.path_alive[l, j]}
-    for mode in (True, False):
-        calls.clear()
-        student.train(mode)
+    tags = {id(proxy): ('p', l, j) for l, proxy_list in enumerate(student.proxies) for j, proxy in enumerate(proxy_list)}
+    gated_proxy = fast.gated_proxy
+    monkeypatch.setattr(fast, 'gated_proxy', lambda proxy, *args: (calls.append(tags[id(proxy)]),
+                                                                     gated_proxy(proxy, *args))[1])
+    expected_universal = {('u', l) for l in range(8) if student.path_alive[l, 0]}
+    expected_proxies = {('p', l, j - 1) for l in range(8) for j in range(1, student.path_alive.shape[1])
+                        if student.path_alive[l, j]}
+    calls.clear()
+    student.train()
+    student(torch.randn(2, 3, 32, 32))
+    assert set(calls) == expected_universal | expected_proxies and len(calls) == len(set(calls))
+    calls.clear()
+    student.eval()  # each layer's surviving proxies, folded into one convolution over their stacked inputs
+    with torch.no_grad():
         student(torch.randn(2, 3, 32, 32))
-        assert set(calls) == expected and len(calls) == len(expected)
+    assert set(calls) == expected_universal and len(calls) == len(expected_universal)
+    for l, layer in enumerate(student.proxies):
+        kept = [proxy for j, proxy in enumerate(layer) if student.path_alive[l, j + 1]]
+        assert ('folded_weight' in layer._buffers) == bool(kept)
+        if kept:
+            assert layer.folded_weight.shape[1] == sum(proxy.body[0].in_channels for proxy in kept)
     assert pruned['universal_blocks_kept'] == int(student.path_alive[:, 0].sum()) <= 5
 
 
