@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from main_teacher import MixedPrecision, fused_available
+from engine import MixedPrecision, fused_available
 from nettailor import create_student, distillation_loss, two_pass_loss
 import fast
 from backbones import create_teacher
@@ -123,7 +123,7 @@ def main(args):
     proxy_free = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
     proxy_free.prune(0, 0.999)
     fine_tuned = create_teacher(args.arch, num_classes).to(device)
-    fused = fused_available(fine_tuned.parameters())  # as main_teacher.make_optimizer
+    fused = fused_available(fine_tuned.parameters())  # as engine.make_optimizer
     fine_tuning_optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=1e-3, momentum=0.9, fused=fused)
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
                                 fused=fused)

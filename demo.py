@@ -13,7 +13,7 @@ import time
 import main_student
 import main_teacher
 import utils
-from main_teacher import checkpoint_path
+from engine import checkpoint_path, load_student
 
 ACCURACY_TOLERANCE = 0.5  # METHOD step 5: the leanest pruning whose accuracy is within this many points of the teacher
 RECIPES = {  # METHOD.md section 8: ResNet34, 224 px, SGD momentum 0.9, weight decay 5e-4
@@ -115,7 +115,7 @@ def prune_and_retrain(task, recipe, demo_args, teacher_dir, student_dir, run_dir
 def final_table(teacher_dir, pruned_dir):
     """Teacher vs tailored network: accuracy, parameters, FLOPs (paper convention), blocks removed."""
     teacher_acc = utils.load_checkpoint(checkpoint_path(teacher_dir))['accuracy']
-    student, checkpoint = main_student.load_student(pruned_dir, 'cpu')
+    student, checkpoint = load_student(pruned_dir, 'cpu')
     stats = student.stats()
     teacher_params = stats['params_full']
     tailored_params = stats['params_universal'] + stats['params_task']

@@ -15,7 +15,7 @@ import sys
 import demo
 import main_teacher
 import utils
-from main_teacher import checkpoint_path
+from engine import checkpoint_path, load_teacher
 from synthetic import SYNTHETIC_TASKS
 
 ARCH = 'resnet18'
@@ -57,7 +57,7 @@ def pretrain_source(args, logger):
     source = demo.stage_args(main_teacher.get_args_parser, 'synth-source', source_dir, args,
                              dict(arch=ARCH, pretrained=None, **SOURCE_RECIPE))
     demo.run_stage('source pre-training', main_teacher.main, source, logger)
-    model, _ = main_teacher.load_teacher(checkpoint_path(source_dir), 'cpu')
+    model, _ = load_teacher(checkpoint_path(source_dir), 'cpu')
     utils.atomic_save({k: v for k, v in model.state_dict().items() if not k.startswith('fc.')}, weights)
     return weights
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 import utils
 from figures import save_architecture
-from main_teacher import (MixedPrecision, build_loaders, checkpoint_path, check_args, evaluate, fit,
-                          get_args_parser as teacher_args_parser, load_teacher, make_optimizer, prepare_run_dir)
+from engine import (MixedPrecision, build_loaders, check_args, checkpoint_path, evaluate, fit, load_student,
+                    load_teacher, make_optimizer, param_groups, prepare_run_dir)
+from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
 
@@ -101,25 +102,6 @@ def check_student_args(args):
     if args.teacher_coeff > 0 and not args.teacher_fn and not args.evaluate:
         raise UserError("--teacher-coeff > 0 needs the teacher's checkpoint: pass --teacher-fn "
                         "(or --teacher-coeff 0 to train without distillation)")
-
-
-def load_student(model_dir, device):
-    """A trained student rebuilt from its run directory (its args.json-recorded setup + task pack)."""
-    checkpoint = utils.load_checkpoint(checkpoint_path(model_dir), 'student checkpoint')
-    pack = checkpoint.get('model')
-    if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
-        raise UserError(f"{checkpoint_path(model_dir)} is not a student checkpoint written by main_student.py")
-    saved, meta = checkpoint['args'], pack['meta']
-    student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], saved['pretrained'],
-                             saved['input_size'], task_bn_stats=meta.get('task_bn_stats', False))
-    student.load_task_pack(pack, source=checkpoint_path(model_dir))
-    return student.to(device), checkpoint
-
-
-def param_groups(student, weight_decay):
-    """Task-specific parameters; gates get no weight decay."""
-    others = [p for n, p in student.named_parameters() if p.requires_grad and n != 'gate_logits']
-    return [{'params': others, 'weight_decay': weight_decay}, {'params': [student.gate_logits], 'weight_decay': 0.0}]
 
 
 def main(args):

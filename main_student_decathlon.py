@@ -20,7 +20,7 @@ import main_student
 import utils
 from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
                                    write_submission)
-from main_teacher import checkpoint_path, predict
+from engine import checkpoint_path, load_student, predict
 from main_teacher_decathlon import add_decathlon_args, run_tasks, task_runs
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
@@ -51,7 +51,7 @@ def train_or_evaluate(args):
         args.pretrained = DEFAULT_WEIGHTS
     result = main_student.main(args)
     if args.write_submission:
-        student, _ = main_student.load_student(args.model_dir, utils.resolve_device(args.device))
+        student, _ = load_student(args.model_dir, utils.resolve_device(args.device))
         dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
                                    decathlon_transform(args.task, False, args.input_size, args.data_dir))
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
@@ -77,7 +77,7 @@ def summary(args):
         run_dir = final_run(task_dir)
         if run_dir is None:
             raise UserError(f"no finished student for {task_args.task} in {task_dir}; train it first")
-        student, checkpoint = main_student.load_student(run_dir, 'cpu')
+        student, checkpoint = load_student(run_dir, 'cpu')
         stats = student.stats()
         teacher_path = checkpoint_path(os.path.join(task_dir, 'teacher'))
         teacher_acc = utils.load_checkpoint(teacher_path)['accuracy'] if os.path.exists(teacher_path) else None

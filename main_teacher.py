@@ -4,23 +4,17 @@
     python main_teacher.py --task svhn --model-dir checkpoints/svhn/teacher --evaluate
 
 The run directory holds checkpoint.pth (the last epoch; `finished` once done), args.json,
-metrics.jsonl (one JSON line per epoch) and, with --log2file, log.txt.  `fit` and `evaluate`
-here are shared by main_student.py and the decathlon scripts.
+metrics.jsonl (one JSON line per epoch) and, with --log2file, log.txt (engine.py).
 """
 import argparse
-import json
-import math
-import os
 import sys
-import time
 
-import torch
 import torch.nn.functional as F
 
 import utils
-import fast
 from backbones import create_teacher
-from utils import UserError
+from engine import (MixedPrecision, build_loaders, check_args, checkpoint_path, evaluate, fit, load_teacher,
+                    make_optimizer, prepare_run_dir)
 
 
 def get_args_parser(add_help=True):
@@ -56,208 +50,6 @@ def get_args_parser(add_help=True):
     parser.add_argument('--force', action='store_true', help='overwrite a run directory holding a run')
     parser.add_argument('--log2file', action='store_true', help='also log to <model-dir>/log.txt')
     return parser
-
-
-def check_args(args):
-    """Reject flag values that cannot work, before anything is written."""
-    for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size'):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ('momentum', 'weight_decay', 'warmup_epochs'):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    for name in ('train_limit', 'test_limit'):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be non-negative, got {args.workers}")
-    if args.resume and args.force:
-        raise UserError("--resume and --force contradict each other; pick one")
-    if args.pretrained == 'none':
-        args.pretrained = None
-
-
-def build_loaders(args):
-    """(train_loader, test_loader, num_classes) for args.task; the decathlon scripts set args.decathlon."""
-    if getattr(args, 'decathlon', False):
-        from decathlon_dataloaders import get_decathlon_dataloaders
-        return get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
-                                         batch_size=args.batch_size, workers=args.workers,
-                                         input_size=args.input_size, seed=args.seed)
-    from dataloaders import get_dataloaders
-    return get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size, args.seed,
-                           train_limit=args.train_limit, test_limit=args.test_limit)
-
-
-def checkpoint_path(model_dir):
-    return os.path.join(model_dir, 'checkpoint.pth')
-
-
-def prepare_run_dir(args):
-    """Create the run directory, refusing to clobber an existing run unless --force / --resume.
-
-    Returns the checkpoint to resume from (or None)."""
-    path = checkpoint_path(args.model_dir)
-    existing = utils.load_checkpoint(path) if os.path.exists(path) else None
-    if existing is not None and not (args.force or args.resume):
-        state = 'a finished run' if existing.get('finished') else 'an unfinished run'
-        hint = 'pass --force to overwrite it' + ('' if existing.get('finished') else ' or --resume to continue it')
-        raise UserError(f"{args.model_dir} already holds {state}; {hint}")
-    if args.resume and existing is None:
-        raise UserError(f"--resume: no checkpoint in {args.model_dir} to resume from")
-    if args.resume and existing.get('finished'):
-        raise UserError(f"--resume: the run in {args.model_dir} is already finished")
-    os.makedirs(args.model_dir, exist_ok=True)
-    if existing is None or args.force:
-        for name in ('metrics.jsonl', 'log.txt'):
-            if os.path.exists(os.path.join(args.model_dir, name)):
-                os.remove(os.path.join(args.model_dir, name))
-    utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',
-                            os.path.join(args.model_dir, 'args.json'))
-    return existing if args.resume else None
-
-
-class MixedPrecision:
-    """--amp for a training step: forward and losses under `autocast()`, then `backward_and_step`, whose
-    GradScaler (float16 on CUDA only; bfloat16 needs none) is a plain backward + step when off."""
-
-    def __init__(self, device, enabled):
-        self.device_type, self.enabled = device.type, enabled
-        self.dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and device.type == 'cuda')
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-    def backward_and_step(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, desc='eval'):
-    """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader`."""
-    model.eval()
-    correct = total = 0
-    for images, labels in utils.progress(loader, desc=desc):
-        logits = model(images.to(device, non_blocking=True))[0]
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-        total += labels.numel()
-    return 100.0 * correct / max(total, 1)
-
-
-@torch.no_grad()
-def predict(model, loader, device):
-    """Predicted label indices for every sample of `loader`, in order."""
-    model.eval()
-    return torch.cat([model(images.to(device))[0].argmax(1).cpu() for images, _ in loader]).tolist()
-
-
-def fused_available(params):
-    """Whether PyTorch has fused (one kernel per step) optimizers for `params`' devices: 2.5x faster than the
-    per-tensor loop for a student's 2.8 M parameters on a 2-core CPU."""
-    return all(p.device.type in ('cpu', 'cuda') for p in params)
-
-
-def make_optimizer(param_groups, args, steps_per_epoch):
-    """The optimizer and its lr schedule (stepped after every iteration): a linear warm-up over
-    --warmup-epochs, then x0.1 every --lr-decay-epochs ('step') or a cosine decay to 0 ('cosine')."""
-    param_groups = list(param_groups)
-    fused = fused_available([p for g in param_groups for p in (g['params'] if isinstance(g, dict) else [g])])
-    if args.optimizer == 'adam':
-        optimizer = torch.optim.Adam(param_groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
-    elif args.optimizer == 'adamw':
-        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
-    else:
-        optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                    fused=fused)
-    total = args.epochs * steps_per_epoch
-    warmup = round(args.warmup_epochs * steps_per_epoch)
-
-    def lr_factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if args.lr_schedule == 'cosine':
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-        return 0.1 ** (step // (args.lr_decay_epochs * steps_per_epoch))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-
-def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step, model_state,
-        resume_from, logger, precision, extra_checkpoint=None):
-    """The epoch loop shared by teacher and student: train, evaluate, log a metrics line, checkpoint.
-
-    `train_step(images, labels)` returns a dict of 0-d tensors (at least 'loss' and 'correct'), read
-    back in one transfer per step;
-    `model_state()` gives what the checkpoint stores of the model.  Resumption restores the model
-    (by the caller), optimizer, schedule, gradient scale (`precision`) and every RNG, so it ends where
-    an uninterrupted run would.
-    """
-    metrics = utils.MetricsLog(os.path.join(args.model_dir, 'metrics.jsonl'))
-    start_epoch = 0
-    if resume_from is not None:
-        optimizer.load_state_dict(resume_from['optimizer'])
-        scheduler.load_state_dict(resume_from['scheduler'])
-        if resume_from.get('scaler'):  # empty without --amp
-            precision.scaler.load_state_dict(resume_from['scaler'])
-        utils.set_rng_state(resume_from['rng'])
-        train_loader.generator.set_state(resume_from['loader_rng'])
-        start_epoch = resume_from['epoch'] + 1
-        metrics.truncate_after(resume_from['epoch'])
-        logger.info(f"resuming from epoch {start_epoch}")
-    accuracy = resume_from.get('accuracy') if resume_from else None
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        start = time.time()
-        sums, seen = {}, 0
-        lr = optimizer.param_groups[0]['lr']
-        for images, labels in utils.progress(train_loader, desc=f'epoch {epoch}'):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            out = train_step(images, labels)
-            out = dict(zip(out, torch.stack([value.float() for value in out.values()]).tolist()))
-            if not math.isfinite(out['loss']):
-                raise UserError(f"training diverged at epoch {epoch} (loss {out['loss']}); lower --lr")
-            scheduler.step()
-            for key, value in out.items():
-                sums[key] = sums.get(key, 0.0) + value * (len(labels) if key != 'correct' else 1)
-            seen += len(labels)
-        train_time = time.time() - start
-        accuracy = evaluate(model, test_loader, device)
-        record = {key: value / seen for key, value in sums.items() if key != 'correct'}
-        record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
-                      lr=lr, epoch_time=train_time)
-        metrics.write(**record)
-        logger.info(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        checkpoint = {'model': model_state(), 'optimizer': optimizer.state_dict(),
-                      'scheduler': scheduler.state_dict(), 'scaler': precision.scaler.state_dict(),
-                      'epoch': epoch, 'rng': utils.rng_state(),
-                      'loader_rng': train_loader.generator.get_state(), 'args': vars(args),
-                      'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
-        checkpoint.update(extra_checkpoint or {})
-        utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
-    return accuracy
-
-
-def load_teacher(path, device, num_classes=None, arch=None):
-    """A trained teacher from its checkpoint, checked against the expected class count and arch; in eval mode
-    with its weights frozen and folded (`fast.freeze`): it is fixed while the student trains."""
-    checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
-    if not {'model', 'args', 'num_classes'} <= set(checkpoint):
-        raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
-    saved, classes = checkpoint['args'], checkpoint['num_classes']
-    if arch is not None and saved['arch'] != arch:
-        raise UserError(f"teacher {path} is a {saved['arch']}, the student needs a {arch} teacher (--backbone)")
-    if num_classes is not None and classes != num_classes:
-        raise UserError(f"teacher {path} predicts {classes} classes ({saved['task']}), this task has "
-                        f"{num_classes}: wrong --teacher-fn?")
-    model = create_teacher(saved['arch'], classes)
-    model.load_state_dict(checkpoint['model'])
-    model.eval().requires_grad_(False)
-    fast.freeze(model)
-    return model.to(device), checkpoint
 
 
 def main(args):

@@ -15,6 +15,7 @@ import sys
 
 import main_teacher
 import utils
+from engine import checkpoint_path, load_teacher
 from decathlon_dataloaders import DECATHLON_TASKS, available_tasks, crop_size
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
@@ -61,7 +62,7 @@ def run_tasks(args, main):
     (--force reruns them)."""
     results = {}
     for task_args in task_runs(args):
-        path = main_teacher.checkpoint_path(task_args.model_dir)
+        path = checkpoint_path(task_args.model_dir)
         if (args.task == 'all' and not (args.force or args.evaluate) and os.path.exists(path)
                 and utils.load_checkpoint(path).get('finished')):
             print(f"{task_args.task}: finished run in {task_args.model_dir}, skipped (--force reruns it)")
@@ -76,7 +77,7 @@ def main(args):
         if len(results) != 1:
             raise UserError("--export-backbone needs a single --task")
         task_args = next(task_runs(args))
-        model, _ = main_teacher.load_teacher(main_teacher.checkpoint_path(task_args.model_dir), 'cpu')
+        model, _ = load_teacher(checkpoint_path(task_args.model_dir), 'cpu')
         utils.atomic_save({'state_dict': model.state_dict()}, args.export_backbone)
         print(f"universal weights written to {args.export_backbone}")
     return results

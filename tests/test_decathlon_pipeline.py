@@ -15,12 +15,11 @@ import torch
 from jupyter_client.kernelspec import find_kernel_specs
 from nbclient import NotebookClient
 
-import main_student
 import utils
 from torch.utils.data import DataLoader
 
 from decathlon_dataloaders import CATEGORY_BASE, DecathlonDataset, annotation_path, decathlon_transform
-from main_teacher import checkpoint_path, evaluate
+from engine import checkpoint_path, evaluate, load_student
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'deploy_decathlon.ipynb')
@@ -120,7 +119,7 @@ def test_runs_are_finished_and_svhn_is_pruned(decathlon):
     for task in TASKS:
         for stage in ('teacher', 'student'):
             assert utils.load_checkpoint(checkpoint_path(decathlon['models'] / task / stage))['finished']
-    pruned, checkpoint = main_student.load_student(decathlon['models'] / 'svhn' / 'pruned', 'cpu')
+    pruned, checkpoint = load_student(decathlon['models'] / 'svhn' / 'pruned', 'cpu')
     assert checkpoint['finished']
     assert pruned.stats()['universal_blocks_kept'] == 10
     assert not (decathlon['models'] / 'dtd' / 'pruned').exists()
@@ -177,7 +176,7 @@ def test_notebook_reports_storage_switch_time_and_accuracy(decathlon, executed_n
     text = executed_notebook['text']
     for task in TASKS:
         run_dir = decathlon['models'] / task / ('pruned' if task == 'svhn' else 'student')
-        student, checkpoint = main_student.load_student(run_dir, 'cpu')
+        student, checkpoint = load_student(run_dir, 'cpu')
         pack_bytes = io.BytesIO()
         torch.save(checkpoint['model'], pack_bytes)
 

@@ -106,8 +106,7 @@ def test_universal_batchnorm_statistics_are_the_tasks_and_travel_in_its_pack(tas
     """METHOD 6b: training updates the universal blocks' running statistics (not their weights) on the task's
     data; the pack carries them (the stem's and the kept blocks'), and a fresh student loading it computes
     exactly the trained student's outputs.  With shared statistics nothing of the universal blocks changes."""
-    from main_student import param_groups
-    from main_teacher import make_optimizer
+    from engine import make_optimizer, param_groups
     student = tiny_student(task_bn_stats=task_bn_stats)
     randomize_task_state(student)
     weights = {n: p.clone() for n, p in student.backbone.named_parameters() if not p.requires_grad}
@@ -547,7 +546,7 @@ def test_bottleneck_student_uses_two_layer_proxies():
 def test_one_pass_step_under_autocast_trains_like_float32():
     """--amp: the split-gradient step under torch.autocast (bfloat16 on the CPU, float16 on CUDA) reaches every
     task parameter with gradients that point where float32's do."""
-    from main_teacher import MixedPrecision
+    from engine import MixedPrecision
     student = tiny_student()
     randomize_task_state(student)
     teacher = create_teacher('resnet18', 5).eval()

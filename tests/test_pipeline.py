@@ -108,7 +108,7 @@ def test_evaluate_prints_accuracy_and_tailored_architecture(pipeline):
 
 def test_loaded_teacher_is_frozen_and_computes_the_trained_network(pipeline):
     import fast
-    from main_teacher import load_teacher
+    from engine import load_teacher
     from backbones import create_teacher
     path = pipeline[0] / 'checkpoint.pth'
     teacher, checkpoint = load_teacher(path, 'cpu', 10, 'resnet18')
@@ -304,7 +304,7 @@ def test_demo_tries_pruning_levels_until_one_is_within_tolerance(workdir, tmp_pa
 
 def test_lr_schedules_step_every_iteration():
     from argparse import Namespace
-    from main_teacher import make_optimizer
+    from engine import make_optimizer
 
     def lrs(**overrides):
         args = Namespace(optimizer='sgd', lr=0.1, momentum=0.9, weight_decay=0.0, epochs=4, lr_decay_epochs=2,
