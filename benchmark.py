@@ -17,6 +17,7 @@ ratios are the median of each round's ratio):
 
     python benchmark.py                      # ResNet34, max_skip 3, batch 32, 64x64, CPU
     python benchmark.py --input-size 224 --device cuda
+    python benchmark.py --plain layout       # the same with a fast.py path replaced by the plain layers
     python benchmark.py --demo               # wall time of the offline demo, cache empty
 """
 import argparse
@@ -50,8 +51,23 @@ def get_args_parser():
                         help='every case under torch.autocast, steps through a GradScaler (as main_*.py --amp)')
     parser.add_argument('--demo', action='store_true',
                         help='instead, time demo_synthetic.py end to end with an empty cache (a temporary folder)')
+    parser.add_argument('--plain', action='append', default=[], choices=sorted(PLAIN_PATHS),
+                        help="run this fast.py path as the plain layers it stands for (repeatable), to measure "
+                        "what it is worth")
     parser.add_argument('--json', default=None, help='also write the results to this file')
     return parser
+
+
+def plain_gated_proxy(proxy, pooled, gate):
+    return gate * proxy.body(pooled)
+
+
+PLAIN_PATHS = {  # fast.py's paths and the plain equivalents that --plain puts in their place
+    'folding': ('freeze', lambda network: None),
+    'layout': ('channels_last_on_cpu', lambda x: x),
+    'pointwise': ('pointwise_conv', lambda x, weight, bias=None: F.conv2d(x, weight, bias)),
+    'proxy-matrices': ('gated_proxy', plain_gated_proxy),
+}
 
 
 def two_pass_step(student, teacher, optimizer, x, y, precision):
@@ -107,6 +123,18 @@ def main(args):
                 json.dump(results, f, indent=1)
         return results
     device = resolve_device(args.device)
+    originals = {name: getattr(fast, name) for name, _ in (PLAIN_PATHS[path] for path in args.plain)}
+    for path in args.plain:
+        setattr(fast, *PLAIN_PATHS[path])
+    try:
+        return measure(args, device)
+    finally:
+        for name, function in originals.items():
+            setattr(fast, name, function)
+
+
+def measure(args, device):
+    """Every case, interleaved round by round; printed, and returned as a dict."""
     torch.manual_seed(0)
     num_classes = 10
     teacher = create_teacher(args.arch, num_classes).to(device).eval()
@@ -174,7 +202,7 @@ def main(args):
     results = {
         'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
                    'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
-                   'channels_last': args.channels_last, 'amp': args.amp,
+                   'channels_last': args.channels_last, 'amp': args.amp, 'plain': args.plain,
                    'repeats': args.repeats, 'prune_universal': args.prune_universal},
         'median_seconds': {name: statistics.median(t) for name, t in times.items()},
         # each round's time over the same round's teacher forward, then the median: paired, so that the

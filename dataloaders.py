@@ -3,7 +3,7 @@
 Tasks: `svhn` (SVHN digits), `flowers` (Oxford Flowers102), `voc12` (PASCAL VOC 2012 classification of
 ground-truth object crops) and every procedural task of `synthetic.py`. The real datasets are read from the
 files `data/prepare_data.py` downloads; images are decoded lazily, one per `__getitem__` (SVHN is one array).
-Transforms follow the released demos (METHOD.md section 8) with ImageNet mean/std normalisation.
+Transforms follow the released demos (docs/method.md §8) with ImageNet mean/std normalisation.
 """
 import math
 import os

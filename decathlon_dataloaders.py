@@ -65,7 +65,7 @@ MEAN_STD = {
 }
 
 IMAGE_SIZE = 72  # shorter side of every decathlon image
-# Preprocessing of the released code (METHOD section 10).  squash: the whole image resized to 72x72 (else the
+# Preprocessing of the released code (docs/method.md §10).  squash: the whole image resized to 72x72 (else the
 # shorter side to 72); crop: the network's input side; pad: reflect padding before the training crop; flip:
 # random horizontal flips in training; jitter: colour jitter (brightness, contrast, saturation) in training.
 _RESIZE_CROP = dict(squash=False, crop=64, pad=0, flip=True, jitter=None)

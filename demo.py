@@ -1,9 +1,9 @@
 """The released demos' three stages (teacher, student, prune + retrain) and their final table.
 
 demo_svhn.py, demo_flowers.py, demo_voc12.py and demo_synthetic.py call `run_demo` with a recipe
-(METHOD.md section 8): each stage runs main_teacher.main / main_student.main with the recipe's
+(docs/method.md §8): each stage runs main_teacher.main / main_student.main with the recipe's
 flags; a stage whose run is finished is skipped unless --force; a failed stage stops the demo.
-A recipe's `n_pruning_universal` is one k (the released demos) or several, tried as METHOD step 5 says.
+A recipe's `n_pruning_universal` is one k (the released demos) or several, tried as docs/method.md §2 step 5 says.
 """
 import argparse
 import os
@@ -15,8 +15,9 @@ import main_teacher
 import utils
 from engine import checkpoint_path, load_student
 
-ACCURACY_TOLERANCE = 0.5  # METHOD step 5: the leanest pruning whose accuracy is within this many points of the teacher
-RECIPES = {  # METHOD.md section 8: ResNet34, 224 px, SGD momentum 0.9, weight decay 5e-4
+# docs/method.md §2 step 5: the leanest pruning whose accuracy is within this many points of the teacher
+ACCURACY_TOLERANCE = 0.5
+RECIPES = {  # docs/method.md §8: ResNet34, 224 px, SGD momentum 0.9, weight decay 5e-4
     'svhn': dict(teacher=dict(batch_size=64, epochs=20, lr=0.01, lr_decay_epochs=8),
                  student=dict(batch_size=32, epochs=20, lr=0.1, lr_decay_epochs=8),
                  prune=dict(n_pruning_universal=11, thr_pruning_proxy=0.075),
@@ -86,7 +87,7 @@ def run_demo(task, recipe, demo_args):
     run_stage('student', main_student.main, student, logger)
     candidates = recipe['prune']['n_pruning_universal']
     candidates = [candidates] if isinstance(candidates, int) else sorted(candidates, reverse=True)
-    # METHOD step 5: the most blocks removed first, until a retrained network is within ACCURACY_TOLERANCE
+    # docs/method.md §2 step 5: the most blocks removed first, until a retrained network is within ACCURACY_TOLERANCE
     # points of the teacher; if none is, the most accurate one
     good_enough = utils.load_checkpoint(checkpoint_path(teacher_dir))['accuracy'] - ACCURACY_TOLERANCE
     accuracies = {}

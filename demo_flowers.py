@@ -1,4 +1,4 @@
-"""NetTailor on Oxford Flowers102 with the released recipe (ResNet34, ImageNet weights, METHOD.md section 8).
+"""NetTailor on Oxford Flowers102 with the released recipe (ResNet34, ImageNet weights, docs/method.md §8).
 
     python data/prepare_data.py --task flowers     # once: downloads the dataset into data/
     python demo_flowers.py                          # teacher, student, prune + retrain, final table

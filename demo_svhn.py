@@ -1,4 +1,4 @@
-"""NetTailor on SVHN with the released recipe (ResNet34, ImageNet weights, METHOD.md section 8).
+"""NetTailor on SVHN with the released recipe (ResNet34, ImageNet weights, docs/method.md §8).
 
     python data/prepare_data.py --task svhn     # once: downloads the dataset into data/
     python demo_svhn.py                          # teacher, student, prune + retrain, final table

@@ -28,8 +28,8 @@ SOURCE_RECIPE = dict(batch_size=64, epochs=2, lr=0.002, lr_decay_epochs=1, optim
 # source network and of its fine-tuned teacher differ far more than ImageNet features do (Omega starts near 3);
 # with gamma2 = 1 the network retrained without 4 blocks reached 80.3 % instead of 89.6 %.  gamma1 is 0.5 (paper: 0.3).
 # Source and target stages train on the first 12000 / 3000 images so that the whole demo fits 10 minutes.
-# Pruning tries 4, 3, 2, then 1 universal blocks and keeps the first within 0.5 points of the teacher (METHOD
-# step 5): how many blocks the student learns to bypass depends on the run's float rounding.
+# Pruning tries 4, 3, 2, then 1 universal blocks and keeps the first within 0.5 points of the teacher
+# (docs/method.md §2 step 5): how many blocks the student learns to bypass depends on the run's float rounding.
 TARGET = dict(batch_size=64, train_limit=3000)
 RECIPE = dict(teacher=dict(epochs=3, lr=0.01, lr_decay_epochs=2, **TARGET),
               student=dict(epochs=5, lr=0.1, lr_decay_epochs=4, complexity_coeff=0.5, teacher_coeff=0.1, **TARGET),

@@ -1,4 +1,5 @@
-"""NetTailor on PASCAL VOC 2012 (object crops) with the released recipe (ResNet34, ImageNet weights, METHOD.md section 8).
+"""NetTailor on PASCAL VOC 2012 (object crops) with the released recipe (ResNet34, ImageNet weights,
+docs/method.md §8).
 
     python data/prepare_data.py --task voc12     # once: downloads the dataset into data/
     python demo_voc12.py                          # teacher, student, prune + retrain, final table

@@ -76,8 +76,9 @@ def check_student_args(args):
     if full_args:
         full_shared = full_args.get('shared_bn_stats', True)  # runs from before task statistics shared them
         if args.shared_bn_stats is not None and args.shared_bn_stats != full_shared:
-            raise UserError(f"{args.full_model_dir} was trained with "
-                            f"{'shared' if full_shared else 'task-specific'} BatchNorm statistics: drop --shared-bn-stats")
+            kind = 'shared' if full_shared else 'task-specific'
+            raise UserError(f"{args.full_model_dir} was trained with {kind} BatchNorm statistics: "
+                            "drop --shared-bn-stats")
         args.shared_bn_stats = full_shared
     args.shared_bn_stats = bool(args.shared_bn_stats)
     if args.teacher_coeff is None:

@@ -1,4 +1,4 @@
-"""The NetTailor student: frozen universal blocks, task-specific proxies and gates (METHOD 3-7).
+"""The NetTailor student: frozen universal blocks, task-specific proxies and gates (docs/method.md §3-7).
 
 Layer l (0-based here, producing node l+1) combines its universal block and proxies from the
 `max_skip` most recent nodes:  x_{l+1} = relu(sum_j a_lj * path_lj(x_source)).  Path 0 of every
@@ -102,8 +102,8 @@ def parse_max_skip(max_skip, num_layers):
 
 
 def reference_layer(student, l, nodes, gates):
-    """Layer l as METHOD 3 states it, with the plain modules: relu(sum over its surviving paths of gate * path),
-    the universal path G_l(x_l) and each proxy A_pl(x_p)."""
+    """Layer l as docs/method.md §3 states it, with the plain modules: relu(sum over its surviving paths of
+    gate * path), the universal path G_l(x_l) and each proxy A_pl(x_p)."""
     total = 0
     for j in student._alive_paths[l]:
         if j == 0:
@@ -116,10 +116,11 @@ def reference_layer(student, l, nodes, gates):
 class NetTailor(nn.Module):
     """A student built around a pre-trained `BlockNet` (see resnet.py), whose stem and blocks it freezes.
 
-    With `task_bn_stats` (the released code's behaviour, METHOD 6b) the universal blocks' BatchNorms follow
-    the student's mode: in training they normalise with batch statistics and update their running averages
-    on the task's data, and those averages belong to the task pack; their affine weights stay frozen and
-    shared.  Without it they keep the pre-trained statistics, shared by all tasks, and always run in eval mode.
+    With `task_bn_stats` (the released code's behaviour, docs/method.md §6b) the universal blocks'
+    BatchNorms follow the student's mode: in training they normalise with batch statistics and update their
+    running averages on the task's data, and those averages belong to the task pack; their affine weights
+    stay frozen and shared.  Without it they keep the pre-trained statistics, shared by all tasks, and always
+    run in eval mode.
     """
 
     def __init__(self, backbone, max_skip=3, input_size=224, task_bn_stats=True):
@@ -213,14 +214,15 @@ class NetTailor(nn.Module):
         self._alive_paths = [[j for j, on in enumerate(row) if on] for row in alive]
 
     def train(self, mode=True):
-        """With shared BatchNorm statistics the universal blocks stay in eval mode.  A mode change is a fold
-        point (fast.py): training may have changed the proxies, the gates and the task's statistics."""
-        changed = mode != self.training
+        """With shared BatchNorm statistics the universal blocks stay in eval mode.  Entering eval mode (or
+        training after evaluation) is a fold point (fast.py): training may have changed the proxies, the gates
+        and the task's statistics, and so may weights loaded by hand before `eval()`."""
+        refold_universal = not mode or mode != self.training
         super().train(mode)
         if not self.task_bn_stats:
             for m in self.universal_modules():
                 m.eval()
-        self._fold(universal=changed)
+        self._fold(universal=refold_universal)
         return self
 
     def _fold(self, universal=True):
@@ -243,7 +245,7 @@ class NetTailor(nn.Module):
                 layer.register_buffer('folded_weight', weight, persistent=False)
                 layer.register_buffer('folded_bias', bias, persistent=False)
 
-    # ----- gates and the layer formula (METHOD 3) -----
+    # ----- gates and the layer formula (docs/method.md §3) -----
     def gates(self):
         """Softmax of the gate logits over each layer's surviving paths; 0 for removed paths."""
         logits = self.gate_logits.masked_fill(~self.path_alive, -1e4)
@@ -295,11 +297,10 @@ class NetTailor(nn.Module):
     def _proxy_sum(self, l, proxy_paths, gates, inputs):
         """sum_j a_lj * A_lj(x_j) over layer l's surviving proxies: in eval mode one folded convolution."""
         layer = self.proxies[l]
-        if 'folded_weight' in layer._buffers or (not self.training and torch.is_grad_enabled()
-                                                 and self.backbone.block_kind == 'basic'):
+        if not self.training and self.backbone.block_kind == 'basic':
             if torch.is_grad_enabled():  # folded afresh, so that gradients reach gates and proxies
                 weight, bias = fast.fold_proxies([layer[j - 1] for j in proxy_paths], [gates[j] for j in proxy_paths])
-            else:
+            else:  # as folded when the student entered eval mode
                 weight, bias = layer.folded_weight, layer.folded_bias
             return fast.pointwise_conv(torch.cat(inputs, dim=1), weight, bias)
         total = fast.gated_proxy(layer[proxy_paths[0] - 1], inputs[0], gates[proxy_paths[0]]).contiguous()
@@ -318,7 +319,7 @@ class NetTailor(nn.Module):
             cache[key] = proxy.pool(fast.channels_last_on_cpu(nodes[source]))
         return cache[key]
 
-    # ----- complexity (METHOD section 5) -----
+    # ----- complexity (docs/method.md §5) -----
     def expected_complexity(self):
         """E[C] = sum over paths of C(path) * (a - P_in(source node) - P_out(target node))."""
         a = self.gates()
@@ -330,7 +331,7 @@ class NetTailor(nn.Module):
         expected = self.path_cost * (a - p_in[self.path_source.clamp(min=0)] - p_out_target)
         return (expected * self.path_alive).sum()
 
-    # ----- pruning (METHOD section 7) -----
+    # ----- pruning (docs/method.md §7) -----
     @torch.no_grad()
     def prune(self, num_universal, proxy_threshold):
         """Remove the `num_universal` lowest-gated universal blocks and proxies gated below the threshold,

@@ -92,7 +92,7 @@ class BlockNet(nn.Module):
     (names of the task-specific head modules), `block_kind` ('basic' or 'bottleneck': which proxy
     NetTailor attaches) and `arch` (a name).
     """
-    gated_after_relu = False  # NetTailor's gate scales the block's sum before its final ReLU (METHOD 3)
+    gated_after_relu = False  # NetTailor's gate scales the block's sum before its final ReLU (docs/method.md §3)
 
     def conv_bn_pairs(self, blocks=None):
         """The (conv, bn) pairs of the stem and of `blocks` (default: every block), for `fast.freeze`."""

@@ -79,7 +79,8 @@ def pack_from_released(checkpoint, source='released checkpoint'):
     for key in ('weight', 'bias'):
         state[f'backbone.linear.{key}'] = take(f'classifier.{key}')
     if released:
-        raise UserError(f"{source} holds tensors a released task checkpoint does not: {', '.join(sorted(released)[:3])}")
+        unexpected = ', '.join(sorted(released)[:3])
+        raise UserError(f"{source} holds tensors a released task checkpoint does not: {unexpected}")
     state['gate_logits'], state['path_alive'] = gate_logits, path_alive
     meta = {'arch': 'wide_resnet26', 'num_classes': state['backbone.linear.weight'].shape[0], 'max_skip': max_skip,
             'num_layers': NUM_LAYERS, 'task_bn_stats': True}

@@ -1,9 +1,10 @@
-"""Wide ResNet-26, the Visual Decathlon backbone (METHOD section 10), as a `resnet.BlockNet`.
+"""Wide ResNet-26, the Visual Decathlon backbone (docs/method.md §10), as a `resnet.BlockNet`.
 
 A 3x3 stem with 32 channels, three stages of four basic blocks (64, 128, 256 channels), each stage
 starting with stride 2, shortcuts that average-pool 2x2 and zero-pad the new channels, and a final
-BatchNorm before pooling, with no ReLU after it (what the released weights expect).  Parameter names follow the released universal weights file
-(`conv1`, `bn1`, `layers.<i>.{conv1,bn1,conv2,bn2}`, `ends_bn`, `linear`), so it loads as it is.
+BatchNorm before pooling, with no ReLU after it (what the released weights expect).  Parameter names
+follow the released universal weights file (`conv1`, `bn1`, `layers.<i>.{conv1,bn1,conv2,bn2}`,
+`ends_bn`, `linear`), so it loads as it is.
 """
 import torch
 import torch.nn as nn

@@ -37,7 +37,8 @@ def check_reachable(url, flag, destination):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--url', default=WIDE_RESNET26_URL, help='where to fetch the universal blocks (default %(default)s)')
+    parser.add_argument('--url', default=WIDE_RESNET26_URL,
+                        help='where to fetch the universal blocks (default %(default)s)')
     parser.add_argument('--output', default=DEFAULT_OUTPUT, help='where to save them (default %(default)s)')
     parser.add_argument('--models-url', default=DECATHLON_MODELS_URL,
                         help='where to fetch the task-specific blocks (default %(default)s)')

@@ -2,13 +2,16 @@
 import pytest
 
 import benchmark
+import fast
 
 
-@pytest.mark.parametrize('amp', [False, True])
-def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp):
+@pytest.mark.parametrize('amp, plain', [(False, []), (True, []), (False, ['layout', 'proxy-matrices'])])
+def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp, plain):
+    fast_paths = {name: getattr(fast, name) for name in dir(fast)}
     args = benchmark.get_args_parser().parse_args(
         ['--arch', 'resnet18', '--batch-size', '2', '--input-size', '32', '--repeats', '1',
-         '--prune-universal', '4', '--json', str(tmp_path / 'speed.json')] + ['--amp'] * amp)
+         '--prune-universal', '4', '--json', str(tmp_path / 'speed.json')] + ['--amp'] * amp
+        + [flag for path in plain for flag in ('--plain', path)])
     results = benchmark.main(args)
     ratios = results['ratio_to_teacher_forward']
     assert results['config']['amp'] == amp
@@ -19,4 +22,5 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp):
     assert ratios['teacher forward'] == 1.0 and all(r > 0 for r in ratios.values())
     assert 0 < results['pruned_flops_ratio'] < 1
     assert 'one-pass / two-pass' in capsys.readouterr().out
-    assert (tmp_path / 'speed.json').exists()
+    assert (tmp_path / 'speed.json').exists() and results['config']['plain'] == plain
+    assert {name: getattr(fast, name) for name in dir(fast)} == fast_paths  # put back afterwards

@@ -146,7 +146,7 @@ def describe(transform):
             None if jitter is None else (jitter.brightness, jitter.contrast, jitter.saturation))
 
 
-# METHOD section 10, row by row: (train, eval) descriptions
+# docs/method.md §10, row by row: (train, eval) descriptions
 RESIZE_64_NO_FLIP = ((([72], ((64, 64), None, None), None, False, None)), ([72], None, [64, 64], False, None))
 RESIZE_64_FLIP = ((([72], ((64, 64), None, None), None, True, None)), ([72], None, [64, 64], False, None))
 SQUASH_PAD_FLIP = (([72, 72], ((72, 72), [8, 8, 8, 8], 'reflect'), None, True, None),

@@ -1,4 +1,4 @@
-"""Teachers, the NetTailor student, complexity, distillation, pruning and task packs (METHOD 3-7)."""
+"""Teachers, the NetTailor student, complexity, distillation, pruning and task packs (docs/method.md §3-7)."""
 import argparse
 import copy
 
@@ -103,7 +103,7 @@ def universal_bn_statistics(student):
 
 @pytest.mark.parametrize('task_bn_stats', [True, False])
 def test_universal_batchnorm_statistics_are_the_tasks_and_travel_in_its_pack(task_bn_stats, tmp_path):
-    """METHOD 6b: training updates the universal blocks' running statistics (not their weights) on the task's
+    """docs/method.md §6b: training updates the universal blocks' running statistics (not their weights) on the task's
     data; the pack carries them (the stem's and the kept blocks'), and a fresh student loading it computes
     exactly the trained student's outputs.  With shared statistics nothing of the universal blocks changes."""
     from engine import make_optimizer, param_groups
@@ -440,7 +440,8 @@ def test_pruned_blocks_are_never_executed_and_flops_fall(monkeypatch):
 
     for l, block in enumerate(student.backbone.blocks):
         record(block, 'forward_pre_relu', ('u', l))
-    tags = {id(proxy): ('p', l, j) for l, proxy_list in enumerate(student.proxies) for j, proxy in enumerate(proxy_list)}
+    tags = {id(proxy): ('p', l, j) for l, proxy_list in enumerate(student.proxies)
+            for j, proxy in enumerate(proxy_list)}
     gated_proxy = fast.gated_proxy
     monkeypatch.setattr(fast, 'gated_proxy', lambda proxy, *args: (calls.append(tags[id(proxy)]),
                                                                      gated_proxy(proxy, *args))[1])
@@ -479,7 +480,7 @@ def test_task_pack_round_trip_holds_no_universal_tensor(tmp_path):
     pack = torch.load(path, weights_only=True)
     universal_weights = {f'backbone.{k}' for k, p in student.backbone.named_parameters() if not k.startswith('fc.')}
     assert not universal_weights & set(pack['state'])
-    statistics = ('running_mean', 'running_var', 'num_batches_tracked')  # the task's own (METHOD 6b)
+    statistics = ('running_mean', 'running_var', 'num_batches_tracked')  # the task's own (docs/method.md §6b)
     assert all(k.startswith(('proxies.', 'gate_logits', 'path_alive', 'backbone.fc.')) or k.endswith(statistics)
                for k in pack['state'])
     pruned_proxy = [(l, j) for l in range(8) for j in range(1, len(student.proxy_sources[l]) + 1)

@@ -80,7 +80,7 @@ def test_pipeline_run_directories(pipeline):
     statistics = ('running_mean', 'running_var', 'num_batches_tracked')
     assert checkpoint['finished'] and checkpoint['model']['meta']['task_bn_stats']
     assert not any(k.startswith('backbone.layer') and not k.endswith(statistics) for k in state)  # no weights
-    assert 'backbone.layer4.1.bn2.running_var' in state  # the task's own statistics (METHOD 6b)
+    assert 'backbone.layer4.1.bn2.running_var' in state  # the task's own statistics (docs/method.md §6b)
     assert checkpoint['scaler'] == {}  # bfloat16 needs no gradient scaling
     for run_dir in (student, pruned):  # each student run draws the architecture it ends with
         assert (run_dir / 'architecture.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -281,7 +281,8 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
 
 @pytest.mark.parametrize('tolerance', [1000.0, -1000.0])
 def test_demo_tries_pruning_levels_until_one_is_within_tolerance(workdir, tmp_path, monkeypatch, tolerance):
-    """METHOD step 5: k = 2 first; kept if within the tolerance of the teacher, else k = 1 too, then the best."""
+    """docs/method.md §2 step 5: k = 2 first; kept if within the tolerance of the teacher, else k = 1 too, then
+    the best."""
     import demo
     monkeypatch.setattr(demo, 'ACCURACY_TOLERANCE', tolerance)
     tiny = dict(batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)

@@ -175,8 +175,8 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / 'packs')) == ['gtsrb.pth', 'svhn.pth']
     assert 'svhn' in result.stdout and '10/12 universal blocks kept' in result.stdout
-    result = subprocess.run(command + [str(released / 'svhn' / 'checkpoint.pth.tar'), '--out', str(tmp_path / 'one.pth')],
-                            capture_output=True, text=True)
+    result = subprocess.run(command + [str(released / 'svhn' / 'checkpoint.pth.tar'), '--out',
+                                       str(tmp_path / 'one.pth')], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     pack = torch.load(tmp_path / 'one.pth', weights_only=True)
     expected = torch.load(os.path.join(FIXTURE, 'expected.pt'), weights_only=True)
