@@ -33,7 +33,7 @@ from engine import MixedPrecision, fused_available
 from nettailor import create_student, distillation_loss, two_pass_loss
 import fast
 from backbones import create_teacher
-from utils import resolve_device, run_cli
+from utils import UserError, resolve_device, run_cli
 
 
 def get_args_parser():
@@ -114,6 +114,9 @@ def time_demo():
 
 
 def main(args):
+    for name in ('repeats', 'batch_size', 'input_size', 'threads'):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.demo:

@@ -15,6 +15,7 @@ import sys
 import demo
 import main_teacher
 import utils
+from utils import UserError
 from engine import checkpoint_path, load_teacher
 from synthetic import SYNTHETIC_TASKS
 
@@ -63,6 +64,9 @@ def pretrain_source(args, logger):
 
 
 def main(args):
+    if args.pretrained is not None:
+        raise UserError("demo_synthetic.py pre-trains its own universal backbone on synth-source; --pretrained is "
+                        "for the real-data demos (demo_svhn.py, ...)")
     logger = utils.setup_logging()
     args.pretrained = pretrain_source(args, logger)
     target_args = copy.copy(args)

@@ -35,6 +35,8 @@ def check_args(args):
         raise UserError("--resume and --force contradict each other; pick one")
     if args.pretrained == 'none':
         args.pretrained = None
+    elif args.pretrained not in (None, 'imagenet'):
+        args.pretrained = os.path.abspath(args.pretrained)  # recorded so that any working directory finds it
 
 
 def build_loaders(args):
@@ -49,14 +51,28 @@ def build_loaders(args):
                            train_limit=args.train_limit, test_limit=args.test_limit)
 
 
+def evaluation_loader(args, checkpoint, num_classes):
+    """The test loader of the run `checkpoint` records: its task and input size, whatever the command line's
+    defaults; a different --task is refused, as is data whose class count is not the model's."""
+    saved = checkpoint['args']
+    if args.task != saved['task']:
+        raise UserError(f"{args.model_dir} was trained on {saved['task']}, not {args.task}: "
+                        f"pass --task {saved['task']}")
+    args.input_size = saved['input_size']
+    _, test_loader, data_classes = build_loaders(args)
+    if data_classes != num_classes:
+        raise UserError(f"{args.model_dir} predicts {num_classes} classes, the {args.task} data in {args.data_dir} has "
+                        f"{data_classes}")
+    return test_loader
+
+
 def checkpoint_path(model_dir):
     return os.path.join(model_dir, 'checkpoint.pth')
 
 
-def prepare_run_dir(args):
-    """Create the run directory, refusing to clobber an existing run unless --force / --resume.
-
-    Returns the checkpoint to resume from (or None)."""
+def check_run_dir(args):
+    """The run already in --model-dir (or None), refused unless --force, or --resume of that same run with
+    epochs still to go.  Writes nothing: scripts call it before building anything."""
     path = checkpoint_path(args.model_dir)
     existing = utils.load_checkpoint(path) if os.path.exists(path) else None
     if existing is not None and not (args.force or args.resume):
@@ -67,14 +83,47 @@ def prepare_run_dir(args):
         raise UserError(f"--resume: no checkpoint in {args.model_dir} to resume from")
     if args.resume and existing.get('finished'):
         raise UserError(f"--resume: the run in {args.model_dir} is already finished")
-    os.makedirs(args.model_dir, exist_ok=True)
-    if existing is None or args.force:
-        for name in ('metrics.jsonl', 'log.txt'):
-            if os.path.exists(os.path.join(args.model_dir, name)):
+    if args.resume:
+        check_resumable(args, existing)
+    return existing
+
+
+def prepare_run_dir(args):
+    """Create the run directory (after `check_run_dir`'s checks) and record args.json there.
+
+    Returns the checkpoint to resume from (or None)."""
+    existing = check_run_dir(args)
+    try:
+        os.makedirs(args.model_dir, exist_ok=True)
+        for name in os.listdir(args.model_dir):  # left by a save that was killed
+            if name.startswith('.tmp-'):
                 os.remove(os.path.join(args.model_dir, name))
-    utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',
-                            os.path.join(args.model_dir, 'args.json'))
+        if existing is None or args.force:
+            for name in ('metrics.jsonl', 'log.txt'):
+                if os.path.exists(os.path.join(args.model_dir, name)):
+                    os.remove(os.path.join(args.model_dir, name))
+        utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',
+                                os.path.join(args.model_dir, 'args.json'))
+    except OSError as error:
+        raise UserError(f"cannot write the run directory --model-dir {args.model_dir}: {error.strerror or error}; "
+                        "choose a folder you can write") from None
     return existing if args.resume else None
+
+
+RUN_DEFINING_ARGS = ('task', 'arch', 'backbone', 'max_skip', 'input_size', 'pretrained', 'shared_bn_stats',
+                     'full_model_dir', 'n_pruning_universal', 'thr_pruning_proxy', 'train_splits')
+
+
+def check_resumable(args, existing):
+    """--resume continues the run `existing` records: the same model and data, and epochs still to go."""
+    saved = existing['args']
+    for name in RUN_DEFINING_ARGS:
+        if name in saved and hasattr(args, name) and str(saved[name]) != str(getattr(args, name)):
+            raise UserError(f"--resume: the run in {args.model_dir} has --{name.replace('_', '-')} {saved[name]}, "
+                            f"not {getattr(args, name)}; resume it with its own flags (its args.json)")
+    if args.epochs <= existing['epoch'] + 1:
+        raise UserError(f"--resume: the run in {args.model_dir} already went through epoch {existing['epoch'] + 1}; "
+                        f"pass --epochs above {existing['epoch'] + 1} to continue it")
 
 
 class MixedPrecision:
@@ -174,24 +223,30 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         start = time.time()
         sums, seen = {}, 0
         lr = optimizer.param_groups[0]['lr']
-        for images, labels in utils.progress(train_loader, desc=f'epoch {epoch}'):
+        for step, (images, labels) in enumerate(utils.progress(train_loader, desc=f'epoch {epoch}')):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             out = train_step(images, labels)
             out = dict(zip(out, torch.stack([value.float() for value in out.values()]).tolist()))
             if not math.isfinite(out['loss']):
-                raise UserError(f"training diverged at epoch {epoch} (loss {out['loss']}); lower --lr")
+                raise UserError(f"training diverged at epoch {epoch}, step {step} (loss {out['loss']}); lower --lr "
+                                f"(the last good checkpoint in {args.model_dir}, if any, is kept)")
             scheduler.step()
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value * (len(labels) if key != 'correct' else 1)
             seen += len(labels)
         train_time = time.time() - start
+        state = model_state()
+        diverged = utils.first_non_finite(state)
+        if diverged:  # a step made the weights non-finite although its loss was not
+            raise UserError(f"training diverged in epoch {epoch}: {diverged} became non-finite; lower --lr "
+                            f"(the last good checkpoint in {args.model_dir}, if any, is kept)")
         accuracy = evaluate(model, test_loader, device)
         record = {key: value / seen for key, value in sums.items() if key != 'correct'}
         record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
                       lr=lr, epoch_time=train_time)
         metrics.write(**record)
         logger.info(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        checkpoint = {'model': model_state(), 'optimizer': optimizer.state_dict(),
+        checkpoint = {'model': state, 'optimizer': optimizer.state_dict(),
                       'scheduler': scheduler.state_dict(), 'scaler': precision.scaler.state_dict(),
                       'epoch': epoch, 'rng': utils.rng_state(),
                       'loader_rng': train_loader.generator.get_state(), 'args': vars(args),
@@ -213,6 +268,7 @@ def load_teacher(path, device, num_classes=None, arch=None):
     if num_classes is not None and classes != num_classes:
         raise UserError(f"teacher {path} predicts {classes} classes ({saved['task']}), this task has "
                         f"{num_classes}: wrong --teacher-fn?")
+    utils.check_finite(checkpoint['model'], 'teacher checkpoint', path)
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])
     model.eval().requires_grad_(False)
@@ -227,10 +283,31 @@ def load_student(model_dir, device):
     if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
         raise UserError(f"{checkpoint_path(model_dir)} is not a student checkpoint written by main_student.py")
     saved, meta = checkpoint['args'], pack['meta']
+    if saved['pretrained'] is None and 'universal' not in pack:
+        raise UserError(f"{checkpoint_path(model_dir)} was trained on random universal weights that it does not hold "
+                        "(written by an older version): train it again")
     student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], saved['pretrained'],
                              saved['input_size'], task_bn_stats=meta.get('task_bn_stats', False))
-    student.load_task_pack(pack, source=checkpoint_path(model_dir))
+    attach_run_state(student, pack, checkpoint_path(model_dir))
     return student.to(device), checkpoint
+
+
+def run_state(student, pretrained):
+    """What a student checkpoint stores: the task pack and, when the universal weights come from no file
+    (--pretrained none), those weights too, or the run could not be rebuilt."""
+    pack = student.task_pack()
+    if pretrained is None:
+        pack['universal'] = {k: v.detach().clone() for k, v in student.backbone.state_dict().items()
+                             if not k.startswith(student.backbone.head_prefixes)}
+    return pack
+
+
+def attach_run_state(student, pack, source):
+    """The universal weights a checkpoint holds (see `run_state`), then its task pack."""
+    if 'universal' in pack:
+        utils.check_finite(pack['universal'], 'checkpoint', source)
+        student.backbone.load_state_dict(pack['universal'], strict=False)
+    student.load_task_pack(pack, source)
 
 
 def param_groups(student, weight_decay):

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 import utils
 from figures import save_architecture
-from engine import (MixedPrecision, build_loaders, check_args, checkpoint_path, evaluate, fit, load_student,
-                    load_teacher, make_optimizer, param_groups, prepare_run_dir)
+from engine import (MixedPrecision, attach_run_state, build_loaders, check_args, check_run_dir, checkpoint_path,
+                    evaluate, evaluation_loader, fit, load_student, load_teacher, make_optimizer, param_groups,
+                    prepare_run_dir, run_state)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
@@ -31,6 +32,7 @@ from utils import UserError
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor student: tailor a pre-trained network to a task',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      parents=[teacher_args_parser(add_help=False)], add_help=add_help,
                                      conflict_handler='resolve')
     parser.add_argument('--arch', help=argparse.SUPPRESS)
@@ -42,7 +44,7 @@ def get_args_parser(add_help=True):
                         help='gamma1 (default 0.3; 0 when retraining with --full-model-dir)')
     parser.add_argument('--teacher-coeff', type=float, default=None,
                         help="gamma2 (default 10; when retraining, the --full-model-dir run's)")
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--batch-size', type=int, default=32, help='images per training step')
     parser.add_argument('--lr', type=float, default=None, help='default 0.1; 0.01 when retraining (--full-model-dir)')
     parser.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (never on gates)')
     parser.add_argument('--pretrained', default=None,
@@ -61,14 +63,26 @@ def get_args_parser(add_help=True):
     return parser
 
 
+def same_weights(a, b):
+    """Whether two --pretrained values name the same universal weights (files compared as absolute paths)."""
+    if a in (None, 'imagenet') or b in (None, 'imagenet'):
+        return a == b
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def check_student_args(args):
     args.arch = args.backbone
     full_args = {}
     if args.full_model_dir and not args.evaluate:
-        full_args = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')['args']
+        full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
+        if not isinstance(full.get('args'), dict):
+            raise UserError(f"{checkpoint_path(args.full_model_dir)} is not a student checkpoint written by "
+                            "main_student.py (it records no arguments)")
+        full_args = full['args']
+        recorded = full_args['pretrained']
         if args.pretrained is None:
-            args.pretrained = full_args['pretrained'] or 'none'
-        elif (None if args.pretrained == 'none' else args.pretrained) != full_args['pretrained']:
+            args.pretrained = recorded or 'none'
+        elif not same_weights(None if args.pretrained == 'none' else args.pretrained, recorded):
             raise UserError(f"{args.full_model_dir} was trained on universal weights {full_args['pretrained']}, "
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:
@@ -88,6 +102,8 @@ def check_student_args(args):
     if args.lr is None:
         args.lr = 0.01 if args.full_model_dir else 0.1
     check_args(args)
+    if args.n_pruning_universal and not args.full_model_dir and not args.evaluate:
+        raise UserError("--n-pruning-universal prunes a trained student: pass it with --full-model-dir")
     for name in ('complexity_coeff', 'teacher_coeff', 'n_pruning_universal'):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
@@ -109,14 +125,14 @@ def main(args):
     check_student_args(args)
     device = utils.resolve_device(args.device)
     if args.evaluate:
-        student, _ = load_student(args.model_dir, device)
-        _, test_loader, _ = build_loaders(args)
-        accuracy = evaluate(student, test_loader, device)
+        student, checkpoint = load_student(args.model_dir, device)
+        accuracy = evaluate(student, evaluation_loader(args, checkpoint, student.num_classes), device)
         stats = student.stats()
         print(format_stats(stats))
         print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
         return {'accuracy': accuracy, 'stats': stats}
 
+    check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
     teacher = None
@@ -126,6 +142,7 @@ def main(args):
                              task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:
         full, _ = load_student(args.full_model_dir, torch.device('cpu'))
+        student.backbone.load_state_dict(full.backbone.state_dict())  # the universal weights it was trained on
         student.load_task_pack(full.task_pack(), source=f"the student in {args.full_model_dir}")
         student.prune(args.n_pruning_universal, args.thr_pruning_proxy)
     elif teacher is not None and args.classifier_init == 'teacher':
@@ -134,7 +151,7 @@ def main(args):
     student.to(device)
     resume_from = prepare_run_dir(args)
     if resume_from is not None:
-        student.load_task_pack(resume_from['model'], source=checkpoint_path(args.model_dir))
+        attach_run_state(student, resume_from['model'], checkpoint_path(args.model_dir))
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"student {args.backbone} (max_skip {args.max_skip}) on {args.task} ({num_classes} classes), "
                 f"gamma1 {args.complexity_coeff}, gamma2 {args.teacher_coeff}, "
@@ -166,7 +183,7 @@ def main(args):
         return out
 
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
-                   student.task_pack, resume_from, logger, precision)
+                   lambda: run_state(student, args.pretrained), resume_from, logger, precision)
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     save_architecture(stats, figure)

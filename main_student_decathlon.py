@@ -28,6 +28,7 @@ from wide_nettailor import DEFAULT_WEIGHTS
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor decathlon students', add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      parents=[main_student.get_args_parser(add_help=False)],
                                      conflict_handler='resolve')
     add_decathlon_args(parser, 'student')

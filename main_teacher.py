@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 import utils
 from backbones import create_teacher
-from engine import (MixedPrecision, build_loaders, check_args, checkpoint_path, evaluate, fit, load_teacher,
-                    make_optimizer, prepare_run_dir)
+from engine import (MixedPrecision, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
+                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir)
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor teacher: fine-tune a pre-trained network',
-                                     add_help=add_help)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
     parser.add_argument('--task', required=True, help='dataset: svhn, flowers, voc12 or a synth-* task')
     parser.add_argument('--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
     parser.add_argument('--model-dir', required=True, help='run directory (checkpoints, logs, metrics)')
@@ -29,9 +29,9 @@ def get_args_parser(add_help=True):
     parser.add_argument('--input-size', type=int, default=224, help='training/test crop size')
     parser.add_argument('--train-limit', type=int, default=None, help='use only the first N training images')
     parser.add_argument('--test-limit', type=int, default=None, help='use only the first N test images')
-    parser.add_argument('--epochs', type=int, default=20)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--lr', type=float, default=0.01)
+    parser.add_argument('--epochs', type=int, default=20, help='training epochs')
+    parser.add_argument('--batch-size', type=int, default=64, help='images per training step')
+    parser.add_argument('--lr', type=float, default=0.01, help='initial learning rate')
     parser.add_argument('--lr-decay-epochs', type=int, default=8, help="lr x0.1 every this many epochs ('step')")
     parser.add_argument('--lr-schedule', default='step', choices=['step', 'cosine'],
                         help="step (the paper's) or cosine (to 0 over the run); both stepped every iteration")
@@ -57,11 +57,11 @@ def main(args):
     device = utils.resolve_device(args.device)
     if args.evaluate:
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
-        _, test_loader, num_classes = build_loaders(args)
-        accuracy = evaluate(model, test_loader, device)
+        accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes']), device)
         print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
         return {'accuracy': accuracy}
 
+    check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
     model = create_teacher(args.arch, num_classes, args.pretrained).to(device)

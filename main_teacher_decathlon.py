@@ -33,6 +33,7 @@ def add_decathlon_args(parser, stage):
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor decathlon teachers', add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      parents=[main_teacher.get_args_parser(add_help=False)],
                                      conflict_handler='resolve')
     add_decathlon_args(parser, 'teacher')

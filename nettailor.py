@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fast
 from backbones import create_teacher
+import utils
 from utils import UserError, atomic_save
 
 GATE_INIT_UNIVERSAL = 2.0
@@ -450,6 +451,7 @@ class NetTailor(nn.Module):
         if meta != mine:
             diff = ', '.join(f"{k} {meta.get(k)!r} vs {mine[k]!r}" for k in mine if meta.get(k) != mine[k])
             raise UserError(f"{source} was built for another student ({diff} here)")
+        utils.check_finite(pack['state'], 'task pack', source)
         self.load_state_dict(pack['state'], strict=False)
         self._refresh_alive_paths()
         self._fold()

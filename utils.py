@@ -92,6 +92,26 @@ def check_reachable(url, hint, timeout=5):
         raise UserError(f"cannot reach {parts.hostname} ({error}): {hint}") from None
 
 
+def first_non_finite(state, prefix=''):
+    """The name of the first floating-point tensor of a (nested) state dict holding NaN or inf, else None."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            found = first_non_finite(value, f'{prefix}{key}.')
+            if found:
+                return found
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return prefix + key
+    return None
+
+
+def check_finite(state, what, path):
+    """A one-line error when `state` (a model's state dict or task pack) holds non-finite values."""
+    name = first_non_finite(state)
+    if name is not None:
+        raise UserError(f"{what} {path} holds non-finite values ({name}): the run that wrote it diverged; "
+                        "train it again with a lower --lr")
+
+
 def load_checkpoint(path, what='checkpoint'):
     """torch.load(weights_only=True) with a one-line error for a missing or unreadable file."""
     if not os.path.isfile(path):
@@ -100,6 +120,9 @@ def load_checkpoint(path, what='checkpoint'):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        if 'weights_only' in str(e):  # PyTorch suggests weights_only=False: unsafe for a file one does not trust
+            reason = ("it holds Python objects besides tensors, which are not loaded for safety (never load a file "
+                      "you do not trust with weights_only=False)")
         raise UserError(f"{what} {path} is unreadable (truncated or not a checkpoint): {reason}") from None
 
 

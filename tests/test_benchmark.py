@@ -3,6 +3,7 @@ import pytest
 
 import benchmark
 import fast
+from utils import UserError
 
 
 @pytest.mark.parametrize('amp, plain', [(False, []), (True, []), (False, ['layout', 'proxy-matrices'])])
@@ -24,3 +25,9 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp, plain):
     assert 'one-pass / two-pass' in capsys.readouterr().out
     assert (tmp_path / 'speed.json').exists() and results['config']['plain'] == plain
     assert {name: getattr(fast, name) for name in dir(fast)} == fast_paths  # put back afterwards
+
+
+@pytest.mark.parametrize('flag', ['--repeats', '--batch-size'])
+def test_benchmark_refuses_empty_measurements(flag):
+    with pytest.raises(UserError, match=f'{flag} must be positive, got 0'):
+        benchmark.main(benchmark.get_args_parser().parse_args([flag, '0']))

@@ -1,4 +1,5 @@
 """The training scripts as a user runs them: teacher, student, prune + retrain, evaluate, bad input, resume."""
+import argparse
 import json
 import os
 import signal
@@ -346,3 +347,107 @@ def test_offline_demo_pretrains_and_caches_its_backbone(tmp_path, monkeypatch):
     assert again['student_acc'] == table['student_acc']  # nothing retrained: same backbone, runs skipped
     assert torch.equal(torch.load(tmp_path / 'resnet18_synth-source.pth', weights_only=True)['conv1.weight'],
                        backbone['conv1.weight'])
+
+
+def test_divergence_is_caught_before_anything_is_saved(workdir, tmp_path):
+    """One step at lr 1e40 makes every weight non-finite, its loss still finite: refused, nothing saved."""
+    result = run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+                 '--model-dir', tmp_path / 'run', '--epochs', 1, '--train-limit', 32, '--lr', 1e40, expect_ok=False)
+    assert_one_line_error(result, 'training diverged in epoch 0', 'became non-finite', 'lower --lr')
+    assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
+
+
+def test_non_finite_checkpoints_are_refused_with_their_file(pipeline, workdir, tmp_path):
+    teacher, student, _ = pipeline
+    checkpoint = torch.load(teacher / 'checkpoint.pth', weights_only=True)
+    checkpoint['model']['layer2.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(checkpoint, tmp_path / 'nan_teacher.pth')
+    result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+                 '--teacher-fn', tmp_path / 'nan_teacher.pth', '--model-dir', tmp_path / 'run', expect_ok=False)
+    assert_one_line_error(result, str(tmp_path / 'nan_teacher.pth'), 'non-finite', 'layer2.0.conv1.weight')
+    assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
+    (tmp_path / 'nan_student').mkdir()
+    checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
+    checkpoint['model']['state']['gate_logits'][3, 1] = float('inf')
+    torch.save(checkpoint, tmp_path / 'nan_student' / 'checkpoint.pth')
+    result = run('main_student.py', *TINY, '--model-dir', tmp_path / 'nan_student', '--evaluate', expect_ok=False)
+    assert_one_line_error(result, 'non-finite', 'gate_logits')
+
+
+def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
+    """The run's own input size whatever the command line says; another task is refused."""
+    teacher, student, _ = pipeline
+    recorded = json.loads(open(student / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
+    at_224 = [a if a != '32' else '224' for a in TINY]  # the default input size, not the run's
+    out = run('main_student.py', *at_224, '--model-dir', student, '--evaluate').stdout
+    assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
+    other_task = [a if a != 'synth-digits' else 'synth-textures' for a in TINY]
+    for script, run_dir in (('main_student.py', student), ('main_teacher.py', teacher)):
+        result = run(script, *other_task, '--model-dir', run_dir, '--evaluate', expect_ok=False)
+        assert_one_line_error(result, 'was trained on synth-digits, not synth-textures', '--task synth-digits')
+
+
+def test_student_on_random_universal_weights_can_be_rebuilt(tmp_path):
+    """--pretrained none: the universal weights are drawn at random, so the checkpoint must hold them."""
+    run('main_student.py', *TINY, '--backbone', 'resnet18', '--pretrained', 'none', '--teacher-coeff', 0,
+        '--model-dir', tmp_path / 'student', '--epochs', 1, '--lr', 0.01)
+    recorded = json.loads(open(tmp_path / 'student' / 'metrics.jsonl').read())['test_acc']
+    out = run('main_student.py', *TINY, '--model-dir', tmp_path / 'student', '--evaluate').stdout
+    assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
+    run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-coeff', 0, '--full-model-dir',
+        tmp_path / 'student', '--n-pruning-universal', 1, '--thr-pruning-proxy', 0, '--model-dir', tmp_path / 'pruned',
+        '--epochs', 1)
+    full = torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=True)['model']['universal']
+    pruned = torch.load(tmp_path / 'pruned' / 'checkpoint.pth', weights_only=True)['model']['universal']
+    assert torch.equal(full['layer3.0.conv1.weight'], pruned['layer3.0.conv1.weight'])  # retrained on the same
+
+
+def test_resume_refuses_another_run_and_nothing_to_do(pipeline, workdir, tmp_path):
+    args = TINY + ['--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 3, '--lr', 0.01]
+    run_dir = tmp_path / 'run'
+    kill_after_first_epoch('main_teacher.py', args, run_dir)
+    before = (run_dir / 'args.json').read_text()
+    result = run('main_teacher.py', *[a if a != 'resnet18' else 'resnet34' for a in args], '--model-dir', run_dir,
+                 '--resume', expect_ok=False)
+    assert_one_line_error(result, '--resume', '--arch resnet18, not resnet34')
+    result = run('main_teacher.py', *args[:-4], '--epochs', 1, '--lr', 0.01, '--model-dir', run_dir, '--resume',
+                 expect_ok=False)
+    assert_one_line_error(result, 'already went through epoch 1', '--epochs above 1')
+    assert (run_dir / 'args.json').read_text() == before
+
+
+def test_unwritable_model_dir_is_one_line(workdir, tmp_path):
+    (tmp_path / 'a_file').write_text('x')
+    for model_dir in (tmp_path / 'a_file', tmp_path / 'a_file' / 'run'):
+        result = run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+                     '--model-dir', model_dir, '--epochs', 1, expect_ok=False)
+        assert_one_line_error(result, 'cannot write the run directory', str(model_dir))
+    assert (tmp_path / 'a_file').read_text() == 'x'
+
+
+def test_smaller_faults_and_flags(pipeline, workdir, tmp_path):
+    teacher = pipeline[0]
+    # a checkpoint holding arbitrary Python objects: refused without advising weights_only=False as a fix
+    torch.save({'model': argparse.Namespace(x=1), 'args': {}, 'num_classes': 10}, tmp_path / 'pickled.pth')
+    result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+                 '--teacher-fn', tmp_path / 'pickled.pth', '--model-dir', tmp_path / 'run', expect_ok=False)
+    assert_one_line_error(result, 'not loaded for safety', 'never load a file you do not trust')
+    # a stale temporary file of a killed save is cleaned; a relative --pretrained is recorded absolute
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / '.tmp-killed.pth').write_bytes(b'half')
+    relative = os.path.relpath(workdir / 'backbone.pth', REPO)
+    run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', relative, '--model-dir', tmp_path / 'run',
+        '--epochs', 1, '--train-limit', 32)
+    assert not (tmp_path / 'run' / '.tmp-killed.pth').exists()
+    assert json.load(open(tmp_path / 'run' / 'args.json'))['pretrained'] == str(workdir / 'backbone.pth')
+    # flags that would be ignored are refused
+    result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
+                 '--n-pruning-universal', 2, '--model-dir', tmp_path / 'student', expect_ok=False)
+    assert_one_line_error(result, '--n-pruning-universal prunes a trained student', '--full-model-dir')
+    result = run('demo_synthetic.py', '--pretrained', workdir / 'backbone.pth', '--model-root', tmp_path / 'demo',
+                 expect_ok=False)
+    assert_one_line_error(result, 'pre-trains its own universal backbone', '--pretrained')
+    assert not (tmp_path / 'demo').exists()
+    # --help shows the defaults
+    assert '(default: 20)' in run('main_teacher.py', '--help').stdout
+    assert '(default: 0.05)' in run('main_student.py', '--help').stdout
