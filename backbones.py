@@ -5,6 +5,7 @@ import os
 import torch
 
 from resnet import ARCHS as RESNET_ARCHS, ResNet
+import utils
 from utils import UserError
 from wide_resnet import WideResNet
 
@@ -18,7 +19,7 @@ def read_state_dict(path, what='pre-trained weights'):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated or not a torch file
-        raise UserError(f"cannot read {what} from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read {what} from {path}: {utils.error_reason(e)}") from None
     for key in ('state_dict', 'model'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -52,6 +53,19 @@ def load_backbone_weights(model, pretrained):
         raise UserError(f"pre-trained weights {pretrained} do not fit {model.arch}: {problem}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def check_input_size(network, input_size):
+    """A one-line error when `network` cannot take input_size x input_size images (its shapes do not add up)."""
+    was_training = network.training
+    try:
+        with torch.no_grad():
+            network.eval()(torch.zeros(1, 3, input_size, input_size))
+    except RuntimeError:
+        raise UserError(f"{network.arch} cannot take {input_size}x{input_size} inputs: choose another "
+                        "--input-size (the decathlon's 64 or 72, ImageNet's 224)") from None
+    finally:
+        network.train(was_training)
 
 
 def create_teacher(arch, num_classes, pretrained=None):

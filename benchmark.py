@@ -37,7 +37,8 @@ from utils import UserError, resolve_device, run_cli
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], add_help=True)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--arch', default='resnet34')
     parser.add_argument('--max-skip', default='3')
     parser.add_argument('--batch-size', type=int, default=32)

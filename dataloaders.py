@@ -258,22 +258,24 @@ class SyntheticAugment:
 
 class SyntheticLoader:
     """A DataLoader stand-in for in-memory synthetic splits: shuffled (from `generator`) batches,
-    augmented a batch at once."""
+    augmented a batch at once; `drop_last` drops a last partial batch."""
 
-    def __init__(self, dataset, batch_size, augment, shuffle, generator=None):
+    def __init__(self, dataset, batch_size, augment, shuffle, generator=None, drop_last=False):
         self.dataset = dataset
         self.batch_size = batch_size
         self.augment = augment
         self.shuffle = shuffle
         self.generator = generator
+        self.drop_last = drop_last
 
     def __len__(self):
-        return math.ceil(len(self.dataset) / self.batch_size)
+        batches = len(self.dataset) / self.batch_size
+        return math.floor(batches) if self.drop_last else math.ceil(batches)
 
     def __iter__(self):
         count = len(self.dataset)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
-        for start in range(0, count, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.augment(self.dataset.images[index]), self.dataset.labels[index]
 
@@ -316,7 +318,8 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
     if task in SYNTHETIC_TASKS:
         train_raw = make_synthetic(task, 'train', num_images=train_limit)
         test_raw = make_synthetic(task, 'test', num_images=test_limit)
-        return (SyntheticLoader(train_raw, batch_size, SyntheticAugment(task, True, input_size), True, generator),
+        return (SyntheticLoader(train_raw, batch_size, SyntheticAugment(task, True, input_size), True, generator,
+                                drop_last=len(train_raw) % batch_size == 1),  # BatchNorm cannot train on one image
                 SyntheticLoader(test_raw, eval_batch_size or batch_size, SyntheticAugment(task, False, input_size),
                                 False), SYNTHETIC_TASKS[task])
     train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed)
@@ -324,8 +327,8 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
         train_set = Subset(train_set, range(min(train_limit, len(train_set))))
     if test_limit is not None:
         test_set = Subset(test_set, range(min(test_limit, len(test_set))))
-    loader_options = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0, drop_last=False)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, **loader_options)
+    loader_options = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                              drop_last=len(train_set) % batch_size == 1, **loader_options)  # BatchNorm needs 2
     test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, shuffle=False, **loader_options)
     return train_loader, test_loader, num_classes

@@ -16,7 +16,7 @@ import os
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from utils import UserError, atomic_write_json
@@ -248,7 +248,7 @@ def get_decathlon_datasets(task, data_dir='data', splits=('train', 'val'), input
 
 
 def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val'), eval_split='val',
-                              batch_size=32, workers=4, input_size=None, seed=0):
+                              batch_size=32, workers=4, input_size=None, seed=0, train_limit=None, test_limit=None):
     """(train_loader, eval_loader, num_classes): training on the union of train_splits (with augmentation),
     evaluation on eval_split (center crops, fixed order)."""
     if 'test_stripped' in train_splits:
@@ -262,8 +262,14 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
         if dataset.num_classes != num_classes:
             raise UserError(f"decathlon task {task}: split {dataset.split} has {dataset.num_classes} classes "
                             f"but {eval_split} has {num_classes}; the annotation files do not match")
-    train_loader = DataLoader(ConcatDataset(train_sets), batch_size=batch_size, shuffle=True,
-                              num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    train_set = ConcatDataset(train_sets)
+    if train_limit is not None:
+        train_set = Subset(train_set, range(min(train_limit, len(train_set))))
+    if test_limit is not None:
+        eval_set = Subset(eval_set, range(min(test_limit, len(eval_set))))
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                              drop_last=len(train_set) % batch_size == 1,  # BatchNorm needs 2
+                              generator=torch.Generator().manual_seed(seed))
     eval_loader = DataLoader(eval_set, batch_size=batch_size, shuffle=False, num_workers=workers)
     return train_loader, eval_loader, num_classes
 

@@ -34,7 +34,8 @@ RECIPES = {  # docs/method.md §8: ResNet34, 224 px, SGD momentum 0.9, weight de
 
 
 def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pretrained='imagenet'):
-    parser = argparse.ArgumentParser(description=f'NetTailor demo on {task}: teacher, student, prune + retrain')
+    parser = argparse.ArgumentParser(description=f'NetTailor demo on {task}: teacher, student, prune + retrain',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data-dir', default='data')
     parser.add_argument('--model-root', default=model_root or os.path.join('checkpoints', task),
                         help='runs go to <model-root>/{teacher,student,pruned}')
@@ -66,6 +67,12 @@ def is_finished(model_dir):
 
 def run_stage(name, main, args, logger):
     if is_finished(args.model_dir) and not args.force:
+        recorded = utils.load_checkpoint(checkpoint_path(args.model_dir))['args']
+        wanted = (getattr(args, 'backbone', None) or args.arch, args.input_size)
+        if (recorded['arch'], recorded['input_size']) != wanted:
+            raise utils.UserError(f"{args.model_dir} holds a finished {recorded['arch']} run at "
+                                  f"{recorded['input_size']} px, not {wanted[0]} at {wanted[1]} px: pass --force to "
+                                  "replace it or another --model-root")
         logger.info(f"[{name}] finished run in {args.model_dir}: skipped (--force reruns it)")
         return
     logger.info(f"[{name}] -> {args.model_dir}")

@@ -41,11 +41,20 @@ def check_args(args):
 
 def build_loaders(args):
     """(train_loader, test_loader, num_classes) for args.task; the decathlon scripts set args.decathlon."""
+    loaders = task_loaders(args)
+    if len(loaders[0]) == 0:
+        raise UserError(f"the training set of {args.task} has fewer than 2 images (--train-limit?): "
+                        "BatchNorm cannot train on a batch of one")
+    return loaders
+
+
+def task_loaders(args):
     if getattr(args, 'decathlon', False):
         from decathlon_dataloaders import get_decathlon_dataloaders
         return get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
                                          batch_size=args.batch_size, workers=args.workers,
-                                         input_size=args.input_size, seed=args.seed)
+                                         input_size=args.input_size, seed=args.seed,
+                                         train_limit=args.train_limit, test_limit=args.test_limit)
     from dataloaders import get_dataloaders
     return get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size, args.seed,
                            train_limit=args.train_limit, test_limit=args.test_limit)
@@ -95,6 +104,7 @@ def prepare_run_dir(args):
     existing = check_run_dir(args)
     try:
         os.makedirs(args.model_dir, exist_ok=True)
+        utils.lock_run_dir(args.model_dir)
         for name in os.listdir(args.model_dir):  # left by a save that was killed
             if name.startswith('.tmp-'):
                 os.remove(os.path.join(args.model_dir, name))
@@ -237,9 +247,9 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         train_time = time.time() - start
         state = model_state()
         diverged = utils.first_non_finite(state)
-        if diverged:  # a step made the weights non-finite although its loss was not
-            raise UserError(f"training diverged in epoch {epoch}: {diverged} became non-finite; lower --lr "
-                            f"(the last good checkpoint in {args.model_dir}, if any, is kept)")
+        if diverged:  # the epoch's last step made the weights non-finite (after any other, the loss would be)
+            raise UserError(f"training diverged at epoch {epoch}, step {step} (its last): {diverged} became "
+                            f"non-finite; lower --lr (the last good checkpoint in {args.model_dir}, if any, is kept)")
         accuracy = evaluate(model, test_loader, device)
         record = {key: value / seen for key, value in sums.items() if key != 'correct'}
         record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
@@ -252,7 +262,11 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
                       'loader_rng': train_loader.generator.get_state(), 'args': vars(args),
                       'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
         checkpoint.update(extra_checkpoint or {})
-        utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
+        try:
+            utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
+        except OSError as error:  # a full disk, a vanished folder: the previous checkpoint is intact
+            raise UserError(f"cannot save the checkpoint of epoch {epoch} in {args.model_dir}: "
+                            f"{error.strerror or error}; the previous checkpoint is kept") from None
     return accuracy
 
 

@@ -52,13 +52,19 @@ def train_or_evaluate(args):
         args.pretrained = DEFAULT_WEIGHTS
     result = main_student.main(args)
     if args.write_submission:
-        student, _ = load_student(args.model_dir, utils.resolve_device(args.device))
-        dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
-                                   decathlon_transform(args.task, False, args.input_size, args.data_dir))
-        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-        write_submission(submission_entries(predict(student, loader, next(student.parameters()).device), dataset),
-                         os.path.join(args.model_dir, 'submission.json'))
+        write_run_submission(args, args.model_dir)
     return result
+
+
+def write_run_submission(args, run_dir):
+    """<run_dir>/submission.json: the run's predictions over its task's test_stripped images."""
+    student, checkpoint = load_student(run_dir, utils.resolve_device(args.device))
+    input_size = checkpoint['args']['input_size']
+    dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
+                               decathlon_transform(args.task, False, input_size, args.data_dir))
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    write_submission(submission_entries(predict(student, loader, next(student.parameters()).device), dataset),
+                     os.path.join(run_dir, 'submission.json'))
 
 
 def final_run(task_dir):
@@ -85,6 +91,8 @@ def summary(args):
         accuracies[task_args.task] = checkpoint['accuracy']
         rows.append((task_args.task, teacher_acc, checkpoint['accuracy'], stats, os.path.basename(run_dir)))
         submission = os.path.join(run_dir, 'submission.json')
+        if args.write_submission and not os.path.exists(submission):
+            write_run_submission(task_args, run_dir)
         submissions.append(submission if os.path.exists(submission) else None)
     total, points = decathlon_score(accuracies)
     lines = [f"{'task':<14} {'teacher':>7} {'NetTailor':>9} {'task params':>11} {'GFLOPs':>7} "

@@ -12,7 +12,7 @@ import sys
 import torch.nn.functional as F
 
 import utils
-from backbones import create_teacher
+from backbones import check_input_size, create_teacher
 from engine import (MixedPrecision, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
                     evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir)
 
@@ -64,7 +64,9 @@ def main(args):
     check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
-    model = create_teacher(args.arch, num_classes, args.pretrained).to(device)
+    model = create_teacher(args.arch, num_classes, args.pretrained)
+    check_input_size(model, args.input_size)
+    model.to(device)
     resume_from = prepare_run_dir(args)
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fast
-from backbones import create_teacher
+from backbones import check_input_size, create_teacher
 import utils
 from utils import UserError, atomic_save
 
@@ -174,6 +174,7 @@ class NetTailor(nn.Module):
 
     @torch.no_grad()
     def _node_shapes(self, input_size):
+        check_input_size(self.backbone, input_size)
         self.backbone.eval()
         x = self.backbone.forward_stem(torch.zeros(1, 3, input_size, input_size))
         shapes = [tuple(x.shape[1:])]

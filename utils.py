@@ -47,6 +47,26 @@ def run_script(main):
         sys.exit(f"error: {user_error_line(e)}")
 
 
+_run_dir_locks = {}
+
+
+def lock_run_dir(model_dir):
+    """Hold an exclusive lock on <model_dir>/.lock until this process ends: a second process that would write
+    the same run directory (and interleave its metrics) stops at once instead."""
+    import fcntl
+    path = os.path.abspath(os.path.join(model_dir, '.lock'))
+    if path in _run_dir_locks:
+        return
+    handle = open(path, 'a')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another process is writing {model_dir}; wait for it to end or choose another --model-dir") \
+            from None
+    _run_dir_locks[path] = handle
+
+
 def atomic_write(path, write, suffix=''):
     """`write(tmp)` to a temporary file in path's folder, then a rename: never a half-written `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -112,6 +132,12 @@ def check_finite(state, what, path):
                         "train it again with a lower --lr")
 
 
+def error_reason(error):
+    """The first line of an exception's message, or its type when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__
+
+
 def load_checkpoint(path, what='checkpoint'):
     """torch.load(weights_only=True) with a one-line error for a missing or unreadable file."""
     if not os.path.isfile(path):
@@ -119,7 +145,7 @@ def load_checkpoint(path, what='checkpoint'):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        reason = error_reason(e)
         if 'weights_only' in str(e):  # PyTorch suggests weights_only=False: unsafe for a file one does not trust
             reason = ("it holds Python objects besides tensors, which are not loaded for safety (never load a file "
                       "you do not trust with weights_only=False)")

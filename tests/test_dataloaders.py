@@ -181,8 +181,8 @@ def test_flowers_loaders_shapes_and_seeded_shuffle(tmp_path):
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
     assert labels.tolist() == [101, 4, 0]
     batches = [labels.tolist() for _, labels in train_loader]
-    assert [len(b) for b in batches] == [3, 1]  # drop_last=False
-    assert sorted(sum(batches, [])) == [0, 1, 2, 6]
+    assert [len(b) for b in batches] == [3]  # a last batch of one is dropped: BatchNorm cannot train on it
+    assert set(sum(batches, [])) < {0, 1, 2, 6}
     again, _, _ = get_dataloaders('flowers', tmp_path, batch_size=3, workers=0, input_size=32, seed=5)
     assert [labels.tolist() for _, labels in again] == batches
 

@@ -125,6 +125,10 @@ def test_dataloaders_train_on_union_and_are_seeded(decathlon):
     assert sorted(label_order(3)) == sorted(SVHN_LABELS['train'] + SVHN_LABELS['val'])
     images, labels = next(iter(eval_loader))
     assert images.shape == (3, 3, 64, 64) and labels.tolist() == SVHN_LABELS['val']
+    limited = get_decathlon_dataloaders('svhn', decathlon, train_splits=('train', 'val'), workers=0, batch_size=2,
+                                        train_limit=3, test_limit=2)
+    assert len(limited[0].dataset) == 3 and len(limited[1].dataset) == 2
+    assert len(limited[0]) == 1  # the last batch of one image is dropped: BatchNorm cannot train on it
     with pytest.raises(UserError, match='test_stripped has no labels'):
         get_decathlon_dataloaders('svhn', decathlon, train_splits=('test_stripped',), workers=0)
 

@@ -100,6 +100,7 @@ def execute_notebook(runtime, **env):
         patch.setenv('IPYTHONDIR', str(runtime / 'ipython'))
         patch.setenv('TMPDIR', str(runtime))  # where the notebook writes the task packs
         NotebookClient(notebook, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
+    assert not [name for name in os.listdir(runtime) if name.startswith('nettailor-packs-')]  # cleaned up
     text = '\n'.join(output.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
                      for output in cell.outputs)
     return {'notebook': notebook, 'text': text}
@@ -230,3 +231,18 @@ def test_notebook_deploys_the_released_models(decathlon, tmp_path):
                          r'checkpoint\)', text)
     assert float(accuracy.group(1)) == pytest.approx(expected, abs=0.01) and int(accuracy.group(2)) == len(dataset)
     assert re.search(r'svhn +task pack [\d.]+ MB on disk', text) and 'NetTailor, 1 tasks' in text
+
+
+def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
+    models = tmp_path / 'models'
+    shutil.copytree(decathlon['models'], models)
+    (models / 'dtd' / 'student' / 'submission.json').unlink()
+    out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                        '--model-root', models, '--summary'))[0]
+    assert 'submission for the evaluation server' not in out and not (models / 'results.json').exists()
+    out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                        '--model-root', models, '--summary', '--write-submission'))[0]
+    assert f"submission for the evaluation server: {models / 'results.json'}" in out
+    assert (models / 'dtd' / 'student' / 'submission.json').exists()
+    entries = json.loads((models / 'results.json').read_text())
+    assert {entry['category_id'] // 10000000 for entry in entries} == {4, 8}  # dtd and svhn

@@ -64,6 +64,9 @@ def test_teacher_loads_local_torchvision_file_and_rejects_bad_ones(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match='cannot read'):
         create_teacher('resnet18', 3, pretrained=str(path))
+    path.write_bytes(b'')  # zero bytes: an exception without a message
+    with pytest.raises(UserError, match='cannot read pre-trained weights from .*: EOFError'):
+        create_teacher('resnet18', 3, pretrained=str(path))
 
 
 def test_resnet34_flops_and_params_in_paper_convention():

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torchvision
 
+from utils import UserError
+
 from test_dataloaders import write_flowers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,6 +280,9 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     again = demo.run_demo('synth-digits', recipe, args)  # every stage finished: skipped, same table
     assert again['student_acc'] == table['student_acc']
     assert (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes() == before
+    args.arch = 'resnet34'  # a rerun with another architecture does not pass the old runs off as its own
+    with pytest.raises(UserError, match='holds a finished resnet18 run at 32 px, not resnet34 at 32 px'):
+        demo.run_demo('synth-digits', recipe, args)
 
 
 @pytest.mark.parametrize('tolerance', [1000.0, -1000.0])
@@ -353,7 +358,7 @@ def test_divergence_is_caught_before_anything_is_saved(workdir, tmp_path):
     """One step at lr 1e40 makes every weight non-finite, its loss still finite: refused, nothing saved."""
     result = run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth',
                  '--model-dir', tmp_path / 'run', '--epochs', 1, '--train-limit', 32, '--lr', 1e40, expect_ok=False)
-    assert_one_line_error(result, 'training diverged in epoch 0', 'became non-finite', 'lower --lr')
+    assert_one_line_error(result, 'training diverged at epoch 0, step 0 (its last)', 'became non-finite', 'lower --lr')
     assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
 
 
@@ -451,3 +456,51 @@ def test_smaller_faults_and_flags(pipeline, workdir, tmp_path):
     # --help shows the defaults
     assert '(default: 20)' in run('main_teacher.py', '--help').stdout
     assert '(default: 0.05)' in run('main_student.py', '--help').stdout
+
+
+def test_awkward_sizes_and_a_full_disk(workdir, tmp_path, monkeypatch):
+    # a last training batch of one image is dropped (BatchNorm cannot train on it)
+    run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--model-dir',
+        tmp_path / 'odd', '--epochs', 1, '--train-limit', 33)
+    result = run('main_teacher.py', *[a if a != '32' else '33' for a in TINY], '--arch', 'wide_resnet26',
+                 '--pretrained', 'none', '--model-dir', tmp_path / 'wide', '--epochs', 1, expect_ok=False)
+    assert_one_line_error(result, 'wide_resnet26 cannot take 33x33 inputs', '--input-size')
+    assert not (tmp_path / 'wide').exists()
+    # no space left while saving epoch 1: one line, and epoch 0's checkpoint is still there
+    import main_teacher
+    import utils
+    args = main_teacher.get_args_parser().parse_args(
+        [str(a) for a in TINY] + ['--arch', 'resnet18', '--pretrained', str(workdir / 'backbone.pth'),
+                                  '--model-dir', str(tmp_path / 'full'), '--epochs', '2'])
+    saves = []
+    atomic_save = utils.atomic_save
+
+    def save_once(obj, path):
+        if saves:
+            raise OSError(28, 'No space left on device')
+        saves.append(path)
+        atomic_save(obj, path)
+
+    monkeypatch.setattr(utils, 'atomic_save', save_once)
+    with pytest.raises(UserError, match='cannot save the checkpoint of epoch 1 .*No space left on device; '
+                                        'the previous checkpoint is kept'):
+        main_teacher.main(args)
+    assert torch.load(tmp_path / 'full' / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+
+
+def test_one_process_at_a_time_writes_a_run_directory(workdir, tmp_path):
+    args = TINY + ['--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 500]
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, 'main_teacher.py'), *map(str, args),
+                              '--model-dir', str(tmp_path / 'run')], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / 'run' / 'args.json').exists() and time.time() < deadline:
+        time.sleep(0.02)
+    second = run('main_teacher.py', *args, '--model-dir', tmp_path / 'run', '--force', expect_ok=False)
+    still_running = first.poll() is None
+    first.kill()
+    first.wait()
+    assert still_running, 'the first run ended before the second one started'
+    assert_one_line_error(second, 'another process is writing', str(tmp_path / 'run'))
+    epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+    assert epochs == list(range(len(epochs)))  # the first run's lines only
