@@ -237,6 +237,7 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     models = tmp_path / 'models'
     shutil.copytree(decathlon['models'], models)
     (models / 'dtd' / 'student' / 'submission.json').unlink()
+    (models / 'results.json').unlink()
     out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                         '--model-root', models, '--summary'))[0]
     assert 'submission for the evaluation server' not in out and not (models / 'results.json').exists()
