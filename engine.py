@@ -41,23 +41,20 @@ def check_args(args):
 
 def build_loaders(args):
     """(train_loader, test_loader, num_classes) for args.task; the decathlon scripts set args.decathlon."""
-    loaders = task_loaders(args)
+    if getattr(args, 'decathlon', False):
+        from decathlon_dataloaders import get_decathlon_dataloaders
+        loaders = get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
+                                            batch_size=args.batch_size, workers=args.workers,
+                                            input_size=args.input_size, seed=args.seed,
+                                            train_limit=args.train_limit, test_limit=args.test_limit)
+    else:
+        from dataloaders import get_dataloaders
+        loaders = get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size,
+                                  args.seed, train_limit=args.train_limit, test_limit=args.test_limit)
     if len(loaders[0]) == 0:
         raise UserError(f"the training set of {args.task} has fewer than 2 images (--train-limit?): "
                         "BatchNorm cannot train on a batch of one")
     return loaders
-
-
-def task_loaders(args):
-    if getattr(args, 'decathlon', False):
-        from decathlon_dataloaders import get_decathlon_dataloaders
-        return get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
-                                         batch_size=args.batch_size, workers=args.workers,
-                                         input_size=args.input_size, seed=args.seed,
-                                         train_limit=args.train_limit, test_limit=args.test_limit)
-    from dataloaders import get_dataloaders
-    return get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size, args.seed,
-                           train_limit=args.train_limit, test_limit=args.test_limit)
 
 
 def evaluation_loader(args, checkpoint, num_classes):
@@ -70,8 +67,8 @@ def evaluation_loader(args, checkpoint, num_classes):
     args.input_size = saved['input_size']
     _, test_loader, data_classes = build_loaders(args)
     if data_classes != num_classes:
-        raise UserError(f"{args.model_dir} predicts {num_classes} classes, the {args.task} data in {args.data_dir} has "
-                        f"{data_classes}")
+        raise UserError(f"{args.model_dir} predicts {num_classes} classes, the {args.task} data in "
+                        f"{args.data_dir} has {data_classes}")
     return test_loader
 
 
@@ -97,11 +94,10 @@ def check_run_dir(args):
     return existing
 
 
-def prepare_run_dir(args):
-    """Create the run directory (after `check_run_dir`'s checks) and record args.json there.
+def prepare_run_dir(args, existing):
+    """Create the run directory and record args.json there; `existing` is what `check_run_dir` returned.
 
     Returns the checkpoint to resume from (or None)."""
-    existing = check_run_dir(args)
     try:
         os.makedirs(args.model_dir, exist_ok=True)
         utils.lock_run_dir(args.model_dir)

@@ -132,7 +132,7 @@ def main(args):
         print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
         return {'accuracy': accuracy, 'stats': stats}
 
-    check_run_dir(args)
+    existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
     teacher = None
@@ -149,7 +149,7 @@ def main(args):
         for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
             mine.load_state_dict(theirs.state_dict())
     student.to(device)
-    resume_from = prepare_run_dir(args)
+    resume_from = prepare_run_dir(args, existing)
     if resume_from is not None:
         attach_run_state(student, resume_from['model'], checkpoint_path(args.model_dir))
     logger = utils.setup_logging(args.model_dir, args.log2file)

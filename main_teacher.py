@@ -61,13 +61,13 @@ def main(args):
         print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
         return {'accuracy': accuracy}
 
-    check_run_dir(args)
+    existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
     model = create_teacher(args.arch, num_classes, args.pretrained)
     check_input_size(model, args.input_size)
     model.to(device)
-    resume_from = prepare_run_dir(args)
+    resume_from = prepare_run_dir(args, existing)
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
     logger = utils.setup_logging(args.model_dir, args.log2file)

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from decathlon_dataloaders import DECATHLON_TASKS
 from nettailor import GATE_INIT_PROXY, NetTailor
 from backbones import create_teacher
 from utils import UserError, load_checkpoint
@@ -90,7 +91,6 @@ def pack_from_released(checkpoint, source='released checkpoint'):
 def released_task_checkpoints(folder):
     """{task: path} of the released task checkpoints (`*.pth.tar`) under `folder`: the task is the decathlon task
     a folder or the file of the path is named after (svhn/checkpoint.pth.tar, vgg-flowers.pth.tar, ...)."""
-    from decathlon_dataloaders import DECATHLON_TASKS
     found = {}
     for path, _, names in sorted(os.walk(folder)):
         for name in sorted(n for n in names if n.endswith('.pth.tar')):
