@@ -14,11 +14,19 @@ ratios are the median of each round's ratio):
                                  (teacher forward, universal forward, universal input gradients)
   student eval forward           un-pruned student
   pruned eval forward            after removing --prune-universal universal blocks
+On CUDA every train step and eval forward is measured again replayed from CUDA graphs (', CUDA graph'), as
+main_*.py run them there by default (engine.TrainStep, engine.CapturedForward).
 
     python benchmark.py                      # ResNet34, max_skip 3, batch 32, 64x64, CPU
     python benchmark.py --input-size 224 --device cuda
     python benchmark.py --plain layout       # the same with a fast.py path replaced by the plain layers
     python benchmark.py --demo               # wall time of the offline demo, cache empty
+    python benchmark.py --latency            # deployment latency, teacher vs exported tailored network
+
+--latency instead times, at batch 1 and 64, the teacher (frozen) and the tailored network of the reference
+configuration (the student with --prune-universal blocks removed, as deploy.py exports it): on the CPU in
+PyTorch and in onnxruntime (the exported ONNX files), on CUDA eager and replayed from CUDA graphs; the
+latency ratio is printed beside the FLOPs ratio.
 """
 import argparse
 import json
@@ -29,8 +37,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine import MixedPrecision, fused_available
+from engine import CapturedForward, MixedPrecision, TrainStep, fused_available
 from nettailor import create_student, distillation_loss, two_pass_loss
+import deploy
 import fast
 from backbones import create_teacher
 from utils import UserError, resolve_device, run_cli
@@ -52,6 +61,8 @@ def get_args_parser():
                         help='every case under torch.autocast, steps through a GradScaler (as main_*.py --amp)')
     parser.add_argument('--demo', action='store_true',
                         help='instead, time demo_synthetic.py end to end with an empty cache (a temporary folder)')
+    parser.add_argument('--latency', action='store_true',
+                        help='instead, latency of the teacher and the exported tailored network at batch 1 and 64')
     parser.add_argument('--plain', action='append', default=[], choices=sorted(PLAIN_PATHS),
                         help="run this fast.py path as the plain layers it stands for (repeatable), to measure "
                         "what it is worth")
@@ -71,30 +82,22 @@ PLAIN_PATHS = {  # fast.py's paths and the plain equivalents that --plain puts i
 }
 
 
-def two_pass_step(student, teacher, optimizer, x, y, precision):
-    """The released code's formulation: each layer recomputed on detached inputs."""
-    with precision.autocast():
+def distillation_losses(student, teacher, two_pass=False):
+    """The student's loss function (main_student.py's, gamma1 0.3 and gamma2 10): one pass or the released two."""
+    def loss_fn(x, y):
         with torch.no_grad():
             t_logits, t_outputs = teacher(x)
-        loss = two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0)
-    precision.backward_and_step(loss, optimizer)
-
-
-def fine_tuning_step(model, optimizer, x, y, precision):
-    """A teacher's training step (stage 1), for comparison."""
-    with precision.autocast():
-        loss = F.cross_entropy(model(x)[0], y)
-    precision.backward_and_step(loss, optimizer)
-
-
-def one_pass_step(student, teacher, optimizer, x, y, precision):
-    with precision.autocast():
-        with torch.no_grad():
-            t_logits, t_outputs = teacher(x)
+        if two_pass:  # the released code's formulation: each layer recomputed on detached inputs
+            return two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0), {}
         logits, local = student(x, distill=True)
-        loss = (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
-                + 10.0 * distillation_loss(logits, local, t_logits, t_outputs))
-    precision.backward_and_step(loss, optimizer)
+        return (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
+                + 10.0 * distillation_loss(logits, local, t_logits, t_outputs)), {}
+    return loss_fn
+
+
+def fine_tuning_loss(model):
+    """A teacher's loss in fine-tuning (stage 1), for comparison."""
+    return lambda x, y: (F.cross_entropy(model(x)[0], y), {})
 
 
 def time_demo():
@@ -131,7 +134,7 @@ def main(args):
     for path in args.plain:
         setattr(fast, *PLAIN_PATHS[path])
     try:
-        return measure(args, device)
+        return measure_latency(args, device) if args.latency else measure(args, device)
     finally:
         for name, function in originals.items():
             setattr(fast, name, function)
@@ -141,54 +144,63 @@ def measure(args, device):
     """Every case, interleaved round by round; printed, and returned as a dict."""
     torch.manual_seed(0)
     num_classes = 10
-    teacher = create_teacher(args.arch, num_classes).to(device).eval()
+    precision = MixedPrecision(device, args.amp)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def on_device(model):
+        return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+
+    def student(task_bn_stats=True, prune=None):
+        model = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size,
+                               task_bn_stats=task_bn_stats)
+        if prune:
+            model.prune(*prune)
+        return on_device(model)
+
+    def train_step(model, loss_fn, cuda_graph):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=fused_available(params))
+        step = TrainStep(model.train(), loss_fn, optimizer, precision, cuda_graph)
+        return lambda: step(x, y)
+
+    def eval_forward(model, cuda_graph=False):
+        model.eval()
+        forward = CapturedForward(model) if cuda_graph else model
+
+        def run():
+            with torch.no_grad(), precision.autocast():
+                forward(x)
+        return run
+
+    teacher = on_device(create_teacher(args.arch, num_classes).eval())
     frozen_teacher = create_teacher(args.arch, num_classes).eval().requires_grad_(False)  # as load_teacher
     fast.freeze(frozen_teacher)
-    frozen_teacher.to(device)
-    student = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
-    shared = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size,
-                            task_bn_stats=False).to(device)
-    unpruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device).eval()
-    pruned = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
-    pruned.prune(args.prune_universal, 0.0)
-    pruned.eval()
-    proxy_free = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size).to(device)
-    proxy_free.prune(0, 0.999)
-    fine_tuned = create_teacher(args.arch, num_classes).to(device)
-    fused = fused_available(fine_tuned.parameters())  # as engine.make_optimizer
-    fine_tuning_optimizer = torch.optim.SGD(fine_tuned.parameters(), lr=1e-3, momentum=0.9, fused=fused)
-    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
-                                fused=fused)
-    shared_optimizer = torch.optim.SGD([p for p in shared.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
-                                       fused=fused)
-    proxy_free_optimizer = torch.optim.SGD([p for p in proxy_free.parameters() if p.requires_grad], lr=1e-3,
-                                           momentum=0.9, fused=fused)
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    if args.channels_last:
-        for model in (teacher, frozen_teacher, fine_tuned, student, shared, unpruned, pruned, proxy_free):
-            model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (args.batch_size,), device=device)
-
-    precision = MixedPrecision(device, args.amp)
-
-    def eval_forward(model):
-        with torch.no_grad(), precision.autocast():
-            model(x)
-
-    cases = {
-        'teacher forward': lambda: eval_forward(teacher),
-        'frozen teacher forward': lambda: eval_forward(frozen_teacher),
-        'teacher train step': lambda: fine_tuning_step(fine_tuned, fine_tuning_optimizer, x, y, precision),
-        'student train step': lambda: one_pass_step(student.train(), frozen_teacher, optimizer, x, y, precision),
-        'shared-statistics train step': lambda: one_pass_step(shared.train(), frozen_teacher, shared_optimizer, x, y,
-                                                               precision),
-        'two-pass train step': lambda: two_pass_step(student.train(), frozen_teacher, optimizer, x, y, precision),
-        'proxy-free train step': lambda: one_pass_step(proxy_free, frozen_teacher, proxy_free_optimizer, x, y,
-                                                         precision),
-        'student eval forward': lambda: eval_forward(unpruned),
-        'pruned eval forward': lambda: eval_forward(pruned),
-    }
+    frozen_teacher = on_device(frozen_teacher)
+    unit_student = student()
+    cases = {'teacher forward': eval_forward(teacher), 'frozen teacher forward': eval_forward(frozen_teacher)}
+    graph_modes = [False, True] if device.type == 'cuda' else [False]
+    for graphed in graph_modes:  # on CUDA, each case again replayed from CUDA graphs (main_*.py's default there)
+        suffix = ', CUDA graph' if graphed else ''
+        fine_tuned = on_device(create_teacher(args.arch, num_classes))
+        one_pass = unit_student if not graphed else student()
+        proxy_free = student(prune=(0, 0.999))
+        shared = student(task_bn_stats=False)
+        cases.update({
+            f'teacher train step{suffix}': train_step(fine_tuned, fine_tuning_loss(fine_tuned), graphed),
+            f'student train step{suffix}': train_step(one_pass, distillation_losses(one_pass, frozen_teacher),
+                                                     graphed),
+            f'shared-statistics train step{suffix}': train_step(shared, distillation_losses(shared, frozen_teacher),
+                                                                 graphed),
+            f'proxy-free train step{suffix}': train_step(proxy_free, distillation_losses(proxy_free, frozen_teacher),
+                                                         graphed),
+            f'student eval forward{suffix}': eval_forward(student(), graphed),
+            f'pruned eval forward{suffix}': eval_forward(student(prune=(args.prune_universal, 0.0)), graphed),
+        })
+    two_pass = student()
+    cases['two-pass train step'] = train_step(two_pass, distillation_losses(two_pass, frozen_teacher, True), False)
     times = {name: [] for name in cases}
     for round_index in range(args.repeats + 2):
         for name, fn in cases.items():
@@ -202,7 +214,8 @@ def measure(args, device):
                 times[name].append(time.perf_counter() - start)
 
     unit = times['teacher forward']
-    stats_full, stats_pruned = student.stats(), pruned.stats()
+    stats_full = unit_student.stats()
+    stats_pruned = student(prune=(args.prune_universal, 0.0)).stats()
     results = {
         'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
                    'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
@@ -219,7 +232,7 @@ def measure(args, device):
           f"{device} ({torch.get_num_threads()} threads{', amp' if args.amp else ''}), median of {args.repeats} "
           f"interleaved rounds (ratios: median of each round's ratio)")
     for name in cases:
-        print(f"  {name:<28} {results['median_seconds'][name] * 1e3:9.1f} ms  "
+        print(f"  {name:<40} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
     paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
     print(f"  one-pass / two-pass train step: {paired:.2f}")
@@ -227,6 +240,86 @@ def measure(args, device):
     print(f"  student train step / frozen teacher forward: {frozen:.2f}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
           f"({stats_pruned['universal_blocks_kept']}/{stats_pruned['universal_blocks_total']} universal blocks)")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+class Logits(torch.nn.Module):
+    """A BlockNet's logits alone (its forward also returns every block's output)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return self.network(x)[0]
+
+
+def interleaved(functions, x, rounds, device):
+    """Median seconds of each function on x, timed round by round after 2 warm-up rounds."""
+    times = {name: [] for name in functions}
+    for round_index in range(rounds + 2):
+        for name, fn in functions.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            if round_index >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def measure_latency(args, device):
+    """--latency: the teacher against the exported tailored network, per runtime and batch size."""
+    import tempfile
+    torch.manual_seed(0)
+    teacher = create_teacher(args.arch, 10).eval().requires_grad_(False)
+    fast.freeze(teacher)
+    student = create_student(args.arch, 10, args.max_skip, input_size=args.input_size)
+    student.prune(args.prune_universal, 0.0)
+    stats = student.stats()
+    flops_ratio = stats['flops'] / stats['flops_full']
+    networks = {'teacher': Logits(teacher).to(device), 'tailored': deploy.TailoredNetwork(student).eval().to(device)}
+    runtimes = {}
+    if device.type == 'cpu':
+        import onnxruntime
+        runtimes['PyTorch'] = lambda: networks
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        sessions = {}
+        with tempfile.TemporaryDirectory() as folder:
+            for name, network in networks.items():
+                onnx_path = deploy.export_network(network, args.input_size, folder, name)[1]
+                sessions[name] = onnxruntime.InferenceSession(onnx_path, options, providers=['CPUExecutionProvider'])
+        runtimes['onnxruntime'] = lambda: {name: lambda x, s=session: s.run(None, {'images': x.numpy()})
+                                           for name, session in sessions.items()}
+    else:
+        runtimes['eager'] = lambda: networks
+        runtimes['CUDA graph'] = lambda: {name: CapturedForward(network) for name, network in networks.items()}
+    rows = []
+    print(f"latency, {args.arch} max_skip {args.max_skip}, {args.input_size}x{args.input_size}, {device} "
+          f"({torch.get_num_threads()} threads), median of {args.repeats} interleaved rounds; tailored network: "
+          f"{args.prune_universal} universal blocks removed, {flops_ratio:.2f} of the teacher's FLOPs")
+    print(f"  {'runtime':<12} {'batch':>5} {'teacher ms':>11} {'tailored ms':>12} {'ratio':>6} {'ratio/FLOPs':>11}")
+    for runtime, functions in runtimes.items():
+        for batch in (1, 64):
+            x = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
+            seconds = interleaved(functions(), x, args.repeats, device)
+            ratio = seconds['tailored'] / seconds['teacher']
+            rows.append({'runtime': runtime, 'batch': batch, 'teacher_seconds': seconds['teacher'],
+                         'tailored_seconds': seconds['tailored'], 'ratio': ratio,
+                         'ratio_over_flops_ratio': ratio / flops_ratio})
+            print(f"  {runtime:<12} {batch:>5} {seconds['teacher'] * 1e3:11.2f} {seconds['tailored'] * 1e3:12.2f} "
+                  f"{ratio:6.2f} {ratio / flops_ratio:11.2f}")
+    results = {'config': {'arch': args.arch, 'max_skip': args.max_skip, 'input_size': args.input_size,
+                          'device': str(device), 'threads': torch.get_num_threads(), 'repeats': args.repeats,
+                          'prune_universal': args.prune_universal},
+               'flops_ratio': flops_ratio, 'latency': rows}
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)

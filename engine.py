@@ -132,9 +132,16 @@ def check_resumable(args, existing):
                         f"pass --epochs above {existing['epoch'] + 1} to continue it")
 
 
+def use_cuda_graph(args, device):
+    """--cuda-graph resolved: on by default with a CUDA device; refused without one."""
+    if args.cuda_graph and device.type != 'cuda':
+        raise UserError(f"--cuda-graph needs a CUDA device, not {device}: drop it or pass --device cuda")
+    return device.type == 'cuda' if args.cuda_graph is None else args.cuda_graph
+
+
 class MixedPrecision:
-    """--amp for a training step: forward and losses under `autocast()`, then `backward_and_step`, whose
-    GradScaler (float16 on CUDA only; bfloat16 needs none) is a plain backward + step when off."""
+    """--amp for a training step: forward and losses under `autocast()`, then `scaler.scale(loss).backward()`
+    and `step(optimizer)`; the GradScaler (float16 on CUDA only; bfloat16 needs none) does nothing when off."""
 
     def __init__(self, device, enabled):
         self.device_type, self.enabled = device.type, enabled
@@ -142,22 +149,108 @@ class MixedPrecision:
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and device.type == 'cuda')
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        # without the cast cache, which CUDA graph capture cannot keep and which saves nothing here (a step uses
+        # each trainable weight once)
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=False)
 
-    def backward_and_step(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+    def step(self, optimizer):
         self.scaler.step(optimizer)
         self.scaler.update()
 
 
+class TrainStep:
+    """One optimisation step of `model`: `loss_fn(images, labels)` -> (loss, metrics: a dict of 0-d tensors)
+    under autocast, backward, optimizer step; returns the metrics and 'loss'.
+
+    With `cuda_graph`, the forward and backward passes are captured once, on the first batch, as a CUDA graph
+    (torch.cuda.graph) and replayed for every later batch of that shape: the step is no longer bound by
+    Python and kernel launches.  The optimizer step stays eager, so the learning-rate schedule, gradient
+    scaling (--amp) and resumption work unchanged; a batch of another shape (an epoch's last) runs eagerly
+    into the same gradient tensors.  Capture's warm-up passes leave the model's buffers (BatchNorm
+    statistics) as they were, so every step computes what the eager step computes.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, precision, cuda_graph=False):
+        self.model, self.loss_fn, self.optimizer, self.precision = model, loss_fn, optimizer, precision
+        self.cuda_graph = cuda_graph
+        self.graph = None
+
+    def __call__(self, images, labels):
+        if self.cuda_graph and self.graph is None:
+            self._capture(images, labels)
+        if self.graph is not None and images.shape == self.static_images.shape:
+            self.static_images.copy_(images)
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            metrics = dict(self.static_metrics)
+        else:
+            self.optimizer.zero_grad(set_to_none=self.graph is None)  # in place where the graph writes them
+            metrics = self._forward_backward(images, labels)
+        self.precision.step(self.optimizer)
+        return metrics
+
+    def _forward_backward(self, images, labels):
+        with self.precision.autocast():
+            loss, metrics = self.loss_fn(images, labels)
+        self.precision.scaler.scale(loss).backward()
+        return {**{name: value.detach() for name, value in metrics.items()}, 'loss': loss.detach()}
+
+    def _capture(self, images, labels):
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
+        side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._forward_backward(self.static_images, self.static_labels)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_metrics = self._forward_backward(self.static_images, self.static_labels)
+
+
+class CapturedForward:
+    """`model(x)` without gradients, replayed from a CUDA graph captured on the first batch; batches of another
+    shape run eagerly.  The outputs of a replay are overwritten by the next one.  Capture it after the model
+    enters eval mode: that folds its frozen layers into the tensors the graph reads."""
+
+    def __init__(self, model):
+        self.model, self.graph = model, None
+
+    @torch.no_grad()
+    def __call__(self, x):
+        if self.graph is None:
+            self.static_input = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model(self.static_input)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = self.model(self.static_input)
+        if x.shape != self.static_input.shape:
+            return self.model(x)
+        self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, desc='eval'):
-    """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader`."""
+def evaluate(model, loader, device, desc='eval', cuda_graph=False):
+    """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader`; with `cuda_graph`, its
+    forward replayed from a CUDA graph (`CapturedForward`)."""
     model.eval()
+    forward = CapturedForward(model) if cuda_graph else model
     correct = total = 0
     for images, labels in utils.progress(loader, desc=desc):
-        logits = model(images.to(device, non_blocking=True))[0]
+        logits = forward(images.to(device, non_blocking=True))[0]
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         total += labels.numel()
     return 100.0 * correct / max(total, 1)
@@ -205,8 +298,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         resume_from, logger, precision, extra_checkpoint=None):
     """The epoch loop shared by teacher and student: train, evaluate, log a metrics line, checkpoint.
 
-    `train_step(images, labels)` returns a dict of 0-d tensors (at least 'loss' and 'correct'), read
-    back in one transfer per step;
+    `train_step(images, labels)` (a `TrainStep`) returns a dict of 0-d tensors (at least 'loss' and
+    'correct'), read back in one transfer per step;
     `model_state()` gives what the checkpoint stores of the model.  Resumption restores the model
     (by the caller), optimizer, schedule, gradient scale (`precision`) and every RNG, so it ends where
     an uninterrupted run would.
@@ -246,7 +339,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         if diverged:  # the epoch's last step made the weights non-finite (after any other, the loss would be)
             raise UserError(f"training diverged at epoch {epoch}, step {step} (its last): {diverged} became "
                             f"non-finite; lower --lr (the last good checkpoint in {args.model_dir}, if any, is kept)")
-        accuracy = evaluate(model, test_loader, device)
+        accuracy = evaluate(model, test_loader, device, cuda_graph=args.cuda_graph)
         record = {key: value / seen for key, value in sums.items() if key != 'correct'}
         record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
                       lr=lr, epoch_time=train_time)

@@ -13,14 +13,15 @@ this module through two seams only:
 
 Folds are computed at those explicit points, never guessed from tensor versions: a network whose
 weights or statistics change after `freeze` must be frozen again (NetTailor does it whenever its
-mode changes and when a task pack is attached). Folded tensors are non-persistent buffers, so `.to()`
-moves them and checkpoints never hold them.
+mode changes and when a task pack is attached), which updates the folded tensors in place. Folded
+tensors are non-persistent buffers, so `.to()` moves them and checkpoints never hold them.
 
 On the CPU, where it measured faster on both the AVX2 and the AVX-512 machines this project runs on
 (docs/performance.md): the ResNet stem and the proxies' max-pooling run channels-last, 1x1 convolutions
 on maps of 8x8 or more run as batched matrix products, and proxies on smaller maps as (pixel, channel)
-matrices. Tests: tests/test_fast.py (each path equals the plain layers, in float64 where exactness is
-the point).
+matrices; deploy.py's tailored network uses the first two as well.  Graphs traced by torch.export keep
+the plain layers. Tests: tests/test_fast.py (each path equals the plain layers, in float64 where exactness
+is the point).
 """
 import torch
 import torch.nn as nn
@@ -37,11 +38,16 @@ def fold_bn(conv, bn):
 
 @torch.no_grad()
 def freeze(network):
-    """Fold every (conv, bn) pair of `network.conv_bn_pairs()`, as they are now."""
+    """Fold every (conv, bn) pair of `network.conv_bn_pairs()`, as they are now.  Folding a folded pair again
+    writes into its folded tensors, so that a CUDA graph captured on them (engine.TrainStep) stays valid."""
     for conv, bn in network.conv_bn_pairs():
-        weight, bias = fold_bn(conv, bn)
-        conv.register_buffer('folded_weight', weight.detach().clone(), persistent=False)
-        conv.register_buffer('folded_bias', bias.detach().clone(), persistent=False)
+        for name, value in zip(('folded_weight', 'folded_bias'), fold_bn(conv, bn)):
+            folded = conv._buffers.get(name)
+            if folded is not None and (folded.shape, folded.dtype, folded.device) == (value.shape, value.dtype,
+                                                                                        value.device):
+                folded.copy_(value)
+            else:
+                conv.register_buffer(name, value.detach().clone(), persistent=False)
 
 
 def thaw(network):
@@ -61,10 +67,16 @@ def frozen_conv_bn(conv, x):
 
 
 # ----- memory layouts -----
+def eager_on_cpu(x):
+    """Whether x is on the CPU, outside torch.export: exported graphs (deploy.py) keep the plain layers, whose
+    kernels each runtime chooses for itself."""
+    return x.device.type == 'cpu' and not torch.compiler.is_exporting()
+
+
 def channels_last_on_cpu(x):
     """x in channels-last layout on the CPU, where PyTorch's max-pool (and the stem's 7x7 convolution) run
     several times faster that way; unchanged elsewhere."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == 'cpu' else x
+    return x.contiguous(memory_format=torch.channels_last) if eager_on_cpu(x) else x
 
 
 # ----- proxies -----
@@ -72,7 +84,7 @@ def pointwise_conv(x, weight, bias=None):
     """F.conv2d(x, weight, bias) for a 1x1 `weight`; on the CPU, over maps of 8x8 or more, as a batched matrix
     product (oneDNN's NCHW 1x1 kernels are slower there)."""
     n, c, h, w = x.shape
-    if x.device.type != 'cpu' or h * w < 64:
+    if not eager_on_cpu(x) or h * w < 64:
         return F.conv2d(x, weight, bias)
     out_c = weight.shape[0]
     weight = weight.view(out_c, c).expand(n, out_c, c)
@@ -96,7 +108,7 @@ def gated_proxy(proxy, pooled, gate):
     """gate * proxy.body(pooled), the gate folded into the last BatchNorm.  On the CPU maps under 8x8 run as
     (pixel, channel) matrices, faster there than the NCHW kernels."""
     n, c, h, w = pooled.shape
-    as_matrix = pooled.device.type == 'cpu' and h * w < 64
+    as_matrix = eager_on_cpu(pooled) and h * w < 64
     x = pooled.permute(0, 2, 3, 1).reshape(n * h * w, c) if as_matrix else pooled
     *layers, last_bn = proxy.body
     for m in layers:

@@ -7,6 +7,8 @@
     python main_student.py --task svhn --teacher-fn ... --full-model-dir checkpoints/svhn/student \
         --n-pruning-universal 11 --thr-pruning-proxy 0.075 --model-dir checkpoints/svhn/pruned
     python main_student.py --task svhn --model-dir checkpoints/svhn/pruned --evaluate
+    # the tailored network alone, for deployment: tailored.pt2 (torch.export) and tailored.onnx
+    python main_student.py --model-dir checkpoints/svhn/pruned --export deploy/svhn
 
 Checkpoints hold the task pack (proxies, gates, classifier, pruning mask and the universal blocks'
 BatchNorm statistics learned on the task), never the universal weights: those come from
@@ -21,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import utils
+from deploy import export
 from figures import save_architecture
-from engine import (MixedPrecision, attach_run_state, build_loaders, check_args, check_run_dir, checkpoint_path,
-                    evaluate, evaluation_loader, fit, load_student, load_teacher, make_optimizer, param_groups,
-                    prepare_run_dir, run_state)
+from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_run_dir,
+                    checkpoint_path, evaluate, evaluation_loader, fit, load_student, load_teacher, make_optimizer,
+                    param_groups, prepare_run_dir, run_state, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
@@ -35,6 +38,8 @@ def get_args_parser(add_help=True):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      parents=[teacher_args_parser(add_help=False)], add_help=add_help,
                                      conflict_handler='resolve')
+    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed '
+                        'except with --export)')
     parser.add_argument('--arch', help=argparse.SUPPRESS)
     parser.add_argument('--backbone', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
@@ -60,6 +65,9 @@ def get_args_parser(add_help=True):
     parser.add_argument('--classifier-init', default='teacher', choices=['teacher', 'fresh'],
                         help="the student's classifier starts as the teacher's (default) or fresh, as in the "
                         "released code (docs/differences.md)")
+    parser.add_argument('--export', default=None, metavar='OUT_DIR',
+                        help='write the trained student in --model-dir as a plain network for deployment: '
+                        'OUT_DIR/tailored.pt2 (torch.export) and OUT_DIR/tailored.onnx (deploy.py)')
     return parser
 
 
@@ -71,6 +79,8 @@ def same_weights(a, b):
 
 
 def check_student_args(args):
+    if not args.task:
+        raise UserError("--task is required (to train or evaluate a student; --export needs only --model-dir)")
     args.arch = args.backbone
     full_args = {}
     if args.full_model_dir and not args.evaluate:
@@ -121,12 +131,27 @@ def check_student_args(args):
                         "(or --teacher-coeff 0 to train without distillation)")
 
 
+def export_run(args):
+    """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
+    student, _ = load_student(args.model_dir, torch.device('cpu'))
+    paths = export(student, args.export)
+    stats = student.stats()
+    print(format_stats(stats))
+    print(f"tailored network of {args.model_dir} ({stats['flops'] / stats['flops_full']:.2f} of the full "
+          f"network's FLOPs) written to {paths[0]} and {paths[1]}")
+    return {'paths': paths, 'stats': stats}
+
+
 def main(args):
+    if args.export:
+        return export_run(args)
     check_student_args(args)
     device = utils.resolve_device(args.device)
+    args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
         student, checkpoint = load_student(args.model_dir, device)
-        accuracy = evaluate(student, evaluation_loader(args, checkpoint, student.num_classes), device)
+        accuracy = evaluate(student, evaluation_loader(args, checkpoint, student.num_classes), device,
+                            cuda_graph=args.cuda_graph)
         stats = student.stats()
         print(format_stats(stats))
         print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
@@ -162,26 +187,23 @@ def main(args):
     optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args, len(train_loader))
     precision = MixedPrecision(device, args.amp)
 
-    def train_step(images, labels):
-        distill = teacher is not None
-        with precision.autocast():
-            logits, outputs = student(images, distill=distill)
-            ce = F.cross_entropy(logits, labels)
-            loss, out = ce, {'ce': ce.detach()}
-            if args.complexity_coeff > 0:
-                complexity = student.expected_complexity()
-                loss = loss + args.complexity_coeff * complexity
-                out['complexity'] = complexity.detach()
-            if distill:
-                with torch.no_grad():
-                    teacher_logits, teacher_outputs = teacher(images)
-                omega = distillation_loss(logits, outputs, teacher_logits, teacher_outputs)
-                loss = loss + args.teacher_coeff * omega
-                out['omega'] = omega.detach()
-        precision.backward_and_step(loss, optimizer)
-        out.update(loss=loss.detach(), correct=(logits.argmax(1) == labels).sum())
-        return out
+    distill = teacher is not None
 
+    def loss_fn(images, labels):
+        logits, outputs = student(images, distill=distill)
+        ce = F.cross_entropy(logits, labels)
+        loss, metrics = ce, {'ce': ce, 'correct': (logits.argmax(1) == labels).sum()}
+        if args.complexity_coeff > 0:
+            metrics['complexity'] = student.expected_complexity()
+            loss = loss + args.complexity_coeff * metrics['complexity']
+        if distill:
+            with torch.no_grad():
+                teacher_logits, teacher_outputs = teacher(images)
+            metrics['omega'] = distillation_loss(logits, outputs, teacher_logits, teacher_outputs)
+            loss = loss + args.teacher_coeff * metrics['omega']
+        return loss, metrics
+
+    train_step = TrainStep(student, loss_fn, optimizer, precision, args.cuda_graph)
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    lambda: run_state(student, args.pretrained), resume_from, logger, precision)
     stats = student.stats()

@@ -3,6 +3,7 @@
     python main_student_decathlon.py --task all                  # NetTailor students (needs the teachers)
     python main_student_decathlon.py --task all --prune --n-pruning-universal 4 --thr-pruning-proxy 0.05
     python main_student_decathlon.py --task all --summary         # per-task table + decathlon score
+    python main_student_decathlon.py --task all --export deploy    # deploy/<task>/tailored.{pt2,onnx}
 
 Runs go to <model-root>/<task>/student and, with --prune, <model-root>/<task>/pruned; the
 teacher is read from <model-root>/<task>/teacher.  --write-submission predicts test_stripped and
@@ -118,9 +119,24 @@ def summary(args):
     return {'score': total, 'points': points, 'accuracies': accuracies, 'table': '\n'.join(lines)}
 
 
+def export_tasks(args):
+    """--export OUT_DIR: each task's final run (pruned if finished, else the full student) to OUT_DIR/<task>."""
+    results = {}
+    for task_args in task_runs(args):
+        task_dir = os.path.dirname(task_args.model_dir)
+        task_args.model_dir = final_run(task_dir)
+        if task_args.model_dir is None:
+            raise UserError(f"no finished student for {task_args.task} in {task_dir}; train it first")
+        task_args.export = os.path.join(args.export, task_args.task)
+        results[task_args.task] = main_student.export_run(task_args)
+    return results
+
+
 def main(args):
     if args.summary:
         return summary(args)
+    if args.export:
+        return export_tasks(args)
     args.stage = 'pruned' if args.prune else 'student'
     return run_tasks(args, train_or_evaluate)
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import utils
 from backbones import check_input_size, create_teacher
-from engine import (MixedPrecision, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
-                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir)
+from engine import (MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
+                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, use_cuda_graph)
 
 
 def get_args_parser(add_help=True):
@@ -40,6 +40,9 @@ def get_args_parser(add_help=True):
                         help="sgd (the paper's), adam or adamw (handy when training from scratch)")
     parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction, default=None,
+                        help='replay the training step and evaluation from CUDA graphs (default: on with a CUDA '
+                        'device; see engine.TrainStep)')
     parser.add_argument('--amp', action='store_true', help='mixed-precision training (torch.autocast): float16 '
                         'with gradient scaling on CUDA, bfloat16 on the CPU (fast only on CPUs with bfloat16 units)')
     parser.add_argument('--workers', type=int, default=4, help='data loading processes')
@@ -55,9 +58,11 @@ def get_args_parser(add_help=True):
 def main(args):
     check_args(args)
     device = utils.resolve_device(args.device)
+    args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
-        accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes']), device)
+        accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes']), device,
+                            cuda_graph=args.cuda_graph)
         print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
         return {'accuracy': accuracy}
 
@@ -75,13 +80,11 @@ def main(args):
     optimizer, scheduler = make_optimizer(model.parameters(), args, len(train_loader))
     precision = MixedPrecision(device, args.amp)
 
-    def train_step(images, labels):
-        with precision.autocast():
-            logits, _ = model(images)
-            loss = F.cross_entropy(logits, labels)
-        precision.backward_and_step(loss, optimizer)
-        return {'loss': loss.detach(), 'correct': (logits.argmax(1) == labels).sum()}
+    def loss_fn(images, labels):
+        logits, _ = model(images)
+        return F.cross_entropy(logits, labels), {'correct': (logits.argmax(1) == labels).sum()}
 
+    train_step = TrainStep(model, loss_fn, optimizer, precision, args.cuda_graph)
     accuracy = fit(args, model, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    model.state_dict, resume_from, logger, precision, extra_checkpoint={'num_classes': num_classes})
     logger.info(f"teacher top-1 accuracy {accuracy:.2f}%")

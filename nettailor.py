@@ -157,8 +157,10 @@ class NetTailor(nn.Module):
         self.register_buffer('path_alive', exists.clone())
         self.register_buffer('path_exists', exists, persistent=False)
         self.register_buffer('path_source', source, persistent=False)
-        leaves = source.flatten() == torch.arange(num_layers).unsqueeze(1)
-        self.register_buffer('path_leaves', leaves, persistent=False)  # (node, flat path): path leaves node
+        leaving = [(source.flatten() == node).nonzero().flatten() for node in range(num_layers)]
+        width = max(len(paths) for paths in leaving)  # per node the flat indices of the paths leaving it,
+        padded = [F.pad(paths, (0, width - len(paths)), value=source.numel()) for paths in leaving]  # padded
+        self.register_buffer('paths_leaving', torch.stack(padded), persistent=False)  # with one past the end
         self.backbone.eval(), self.proxies.eval()  # batch-of-one probes, on the modules as defined
         self._measure_costs(shapes)
         self._refresh_alive_paths()
@@ -323,14 +325,21 @@ class NetTailor(nn.Module):
 
     # ----- complexity (docs/method.md §5) -----
     def expected_complexity(self):
-        """E[C] = sum over paths of C(path) * (a - P_in(source node) - P_out(target node))."""
+        """E[C] = sum over paths of C(path) * (a - P_in(source node) - P_out(target node)).
+
+        Products are written as elementwise multiplications and gathers as `index_select`: unlike torch.prod
+        and advanced indexing, their backward has no step that reads data on the host, so a CUDA graph
+        captures the whole training step (engine.TrainStep)."""
         a = self.gates()
-        r = torch.where(self.path_alive, 1 - a, torch.ones_like(a))
-        p_in = torch.cat([a.new_zeros(1), r.prod(dim=1)])  # per node: no path enters it (node 0: the input)
-        p_out = torch.where(self.path_leaves, r.flatten(), 1).prod(dim=1)  # per node: no path leaves it
+        off = torch.where(self.path_alive, 1 - a, torch.ones_like(a))  # per path: the probability it is off
+        p_in = torch.cat([a.new_zeros(1), product(off.unbind(1))])  # per node: no path enters it (node 0: the input)
+        off_padded = torch.cat([off.flatten(), a.new_ones(1)])
+        leaving = off_padded.index_select(0, self.paths_leaving.flatten()).view(self.paths_leaving.shape)
+        p_out = product(leaving.unbind(1))  # per node: no path leaves it
         # layer l's target is node l+1; the last node (the classifier's input) is exempt
         p_out_target = torch.cat([p_out[1:], a.new_zeros(1)]).unsqueeze(1)
-        expected = self.path_cost * (a - p_in[self.path_source.clamp(min=0)] - p_out_target)
+        p_in_source = p_in.index_select(0, self.path_source.clamp(min=0).flatten()).view_as(a)
+        expected = self.path_cost * (a - p_in_source - p_out_target)
         return (expected * self.path_alive).sum()
 
     # ----- pruning (docs/method.md §7) -----
@@ -459,6 +468,11 @@ class NetTailor(nn.Module):
 
     def save_task_pack(self, path):
         atomic_save(self.task_pack(), path)
+
+
+def product(factors):
+    """The elementwise product of a sequence of tensors."""
+    return functools.reduce(torch.mul, factors)
 
 
 def distillation_loss(student_logits, student_outputs, teacher_logits, teacher_outputs):

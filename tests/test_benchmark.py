@@ -31,3 +31,18 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp, plain):
 def test_benchmark_refuses_empty_measurements(flag):
     with pytest.raises(UserError, match=f'{flag} must be positive, got 0'):
         benchmark.main(benchmark.get_args_parser().parse_args([flag, '0']))
+
+
+def test_latency_compares_the_teacher_and_the_exported_tailored_network(tmp_path, capsys):
+    args = benchmark.get_args_parser().parse_args(
+        ['--latency', '--arch', 'resnet18', '--input-size', '32', '--repeats', '1', '--prune-universal', '4',
+         '--json', str(tmp_path / 'latency.json')])
+    results = benchmark.main(args)
+    rows = results['latency']
+    assert [(row['runtime'], row['batch']) for row in rows] == [('PyTorch', 1), ('PyTorch', 64),
+                                                                 ('onnxruntime', 1), ('onnxruntime', 64)]
+    assert 0 < results['flops_ratio'] < 1
+    for row in rows:
+        assert row['teacher_seconds'] > 0 and row['tailored_seconds'] > 0
+        assert row['ratio_over_flops_ratio'] == pytest.approx(row['ratio'] / results['flops_ratio'])
+    assert 'ratio/FLOPs' in capsys.readouterr().out and (tmp_path / 'latency.json').exists()

@@ -44,6 +44,23 @@ def test_frozen_network_computes_the_plain_one(float64, arch):
     assert count_flops(network, lambda: network(x)) > 0
 
 
+def test_freezing_again_updates_the_folded_tensors_in_place():
+    """A CUDA graph captured on the folded tensors (engine.TrainStep) stays valid when a mode change refolds."""
+    torch.manual_seed(0)
+    network = create_teacher('resnet18', 4).eval()
+    fast.freeze(network)
+    conv = network.blocks[2].conv2
+    before = conv.folded_weight.data_ptr(), conv.folded_bias.data_ptr()
+    randomize_batchnorms(network, seed=3)
+    fast.freeze(network)
+    assert (conv.folded_weight.data_ptr(), conv.folded_bias.data_ptr()) == before
+    weight, bias = fast.fold_bn(conv, network.blocks[2].bn2)
+    assert torch.equal(conv.folded_weight, weight) and torch.equal(conv.folded_bias, bias)
+    network.double()  # another dtype: folded afresh
+    fast.freeze(network)
+    assert conv.folded_weight.dtype == torch.float64
+
+
 def test_fold_bn_with_a_conv_bias(float64):
     conv, bn = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4).eval()
     randomize_batchnorms(bn)

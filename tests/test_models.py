@@ -362,6 +362,32 @@ def test_expected_complexity_matches_hand_computation():
     assert 10 < ratio < 40
 
 
+def autograd_nodes(tensor):
+    """Names of the backward functions of every node in `tensor`'s autograd graph."""
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize('max_skip', [1, 3, 'dense'])
+def test_expected_complexity_backward_reads_nothing_on_the_host(max_skip):
+    """torch.prod's backward counts its input's zeros on the host and advanced indexing's backward may sort:
+    neither can be captured in a CUDA graph, so E[C] must use neither (engine.TrainStep captures it)."""
+    student = tiny_student(max_skip=max_skip)
+    randomize_task_state(student, seed=4)
+    complexity = student.expected_complexity()
+    names = autograd_nodes(complexity)
+    assert 'IndexSelectBackward0' in names and 'SoftmaxBackward0' in names
+    assert not {name for name in names if name.startswith(('Prod', 'Index')) and name != 'IndexSelectBackward0'}
+    assert complexity.item() == pytest.approx(hand_expected_complexity(student), rel=1e-5)
+
+
 def test_expected_complexity_gradient_favours_proxies():
     student = tiny_student()
     student.expected_complexity().backward()

@@ -109,6 +109,25 @@ def test_evaluate_prints_accuracy_and_tailored_architecture(pipeline):
     assert accuracy == pytest.approx(recorded, abs=0.005)  # printed with two decimals
 
 
+def test_export_writes_the_tailored_network_of_a_run(pipeline, tmp_path):
+    from engine import load_student
+    pruned = pipeline[2]
+    out = run('main_student.py', '--model-dir', pruned, '--export', tmp_path / 'deploy').stdout
+    assert f"written to {tmp_path / 'deploy' / 'tailored.pt2'} and {tmp_path / 'deploy' / 'tailored.onnx'}" in out
+    assert 'universal blocks kept' in out
+    program = torch.export.load(str(tmp_path / 'deploy' / 'tailored.pt2')).module()
+    student, _ = load_student(pruned, 'cpu')
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = student.eval()(x)[0]
+    assert (program(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    result = run('main_student.py', '--model-dir', tmp_path / 'nothing', '--export', tmp_path / 'out',
+                 expect_ok=False)
+    assert_one_line_error(result, 'checkpoint.pth')
+    assert not (tmp_path / 'out').exists()
+    assert_one_line_error(run('main_student.py', '--model-dir', pruned, expect_ok=False), '--task is required')
+
+
 def test_loaded_teacher_is_frozen_and_computes_the_trained_network(pipeline):
     import fast
     from engine import load_teacher
@@ -142,6 +161,8 @@ def test_finished_run_is_not_overwritten(pipeline, workdir):
     ('main_student.py', ['--max-skip', '0'], '--max-skip must be an integer >= 1'),
     ('main_student.py', ['--thr-pruning-proxy', '1.0'], '--thr-pruning-proxy must be in [0, 1)'),
     ('main_student.py', ['--teacher-coeff', '0', '--max-skip', '12'], '--max-skip must be an integer in [1, 8]'),
+    ('main_teacher.py', ['--cuda-graph'], '--cuda-graph needs a CUDA device, not cpu'),
+    ('main_student.py', ['--teacher-coeff', '0', '--cuda-graph'], '--cuda-graph needs a CUDA device, not cpu'),
 ])
 def test_invalid_flags(tmp_path, script, flags, message):
     arch = ['--arch', 'resnet18'] if script == 'main_teacher.py' else ['--backbone', 'resnet18']

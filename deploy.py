@@ -1,0 +1,150 @@
+"""A trained NetTailor student as a plain network to deploy, saved with torch.export (.pt2) and as ONNX.
+
+    python main_student.py --model-dir checkpoints/svhn/pruned --export deploy/svhn
+    # deploy/svhn/tailored.pt2:  torch.export.load(path).module()(images) -> logits
+    # deploy/svhn/tailored.onnx: onnxruntime.InferenceSession(path).run(None, {'images': images})
+
+`TailoredNetwork` computes what the student computes in eval mode, reduced to what that needs: the
+surviving paths only, every convolution + BatchNorm pair one convolution (with the task's own statistics
+where it learned them), and each layer's proxies one convolution over their stacked inputs with the gates
+folded in (bottleneck proxies: their first convolutions, then one convolution for all of them).  The
+files need neither this repository's code nor the universal checkpoint.
+"""
+import copy
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fast
+import utils
+from utils import UserError
+
+
+def folded_conv(conv, bn, scale=1.0):
+    """One convolution (with bias) equal to `scale` * bn(conv(x)), bn in eval mode."""
+    weight, bias = fast.fold_bn(conv, bn)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, bias=True)
+    with torch.no_grad():
+        folded.weight.copy_(scale * weight)
+        folded.bias.copy_(scale * bias)
+    return folded
+
+
+def replace_module(root, old, new):
+    """Put `new` wherever `root` holds `old`."""
+    for module in root.modules():
+        for name, child in module.named_children():
+            if child is old:
+                setattr(module, name, new)
+
+
+class TailoredLayer(nn.Module):
+    """Layer l of a student in eval mode: relu(gate * universal block + sum of gated proxies), its surviving
+    paths only.  Proxy input i reads node `sources[i]`, max-pooled by `pools[i]` (stride `strides[i]`)."""
+
+    def __init__(self, student, l, block):
+        super().__init__()
+        gates = student.gates().detach()[l]
+        proxy_paths = [j for j in student._alive_paths[l] if j > 0]
+        proxies = [student.proxies[l][j - 1] for j in proxy_paths]
+        proxy_gates = [gates[j] for j in proxy_paths]
+        self.block = block
+        self.gated_after_relu = student.backbone.gated_after_relu
+        self.register_buffer('universal_gate', gates[0].clone() if block is not None else None)
+        self.sources = [student.proxy_sources[l][j - 1] for j in proxy_paths]
+        self.strides = [proxy.stride for proxy in proxies]
+        self.pools = nn.ModuleList(copy.deepcopy(proxy.pool) for proxy in proxies)
+        self.hidden = None  # bottleneck proxies: their first conv + BN, one per proxy
+        self.proxy_conv = None  # every proxy's (last) conv + BN times its gate, over the stacked inputs
+        if proxies and student.backbone.block_kind == 'basic':
+            weight, bias = fast.fold_proxies(proxies, proxy_gates)
+        elif proxies:  # conv, BN, ReLU, conv, BN
+            self.hidden = nn.ModuleList(folded_conv(*proxy.body[:2]) for proxy in proxies)
+            last = [folded_conv(*proxy.body[3:], scale=gate) for proxy, gate in zip(proxies, proxy_gates)]
+            weight, bias = torch.cat([conv.weight for conv in last], dim=1), sum(conv.bias for conv in last)
+        if proxies:
+            self.proxy_conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
+            with torch.no_grad():
+                self.proxy_conv.weight.copy_(weight)
+                self.proxy_conv.bias.copy_(bias)
+
+    def forward(self, nodes, pooled):
+        """Node l+1 from `nodes`, every node so far; `pooled` caches each (node, stride) across layers."""
+        total = None
+        if self.proxy_conv is not None:
+            inputs = []
+            for pool, source, stride in zip(self.pools, self.sources, self.strides):
+                if (source, stride) not in pooled:
+                    pooled[source, stride] = pool(fast.channels_last_on_cpu(nodes[source]))
+                inputs.append(pooled[source, stride])
+            if self.hidden is not None:
+                inputs = [F.relu(fast.pointwise_conv(x, c.weight, c.bias)) for c, x in zip(self.hidden, inputs)]
+            x = torch.cat(inputs, dim=1).contiguous()
+            total = fast.pointwise_conv(x, self.proxy_conv.weight, self.proxy_conv.bias)
+        if self.block is not None:
+            x = nodes[-1]
+            universal = self.block(x) if self.gated_after_relu else self.block.forward_pre_relu(x)
+            universal = self.universal_gate * universal
+            total = universal if total is None else total + universal
+        return F.relu(total)
+
+
+class TailoredNetwork(nn.Module):
+    """The network `student` runs in eval mode, as plain layers: input a normalised image batch, output the
+    logits.  Equal to `student.eval()(x)[0]` up to float rounding (tests/test_deploy.py)."""
+
+    def __init__(self, student):
+        super().__init__()
+        backbone = copy.deepcopy(student.backbone).eval()  # the stem and head stay in it; the blocks move out
+        fast.thaw(backbone)
+        alive = [bool(paths) and paths[0] == 0 for paths in student._alive_paths]
+        for conv, bn in backbone.conv_bn_pairs([b for b, kept in zip(backbone.blocks, alive) if kept]):
+            replace_module(backbone, conv, folded_conv(conv, bn))
+            replace_module(backbone, bn, nn.Identity())
+        blocks = [block if kept else None for block, kept in zip(backbone.blocks, alive)]
+        for block in backbone.blocks:
+            replace_module(backbone, block, nn.Identity())
+        del backbone.blocks
+        self.backbone = backbone
+        self.layers = nn.ModuleList(TailoredLayer(student, l, block) if paths else None
+                                    for l, (paths, block) in enumerate(zip(student._alive_paths, blocks)))
+        self.input_size = student.input_size
+        self.requires_grad_(False)  # for deployment: nothing here trains
+
+    def forward(self, x):
+        nodes = [self.backbone.forward_stem(x)]
+        pooled = {}
+        for layer in self.layers:
+            nodes.append(None if layer is None else layer(nodes, pooled))
+        return self.backbone.forward_head(nodes[-1])
+
+
+def export(student, out_dir):
+    """Write `out_dir`/tailored.pt2 (torch.export) and `out_dir`/tailored.onnx for `student`'s tailored network,
+    for the CPU, in float32, for any batch size at the student's input size.  Returns the two paths."""
+    return export_network(TailoredNetwork(student), student.input_size, out_dir, 'tailored')
+
+
+def export_network(network, input_size, out_dir, name):
+    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size."""
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise UserError("exporting to ONNX needs the onnx and onnxscript packages: "
+                        "pip install -r requirements.txt") from None
+    network = network.cpu().float().eval()
+    example = torch.randn(2, 3, input_size, input_size)
+    dynamic = ({0: torch.export.Dim('batch', min=1, max=65536)},)
+    program = torch.export.export(network, (example,), dynamic_shapes=dynamic)
+    onnx_program = torch.onnx.export(program, dynamo=True, input_names=['images'], output_names=['logits'],
+                                     verbose=False)
+    paths = os.path.join(out_dir, f'{name}.pt2'), os.path.join(out_dir, f'{name}.onnx')
+    try:
+        utils.atomic_write(paths[0], lambda tmp: torch.export.save(program, tmp), suffix='.pt2')
+        utils.atomic_write(paths[1], onnx_program.save, suffix='.onnx')
+    except OSError as error:
+        raise UserError(f"cannot write --export {out_dir}: {error.strerror or error}") from None
+    return paths

@@ -1,0 +1,103 @@
+"""deploy.py: the tailored network computes what the student computes, holds only what it runs, and its exported
+files run without this repository."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import deploy
+from nettailor import create_student
+
+from test_models import randomize_task_state
+
+
+def trained_looking_student(arch, prune, task_bn_stats=True):
+    torch.manual_seed(0)
+    student = create_student(arch, 7, max_skip=3, input_size=64 if arch == 'wide_resnet26' else 32,
+                             task_bn_stats=task_bn_stats)
+    randomize_task_state(student, seed=5)
+    if prune:
+        student.prune(num_universal=prune, proxy_threshold=0.3)
+    return student.eval()
+
+
+CASES = [('resnet18', 0, True), ('resnet18', 3, True), ('resnet18', 2, False), ('resnet50', 4, True),
+         ('wide_resnet26', 5, True)]
+
+
+@pytest.mark.parametrize('arch, prune, task_bn_stats', CASES)
+def test_tailored_network_equals_the_student_in_eval_mode(float64, arch, prune, task_bn_stats):
+    student = trained_looking_student(arch, prune, task_bn_stats)
+    network = deploy.TailoredNetwork(student).eval()
+    x = torch.randn(3, 3, student.input_size, student.input_size)
+    with torch.no_grad():
+        expected, got = student(x)[0], network(x)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12 * expected.abs().max())  # float64: exact but rounding
+    student32, network32 = student.float(), network.float()
+    with torch.no_grad():
+        expected, got = student32.eval()(x.float())[0], network32(x.float())
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize('arch, prune, task_bn_stats', CASES)
+def test_tailored_network_holds_only_the_surviving_paths(arch, prune, task_bn_stats):
+    student = trained_looking_student(arch, prune, task_bn_stats)
+    network = deploy.TailoredNetwork(student)
+    batch_norms = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(batch_norms) == (1 if arch == 'wide_resnet26' else 0)  # only the Wide ResNet head's, not folded
+    stats = student.stats()
+    assert sum(layer.block is not None for layer in network.layers if layer) == stats['universal_blocks_kept']
+    assert sum(len(layer.sources) for layer in network.layers if layer) == stats['proxies_kept']
+    for l, layer in enumerate(network.layers):
+        if layer is not None and layer.sources:
+            convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d) and m not in
+                     (list(layer.block.modules()) if layer.block is not None else [])]
+            # one convolution for all the layer's proxies, gates folded in (bottleneck: one more per proxy)
+            assert len(convs) == (1 if student.backbone.block_kind == 'basic' else 1 + len(layer.sources))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(network) < count(student.backbone) + count(student.proxies)
+    assert not any(p.requires_grad for p in network.parameters())
+
+
+RUN_EXPORTED = """
+import sys, torch, onnxruntime
+try:
+    import nettailor
+except ImportError:
+    pass
+else:
+    raise SystemExit('the repository is importable: the test would prove nothing')
+images, expected = torch.load('io.pt')
+program = torch.export.load('out/tailored.pt2').module()
+session = onnxruntime.InferenceSession('out/tailored.onnx', providers=['CPUExecutionProvider'])
+errors = {}
+for batch in (1, len(images)):
+    x = images[:batch]
+    scale = expected[:batch].abs().max()
+    errors[f'pt2 {batch}'] = float((program(x) - expected[:batch]).abs().max() / scale)
+    (logits,) = session.run(['logits'], {'images': x.numpy()})
+    errors[f'onnx {batch}'] = float((torch.from_numpy(logits) - expected[:batch]).abs().max() / scale)
+print(errors)
+"""
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+def test_exported_files_run_without_this_repository(tmp_path, arch):
+    student = trained_looking_student(arch, prune=3)
+    pt2, onnx_path = deploy.export(student, str(tmp_path / 'out'))
+    assert (pt2, onnx_path) == (str(tmp_path / 'out' / 'tailored.pt2'), str(tmp_path / 'out' / 'tailored.onnx'))
+    assert sorted(os.listdir(tmp_path / 'out')) == ['tailored.onnx', 'tailored.pt2']  # no temporary file left
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.save((images.cpu(), student.eval()(images)[0].cpu()), tmp_path / 'io.pt')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, '-c', RUN_EXPORTED], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    errors = eval(result.stdout.strip().splitlines()[-1])
+    assert set(errors) == {'pt2 1', 'pt2 5', 'onnx 1', 'onnx 5'}
+    assert all(error <= 1e-5 for error in errors.values()), errors
