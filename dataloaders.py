@@ -256,25 +256,50 @@ class SyntheticAugment:
         return ((x - self.mean) / self.std).contiguous()
 
 
-class SyntheticLoader:
-    """A DataLoader stand-in for in-memory synthetic splits: shuffled (from `generator`) batches,
-    augmented a batch at once; `drop_last` drops a last partial batch."""
+class ShuffledShard(torch.utils.data.Sampler):
+    """The training order: each epoch a new permutation of range(n) drawn from `generator`, wrapped around to a
+    multiple of `world_size`, and every `world_size`-th index from `rank`.  Every process draws the same
+    permutation (same seed), so with a batch of B each, their step-s batches together are the step-s batch
+    of one process with a batch of world_size x B.  With one process, torch's RandomSampler order."""
 
-    def __init__(self, dataset, batch_size, augment, shuffle, generator=None, drop_last=False):
+    def __init__(self, n, generator, rank=0, world_size=1):
+        self.n, self.generator, self.rank, self.world_size = n, generator, rank, world_size
+
+    def __len__(self):
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator)
+        order = torch.cat([order, order[:len(self) * self.world_size - self.n]])
+        return iter(order[self.rank::self.world_size].tolist())
+
+
+def training_sampler(n, batch_size, seed, rank, world_size):
+    """(sampler, generator, drop_last) of a training loader: `ShuffledShard` from `seed`, and a last batch of
+    one image dropped (BatchNorm cannot train on it)."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = ShuffledShard(n, generator, rank, world_size)
+    return sampler, generator, len(sampler) % batch_size == 1
+
+
+class SyntheticLoader:
+    """A DataLoader stand-in for in-memory synthetic splits: batches in the order of `sampler` (default: the
+    dataset's), augmented a batch at once; `drop_last` drops a last partial batch."""
+
+    def __init__(self, dataset, batch_size, augment, sampler=None, generator=None, drop_last=False):
         self.dataset = dataset
         self.batch_size = batch_size
         self.augment = augment
-        self.shuffle = shuffle
+        self.sampler = range(len(dataset)) if sampler is None else sampler
         self.generator = generator
         self.drop_last = drop_last
 
     def __len__(self):
-        batches = len(self.dataset) / self.batch_size
+        batches = len(self.sampler) / self.batch_size
         return math.floor(batches) if self.drop_last else math.ceil(batches)
 
     def __iter__(self):
-        count = len(self.dataset)
-        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.augment(self.dataset.images[index]), self.dataset.labels[index]
@@ -308,27 +333,31 @@ def get_datasets(task, data_dir='data', input_size=224, seed=0):
 
 
 def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=224, seed=0,
-                    eval_batch_size=None, train_limit=None, test_limit=None):
+                    eval_batch_size=None, train_limit=None, test_limit=None, rank=0, world_size=1):
     """(train_loader, test_loader, num_classes) of `task`; the training order is shuffled from `seed`.
 
-    `train_limit` / `test_limit` keep only the first N images of a split (quick runs, tests).
-    Synthetic tasks, held in memory, get `SyntheticLoader`s (batched augmentation, no workers)."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    `train_limit` / `test_limit` keep only the first N images of a split (quick runs, tests).  Under torchrun,
+    process `rank` of `world_size` gets its share of each split (`ShuffledShard`; every world_size-th test
+    image).  Synthetic tasks, held in memory, get `SyntheticLoader`s (batched augmentation, no workers)."""
     if task in SYNTHETIC_TASKS:
-        train_raw = make_synthetic(task, 'train', num_images=train_limit)
-        test_raw = make_synthetic(task, 'test', num_images=test_limit)
-        return (SyntheticLoader(train_raw, batch_size, SyntheticAugment(task, True, input_size), True, generator,
-                                drop_last=len(train_raw) % batch_size == 1),  # BatchNorm cannot train on one image
-                SyntheticLoader(test_raw, eval_batch_size or batch_size, SyntheticAugment(task, False, input_size),
-                                False), SYNTHETIC_TASKS[task])
-    train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed)
-    if train_limit is not None:
-        train_set = Subset(train_set, range(min(train_limit, len(train_set))))
-    if test_limit is not None:
-        test_set = Subset(test_set, range(min(test_limit, len(test_set))))
+        train_set = make_synthetic(task, 'train', num_images=train_limit)
+        test_set = make_synthetic(task, 'test', num_images=test_limit)
+        train_augment = SyntheticAugment(task, True, input_size)
+        test_augment = SyntheticAugment(task, False, input_size)
+        num_classes = SYNTHETIC_TASKS[task]
+    else:
+        train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed)
+        if train_limit is not None:
+            train_set = Subset(train_set, range(min(train_limit, len(train_set))))
+        if test_limit is not None:
+            test_set = Subset(test_set, range(min(test_limit, len(test_set))))
+    sampler, generator, drop_last = training_sampler(len(train_set), batch_size, seed, rank, world_size)
+    test_share = range(rank, len(test_set), world_size)
+    if task in SYNTHETIC_TASKS:
+        return (SyntheticLoader(train_set, batch_size, train_augment, sampler, generator, drop_last),
+                SyntheticLoader(test_set, eval_batch_size or batch_size, test_augment, test_share), num_classes)
     loader_options = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              drop_last=len(train_set) % batch_size == 1, **loader_options)  # BatchNorm needs 2
-    test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, shuffle=False, **loader_options)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
+                              drop_last=drop_last, **loader_options)
+    test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, sampler=test_share, **loader_options)
     return train_loader, test_loader, num_classes

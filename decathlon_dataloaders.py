@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from dataloaders import training_sampler
 from utils import UserError, atomic_write_json
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
@@ -248,9 +249,11 @@ def get_decathlon_datasets(task, data_dir='data', splits=('train', 'val'), input
 
 
 def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val'), eval_split='val',
-                              batch_size=32, workers=4, input_size=None, seed=0, train_limit=None, test_limit=None):
+                              batch_size=32, workers=4, input_size=None, seed=0, train_limit=None, test_limit=None,
+                              rank=0, world_size=1):
     """(train_loader, eval_loader, num_classes): training on the union of train_splits (with augmentation),
-    evaluation on eval_split (center crops, fixed order)."""
+    evaluation on eval_split (center crops, fixed order); process `rank` of `world_size` gets its share of
+    each (dataloaders.ShuffledShard)."""
     if 'test_stripped' in train_splits:
         raise UserError("test_stripped has no labels and cannot be used for training; "
                         "choose train splits among train, val")
@@ -267,10 +270,11 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
         train_set = Subset(train_set, range(min(train_limit, len(train_set))))
     if test_limit is not None:
         eval_set = Subset(eval_set, range(min(test_limit, len(eval_set))))
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
-                              drop_last=len(train_set) % batch_size == 1,  # BatchNorm needs 2
-                              generator=torch.Generator().manual_seed(seed))
-    eval_loader = DataLoader(eval_set, batch_size=batch_size, shuffle=False, num_workers=workers)
+    sampler, generator, drop_last = training_sampler(len(train_set), batch_size, seed, rank, world_size)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
+                              drop_last=drop_last, num_workers=workers)
+    eval_loader = DataLoader(eval_set, batch_size=batch_size, sampler=range(rank, len(eval_set), world_size),
+                             num_workers=workers)
     return train_loader, eval_loader, num_classes
 
 

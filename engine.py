@@ -40,17 +40,20 @@ def check_args(args):
 
 
 def build_loaders(args):
-    """(train_loader, test_loader, num_classes) for args.task; the decathlon scripts set args.decathlon."""
+    """(train_loader, test_loader, num_classes) for args.task, this process's share under torchrun (--batch-size
+    images per process and step); the decathlon scripts set args.decathlon."""
     if getattr(args, 'decathlon', False):
         from decathlon_dataloaders import get_decathlon_dataloaders
         loaders = get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
                                             batch_size=args.batch_size, workers=args.workers,
                                             input_size=args.input_size, seed=args.seed,
-                                            train_limit=args.train_limit, test_limit=args.test_limit)
+                                            train_limit=args.train_limit, test_limit=args.test_limit,
+                                            rank=utils.rank(), world_size=utils.world_size())
     else:
         from dataloaders import get_dataloaders
         loaders = get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size,
-                                  args.seed, train_limit=args.train_limit, test_limit=args.test_limit)
+                                  args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
+                                  rank=utils.rank(), world_size=utils.world_size())
     if len(loaders[0]) == 0:
         raise UserError(f"the training set of {args.task} has fewer than 2 images (--train-limit?): "
                         "BatchNorm cannot train on a batch of one")
@@ -97,7 +100,10 @@ def check_run_dir(args):
 def prepare_run_dir(args, existing):
     """Create the run directory and record args.json there; `existing` is what `check_run_dir` returned.
 
-    Returns the checkpoint to resume from (or None)."""
+    Returns the checkpoint to resume from (or None).  Under torchrun the main process writes, the others wait."""
+    if not utils.is_main_process():
+        utils.barrier()
+        return existing if args.resume else None
     try:
         os.makedirs(args.model_dir, exist_ok=True)
         utils.lock_run_dir(args.model_dir)
@@ -113,6 +119,7 @@ def prepare_run_dir(args, existing):
     except OSError as error:
         raise UserError(f"cannot write the run directory --model-dir {args.model_dir}: {error.strerror or error}; "
                         "choose a folder you can write") from None
+    utils.barrier()
     return existing if args.resume else None
 
 
@@ -133,10 +140,13 @@ def check_resumable(args, existing):
 
 
 def use_cuda_graph(args, device):
-    """--cuda-graph resolved: on by default with a CUDA device; refused without one."""
+    """--cuda-graph resolved: on by default with a CUDA device and one process; refused without a CUDA device,
+    and with several processes, whose synchronised BatchNorms communicate inside the step."""
     if args.cuda_graph and device.type != 'cuda':
         raise UserError(f"--cuda-graph needs a CUDA device, not {device}: drop it or pass --device cuda")
-    return device.type == 'cuda' if args.cuda_graph is None else args.cuda_graph
+    if args.cuda_graph and utils.world_size() > 1:
+        raise UserError("--cuda-graph runs one process; under torchrun with several, drop it")
+    return device.type == 'cuda' and utils.world_size() == 1 if args.cuda_graph is None else args.cuda_graph
 
 
 class MixedPrecision:
@@ -167,7 +177,8 @@ class TrainStep:
     Python and kernel launches.  The optimizer step stays eager, so the learning-rate schedule, gradient
     scaling (--amp) and resumption work unchanged; a batch of another shape (an epoch's last) runs eagerly
     into the same gradient tensors.  Capture's warm-up passes leave the model's buffers (BatchNorm
-    statistics) as they were, so every step computes what the eager step computes.
+    statistics) as they were, so every step computes what the eager step computes.  Under torchrun the
+    gradients are averaged over the processes before the optimizer step (`utils.average_gradients`).
     """
 
     def __init__(self, model, loss_fn, optimizer, precision, cuda_graph=False):
@@ -186,6 +197,7 @@ class TrainStep:
         else:
             self.optimizer.zero_grad(set_to_none=self.graph is None)  # in place where the graph writes them
             metrics = self._forward_backward(images, labels)
+        utils.average_gradients([p for group in self.optimizer.param_groups for p in group['params']])
         self.precision.step(self.optimizer)
         return metrics
 
@@ -244,15 +256,16 @@ class CapturedForward:
 
 @torch.no_grad()
 def evaluate(model, loader, device, desc='eval', cuda_graph=False):
-    """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader`; with `cuda_graph`, its
-    forward replayed from a CUDA graph (`CapturedForward`)."""
+    """Top-1 accuracy (%) of `model` (which returns (logits, ...)) over `loader` (under torchrun, over every
+    process's share); with `cuda_graph`, its forward replayed from a CUDA graph (`CapturedForward`)."""
     model.eval()
     forward = CapturedForward(model) if cuda_graph else model
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.long, device=device)  # correct, total
     for images, labels in utils.progress(loader, desc=desc):
         logits = forward(images.to(device, non_blocking=True))[0]
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-        total += labels.numel()
+        counts[0] += (logits.argmax(1).cpu() == labels).sum().item()
+        counts[1] += labels.numel()
+    correct, total = utils.all_reduce_sum(counts).tolist()
     return 100.0 * correct / max(total, 1)
 
 
@@ -305,6 +318,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
     an uninterrupted run would.
     """
     metrics = utils.MetricsLog(os.path.join(args.model_dir, 'metrics.jsonl'))
+    main_process = utils.is_main_process()
     start_epoch = 0
     if resume_from is not None:
         optimizer.load_state_dict(resume_from['optimizer'])
@@ -314,7 +328,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         utils.set_rng_state(resume_from['rng'])
         train_loader.generator.set_state(resume_from['loader_rng'])
         start_epoch = resume_from['epoch'] + 1
-        metrics.truncate_after(resume_from['epoch'])
+        if main_process:
+            metrics.truncate_after(resume_from['epoch'])
         logger.info(f"resuming from epoch {start_epoch}")
     accuracy = resume_from.get('accuracy') if resume_from else None
     for epoch in range(start_epoch, args.epochs):
@@ -324,15 +339,16 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         lr = optimizer.param_groups[0]['lr']
         for step, (images, labels) in enumerate(utils.progress(train_loader, desc=f'epoch {epoch}')):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            out = train_step(images, labels)
-            out = dict(zip(out, torch.stack([value.float() for value in out.values()]).tolist()))
+            out = train_step(images, labels)  # under torchrun: 'correct' summed over the processes, the rest averaged
+            values = utils.all_reduce_sum(torch.stack([value.float() for value in out.values()])).tolist()
+            out = {key: value if key == 'correct' else value / utils.world_size() for key, value in zip(out, values)}
             if not math.isfinite(out['loss']):
                 raise UserError(f"training diverged at epoch {epoch}, step {step} (loss {out['loss']}); lower --lr "
                                 f"(the last good checkpoint in {args.model_dir}, if any, is kept)")
             scheduler.step()
             for key, value in out.items():
-                sums[key] = sums.get(key, 0.0) + value * (len(labels) if key != 'correct' else 1)
-            seen += len(labels)
+                sums[key] = sums.get(key, 0.0) + value * (len(labels) * utils.world_size() if key != 'correct' else 1)
+            seen += len(labels) * utils.world_size()
         train_time = time.time() - start
         state = model_state()
         diverged = utils.first_non_finite(state)
@@ -343,7 +359,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         record = {key: value / seen for key, value in sums.items() if key != 'correct'}
         record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
                       lr=lr, epoch_time=train_time)
-        metrics.write(**record)
+        if main_process:
+            metrics.write(**record)
         logger.info(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         checkpoint = {'model': state, 'optimizer': optimizer.state_dict(),
                       'scheduler': scheduler.state_dict(), 'scaler': precision.scaler.state_dict(),
@@ -352,7 +369,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
                       'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
         checkpoint.update(extra_checkpoint or {})
         try:
-            utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
+            if main_process:
+                utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
         except OSError as error:  # a full disk, a vanished folder: the previous checkpoint is intact
             raise UserError(f"cannot save the checkpoint of epoch {epoch} in {args.model_dir}: "
                             f"{error.strerror or error}; the previous checkpoint is kept") from None

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
+
 
 # ----- frozen convolution + BatchNorm pairs -----
 def fold_bn(conv, bn):
@@ -94,13 +96,23 @@ def pointwise_conv(x, weight, bias=None):
     return torch.baddbmm(bias.view(1, out_c, 1).expand(n, out_c, h * w), weight, x).view(n, out_c, h, w)
 
 
+def apply_bn(bn, x):
+    """bn(x), the module called as such (count_flops hooks it), except in training under torchrun with several
+    processes: then `batch_norm`, on the statistics of the whole batch across processes."""
+    return batch_norm(bn, x) if bn.training and utils.world_size() > 1 else bn(x)
+
+
 def batch_norm(bn, x, scale=None):
-    """`bn(x)` with its affine parameters multiplied by `scale` (a gate folded in for free)."""
+    """`bn(x)` with its affine parameters multiplied by `scale` (a gate folded in for free).  In training under
+    torchrun with several processes its statistics are the whole batch's, across processes
+    (utils.synced_batch_norm)."""
     weight, bias = bn.weight, bn.bias
     if scale is not None:
         weight, bias = weight * scale, bias * scale
     if bn.training:
         bn.num_batches_tracked.add_(1)
+        if utils.world_size() > 1:
+            return utils.synced_batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.momentum, bn.eps)
     return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.training, bn.momentum, bn.eps)
 
 

@@ -146,7 +146,7 @@ def main(args):
     if args.export:
         return export_run(args)
     check_student_args(args)
-    device = utils.resolve_device(args.device)
+    device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
         student, checkpoint = load_student(args.model_dir, device)
@@ -208,7 +208,8 @@ def main(args):
                    lambda: run_state(student, args.pretrained), resume_from, logger, precision)
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
-    save_architecture(stats, figure)
+    if utils.is_main_process():
+        save_architecture(stats, figure)
     logger.info(f"{format_stats(stats)}\nstudent top-1 accuracy {accuracy:.2f}%; "
                 f"tailored architecture drawn in {figure}")
     return {'accuracy': accuracy, 'stats': stats}

@@ -57,7 +57,7 @@ def get_args_parser(add_help=True):
 
 def main(args):
     check_args(args)
-    device = utils.resolve_device(args.device)
+    device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)

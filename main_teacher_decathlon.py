@@ -74,7 +74,7 @@ def run_tasks(args, main):
 
 def main(args):
     results = run_tasks(args, main_teacher.main)
-    if args.export_backbone:
+    if args.export_backbone and utils.is_main_process():
         if len(results) != 1:
             raise UserError("--export-backbone needs a single --task")
         task_args = next(task_runs(args))

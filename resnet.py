@@ -20,7 +20,7 @@ ARCHS = {
 
 def conv_bn(conv, bn, x):
     """bn(conv(x)); a pair folded by `fast.freeze` runs as the single equivalent convolution."""
-    return fast.frozen_conv_bn(conv, x) if fast.is_folded(conv) else bn(conv(x))
+    return fast.frozen_conv_bn(conv, x) if fast.is_folded(conv) else fast.apply_bn(bn, conv(x))
 
 
 class BasicBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""Shared helpers for the training scripts: errors, logging, checkpoints, seeding, devices."""
+"""Shared helpers for the training scripts: errors, logging, checkpoints, seeding, devices, several processes."""
 import json
 import logging
 import os
@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -190,11 +191,102 @@ def resolve_device(name):
     return device
 
 
+# ----- several processes: torchrun, or a submitit job with several tasks (submit.py) -----
+def init_distributed(device_name):
+    """This process's device; under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) it first joins
+    the process group, once: NCCL with CUDA, each process on GPU LOCAL_RANK, and gloo on CPUs."""
+    device = resolve_device(device_name)
+    if 'RANK' not in os.environ:
+        return device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main_process():
+    """The process that writes run directories, logs and figures (rank 0)."""
+    return rank() == 0
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """The sum of `tensor` over the processes (itself with one)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_gradients(parameters):
+    """Each gradient replaced by its mean over the processes, in one collective: what DistributedDataParallel
+    computes, done after the backward pass so that a captured CUDA graph can hold the whole backward."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if world_size() == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce(sum) whose gradient is the all_reduce(sum) of the output's gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def synced_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps):
+    """F.batch_norm in training over the whole batch of every process: the statistics (and their gradients)
+    are those one process with the concatenated batch would compute, and the running averages are updated
+    with them, the same on every process."""
+    all_reduce = _SumOverProcesses.apply
+    dims = [0, *range(2, x.dim())]  # every dimension but the channels'
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    count = x.numel() // x.shape[1] * world_size()
+    mean = all_reduce(x.sum(dims)) / count
+    centred = x - mean.view(shape)
+    var = all_reduce(centred.square().sum(dims)) / count
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.detach() * count / max(count - 1, 1), alpha=momentum)
+    scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
+    out = centred * scale.view(shape)
+    return out if bias is None else out + bias.view(shape)
+
+
 def setup_logging(model_dir=None, log2file=False):
-    """Log to stdout and, with `log2file`, also to <model_dir>/log.txt."""
+    """Log to stdout and, with `log2file`, also to <model_dir>/log.txt; other processes than the main one log
+    only warnings."""
     logger = logging.getLogger('nettailor')
     logger.handlers.clear()
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     logger.propagate = False
     fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
     stream = logging.StreamHandler(sys.stdout)
@@ -230,4 +322,5 @@ class MetricsLog:
 def progress(iterable, **kwargs):
     """tqdm progress bar, silent when stdout is not a terminal."""
     from tqdm import tqdm
-    return tqdm(iterable, disable=not sys.stdout.isatty(), leave=False, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, disable=not sys.stdout.isatty() or not is_main_process(), leave=False, dynamic_ncols=True,
+                **kwargs)
