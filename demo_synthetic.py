@@ -48,15 +48,15 @@ def get_args_parser():
     return parser
 
 
-def pretrain_source(args, logger):
-    """The universal backbone: a ResNet18 trained on synth-source, exported as a torchvision state dict."""
-    weights = os.path.join(args.model_root, f'{ARCH}_synth-source.pth')
+def pretrain_source(args, logger, arch=ARCH):
+    """The universal backbone: `arch` trained on synth-source, exported as a torchvision state dict."""
+    weights = os.path.join(args.model_root, f'{arch}_synth-source.pth')
     if os.path.exists(weights) and not args.force:
         logger.info(f"[source] universal weights {weights} exist: skipped (--force retrains them)")
         return weights
-    source_dir = os.path.join(args.model_root, 'source')
+    source_dir = os.path.join(args.model_root, 'source' if arch == ARCH else f'source-{arch}')
     source = demo.stage_args(main_teacher.get_args_parser, 'synth-source', source_dir, args,
-                             dict(arch=ARCH, pretrained=None, **SOURCE_RECIPE))
+                             dict(arch=arch, pretrained=None, input_size=INPUT_SIZE, **SOURCE_RECIPE))
     demo.run_stage('source pre-training', main_teacher.main, source, logger)
     model, _ = load_teacher(checkpoint_path(source_dir), 'cpu')
     utils.atomic_save({k: v for k, v in model.state_dict().items() if not k.startswith('fc.')}, weights)

@@ -44,7 +44,8 @@ def get_args_parser(add_help=True):
     parser.add_argument('--backbone', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
                         "--teacher-coeff > 0)")
-    parser.add_argument('--max-skip', default='3', help="proxies per layer from the k most recent nodes, or 'dense'")
+    parser.add_argument('--max-skip', default=None, help="proxies per layer from the k most recent nodes, or 'dense' "
+                        "(default 3; when retraining, that of --full-model-dir)")
     parser.add_argument('--complexity-coeff', type=float, default=None,
                         help='gamma1 (default 0.3; 0 when retraining with --full-model-dir)')
     parser.add_argument('--teacher-coeff', type=float, default=None,
@@ -107,6 +108,10 @@ def check_student_args(args):
     args.shared_bn_stats = bool(args.shared_bn_stats)
     if args.teacher_coeff is None:
         args.teacher_coeff = full_args.get('teacher_coeff', 10.0)
+    if full_args and args.max_skip is not None and str(args.max_skip) != str(full_args['max_skip']):
+        raise UserError(f"{args.full_model_dir} was trained with --max-skip {full_args['max_skip']}: drop --max-skip")
+    if args.max_skip is None:
+        args.max_skip = full_args.get('max_skip', '3')
     if args.complexity_coeff is None:
         args.complexity_coeff = 0.0 if args.full_model_dir else 0.3
     if args.lr is None:
@@ -180,7 +185,8 @@ def main(args):
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"student {args.backbone} (max_skip {args.max_skip}) on {args.task} ({num_classes} classes), "
                 f"gamma1 {args.complexity_coeff}, gamma2 {args.teacher_coeff}, "
-                f"{'shared' if args.shared_bn_stats else 'task-specific'} BatchNorm statistics, device {device}")
+                f"{'shared' if args.shared_bn_stats else 'task-specific'} BatchNorm statistics, "
+                f"device {device}{utils.processes_text()}")
     if args.full_model_dir:
         logger.info(f"pruned {args.full_model_dir}: {args.n_pruning_universal} universal blocks, "
                     f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")

@@ -76,7 +76,8 @@ def main(args):
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
     logger = utils.setup_logging(args.model_dir, args.log2file)
-    logger.info(f"teacher {args.arch} on {args.task} ({num_classes} classes), device {device}")
+    logger.info(f"teacher {args.arch} on {args.task} ({num_classes} classes), "
+                f"device {device}{utils.processes_text()}")
     optimizer, scheduler = make_optimizer(model.parameters(), args, len(train_loader))
     precision = MixedPrecision(device, args.amp)
 

@@ -114,7 +114,7 @@ def summary(args, jobs):
 def make_executor(args):
     import submitit
     executor = submitit.AutoExecutor(folder=args.log_dir, cluster='local' if args.local else None)
-    tasks = max(args.gpus_per_job, 1)
+    tasks = args.processes_per_job or max(args.gpus_per_job, 1)
     setup = [f'export PYTHONPATH={REPO}:$PYTHONPATH']  # the jobs import this repository's modules
     parameters = dict(timeout_min=args.timeout_min, gpus_per_node=args.gpus_per_job, tasks_per_node=tasks,
                       cpus_per_task=args.cpus_per_task, nodes=1, name=f'nettailor-{args.command}',
@@ -133,8 +133,9 @@ def get_args_parser():
     parser.add_argument('--local', action='store_true', help='run the jobs as local processes instead of SLURM jobs')
     parser.add_argument('--partition', default=None, help='SLURM partition')
     parser.add_argument('--account', default=None, help='SLURM account')
-    parser.add_argument('--gpus-per-job', type=int, default=1,
-                        help='GPUs (and processes) per run; 0 for CPU jobs')
+    parser.add_argument('--gpus-per-job', type=int, default=1, help='GPUs per run; 0 for CPU jobs')
+    parser.add_argument('--processes-per-job', type=int, default=None,
+                        help="the run's processes (torchrun's --nproc-per-node; default: one per GPU, or one)")
     parser.add_argument('--cpus-per-task', type=int, default=10, help='CPU cores per process (data loading)')
     parser.add_argument('--timeout-min', type=int, default=1440, help="each job's time limit; a job reaching it "
                         'is requeued and resumes')
@@ -157,8 +158,8 @@ def get_args_parser():
 
 def main(args, script_flags):
     """Submit the jobs whose runs are not finished, wait for all, print the summary; returns it (or the jobs)."""
-    if args.gpus_per_job < 0 or args.timeout_min <= 0:
-        raise UserError("--gpus-per-job must be non-negative and --timeout-min positive")
+    if args.gpus_per_job < 0 or args.timeout_min <= 0 or (args.processes_per_job or 1) < 1:
+        raise UserError("--gpus-per-job must be non-negative, --processes-per-job and --timeout-min positive")
     jobs = decathlon_jobs(args, script_flags) if args.command == 'decathlon' else sweep_jobs(args, script_flags)
     pending = [job for job in jobs if run_state(job.run_dir) != 'finished']
     for job in jobs:
@@ -176,7 +177,7 @@ def main(args, script_flags):
     failures = []
     for job, handle in zip(pending, submitted):
         try:
-            handle.result()
+            handle.results()  # one per process of the job
         except Exception as error:  # submitit's text of the job's failure, its traceback included
             lines = str(error).splitlines()
             reason = next((line.split('Error: ', 1)[1] for line in reversed(lines) if 'Error: ' in line), lines[0])

@@ -206,6 +206,11 @@ def init_distributed(device_name):
     return device
 
 
+def processes_text():
+    """', N processes' under torchrun with several, for the scripts' first log line; else ''."""
+    return f", {world_size()} processes" if world_size() > 1 else ''
+
+
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

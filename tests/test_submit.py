@@ -58,3 +58,19 @@ def test_failed_jobs_are_reported_in_one_line(tmp_path):
          '--full-model-dir', str(tmp_path / 'missing'), '--k', '3'])
     with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k3 .*checkpoint"):
         submit.main(args, ['--task', 'synth-digits', '--device', 'cpu'])
+
+
+def test_a_job_with_two_processes_runs_them_as_one_run(workdir, tmp_path):  # noqa: F811
+    common = [*TINY, '--pretrained', workdir / 'backbone.pth', '--backbone', 'resnet18', '--teacher-coeff', 0]
+    run('main_student.py', *common, '--model-dir', tmp_path / 'student', '--epochs', 1, '--lr', 0.01)
+    args = submit.get_args_parser().parse_args(
+        ['--local', '--gpus-per-job', '0', '--processes-per-job', '2', '--timeout-min', '10', '--log-dir',
+         str(tmp_path / 'jobs'), 'sweep', '--full-model-dir', str(tmp_path / 'student'), '--k', '1'])
+    flags = [str(flag) for flag in common] + ['--epochs', '2', '--lr', '0.01', '--thr-pruning-proxy', '0',
+                                              '--batch-size', '16']
+    table = submit.main(args, flags)
+    assert 'pruned-k1' in table
+    logs = ''.join(open(path).read() for path in glob.glob(str(tmp_path / 'jobs' / '*_0_log.out')))
+    assert 'device cpu, 2 processes' in logs
+    records = [json.loads(line) for line in open(tmp_path / 'pruned-k1' / 'metrics.jsonl')]
+    assert [r['epoch'] for r in records] == [0, 1]  # one process wrote them

@@ -1,0 +1,99 @@
+"""experiments.py: the selection rule, and every sub-command end to end on tiny settings (--smoke), reusing runs."""
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+
+import experiments
+from utils import UserError
+
+
+def row(name, accuracy, params_removed, flops=1.0):
+    return dict(name=name, accuracy=accuracy, params_removed=params_removed, flops=flops, flops_removed=0.0)
+
+
+def test_the_leanest_network_within_the_tolerance_is_selected():
+    rows = [row('k=2', 90.0, 0.3), row('k=4', 89.6, 0.5), row('k=6', 89.0, 0.7)]
+    assert experiments.select_leanest(rows, teacher_acc=90.0, tolerance=0.5)['name'] == 'k=4'
+    assert experiments.select_leanest(rows, teacher_acc=90.0, tolerance=1.0)['name'] == 'k=6'  # within: 89.0
+    assert experiments.select_leanest(rows, teacher_acc=89.0, tolerance=0.0)['name'] == 'k=6'  # better than it
+    ties = [row('a', 89.7, 0.5, flops=2.0), row('b', 89.9, 0.5, flops=3.0), row('c', 89.9, 0.5, flops=1.0)]
+    assert experiments.select_leanest(ties, 90.0, 0.5)['name'] == 'c'  # as lean: the more accurate, then fewer FLOPs
+
+
+def test_no_network_within_the_tolerance_is_reported_as_such():
+    rows = [row('k=2', 85.0, 0.3), row('k=4', 86.0, 0.5)]
+    assert experiments.select_leanest(rows, 90.0, 0.5) is None
+    text = experiments.describe_selection(None, rows, 90.0, 0.5)
+    assert text.startswith('no network within 0.5 points of the teacher (90.00%)') and 'k=4 at 86.00%' in text
+
+
+@pytest.fixture(scope='module')
+def roots(tmp_path_factory):
+    """Offline source backbones (random, in torchvision's format) where the experiments look for them."""
+    root = tmp_path_factory.mktemp('experiments')
+    torch.manual_seed(0)
+    for arch in ('resnet18', 'resnet50'):
+        state = getattr(torchvision.models, arch)().state_dict()
+        torch.save({k: v for k, v in state.items() if not k.startswith('fc.')}, root / f'{arch}_synth-source.pth')
+    return root
+
+
+def run(roots, command, *flags):
+    args = experiments.get_args_parser().parse_args(
+        [command, '--smoke', '--device', 'cpu', '--workers', '0', '--source-root', str(roots),
+         '--model-root', str(roots / 'runs'), *map(str, flags)])
+    return experiments.main(args)
+
+
+def test_k_sweep_then_the_teacher_ablation_reusing_its_runs(roots, capsys):
+    result = run(roots, 'ksweep', '--task', 'synth-digits', '--k', 1, 2)
+    (curve,) = result['curves'].values()
+    assert [r['k'] for r in curve['rows']] == [1, 2]
+    assert [r['blocks_removed'] for r in curve['rows']] == [1, 2]
+    assert 0 < curve['rows'][0]['params_removed'] < curve['rows'][1]['params_removed']
+    for name in ('ksweep.json', 'ksweep.png'):
+        assert (roots / 'runs' / name).stat().st_size > 0
+    assert json.loads((roots / 'runs' / 'ksweep.json').read_text())['curves'].keys() == result['curves'].keys()
+    out = capsys.readouterr().out
+    assert 'leanest within 0.5 points' in out or 'no network within 0.5 points' in out
+
+    result = run(roots, 'teacher', '--task', 'synth-digits', '--k', 1, 2)
+    out = capsys.readouterr().out
+    assert out.count('finished run in') >= 4  # the teacher, the student and its two pruned runs: reused
+    with_teacher, without = result['curves'].values()
+    assert [r['k'] for r in without['rows']] == [1, 2] and os.path.isdir(roots / 'runs' / 'student-no-teacher-k2')
+    assert os.path.isdir(roots / 'runs' / 'pruned-k2')
+    assert json.loads(open(roots / 'runs' / 'student-no-teacher' / 'args.json').read())['teacher_coeff'] == 0.0
+    assert (roots / 'runs' / 'teacher.png').exists()
+
+
+def test_max_skip_and_backbone_ablations(roots):
+    result = run(roots, 'max-skip', '--task', 'synth-digits', '--k', 1, '--max-skip', 1, 'dense')
+    assert list(result['curves']) == ['max_skip 1', 'max_skip dense']
+    pruned_args = json.loads(open(roots / 'runs' / 'student-skipdense-k1' / 'args.json').read())
+    assert pruned_args['max_skip'] == 'dense'  # the retrained network keeps its student's reach
+    assert (roots / 'runs' / 'max-skip.png').exists()
+    result = run(roots, 'backbone', '--task', 'synth-digits', '--k', 2, '--archs', 'resnet18', 'resnet50')
+    assert list(result['curves']) == ['resnet18', 'resnet50']
+    assert result['curves']['resnet50']['rows'][0]['blocks_total'] == 16
+    assert (roots / 'runs' / 'backbone.png').exists() and (roots / 'runs' / 'resnet50' / 'teacher').is_dir()
+
+
+def test_difficulty_runs_the_three_tasks_and_draws_their_networks(roots, capsys):
+    result = run(roots, 'difficulty', '--k', 1)
+    assert list(result['results']) == list(experiments.DIFFICULTY_TASKS)
+    table = capsys.readouterr().out
+    for task in experiments.DIFFICULTY_TASKS:
+        assert task in table
+    assert (roots / 'runs' / 'difficulty.png').stat().st_size > 0
+    assert (roots / 'runs' / 'difficulty.json').exists()
+
+
+def test_experiments_refuse_what_cannot_run(roots):
+    with pytest.raises(UserError, match='--k is required'):
+        run(roots, 'ksweep', '--task', 'synth-digits')
+    with pytest.raises(UserError, match="no recipe for task 'mnist'"):
+        run(roots, 'ksweep', '--task', 'mnist', '--k', 1)
