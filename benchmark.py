@@ -29,6 +29,7 @@ PyTorch and in onnxruntime (the exported ONNX files), on CUDA eager and replayed
 latency ratio is printed beside the FLOPs ratio.
 """
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -140,6 +141,23 @@ def main(args):
             setattr(fast, name, function)
 
 
+def interleaved(functions, rounds, device):
+    """Each function's times (seconds) over `rounds` rounds, all functions once per round, after 2 warm-up
+    rounds: machine noise hits them alike."""
+    times = {name: [] for name in functions}
+    for round_index in range(rounds + 2):
+        for name, fn in functions.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            if round_index >= 2:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def measure(args, device):
     """Every case, interleaved round by round; printed, and returned as a dict."""
     torch.manual_seed(0)
@@ -201,18 +219,7 @@ def measure(args, device):
         })
     two_pass = student()
     cases['two-pass train step'] = train_step(two_pass, distillation_losses(two_pass, frozen_teacher, True), False)
-    times = {name: [] for name in cases}
-    for round_index in range(args.repeats + 2):
-        for name, fn in cases.items():
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            if round_index >= 2:
-                times[name].append(time.perf_counter() - start)
-
+    times = interleaved(cases, args.repeats, device)
     unit = times['teacher forward']
     stats_full = unit_student.stats()
     stats_pruned = student(prune=(args.prune_universal, 0.0)).stats()
@@ -257,22 +264,6 @@ class Logits(torch.nn.Module):
         return self.network(x)[0]
 
 
-def interleaved(functions, x, rounds, device):
-    """Median seconds of each function on x, timed round by round after 2 warm-up rounds."""
-    times = {name: [] for name in functions}
-    for round_index in range(rounds + 2):
-        for name, fn in functions.items():
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn(x)
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            if round_index >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 @torch.no_grad()
 def measure_latency(args, device):
     """--latency: the teacher against the exported tailored network, per runtime and batch size."""
@@ -309,7 +300,9 @@ def measure_latency(args, device):
     for runtime, functions in runtimes.items():
         for batch in (1, 64):
             x = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
-            seconds = interleaved(functions(), x, args.repeats, device)
+            times = interleaved({name: functools.partial(fn, x) for name, fn in functions().items()}, args.repeats,
+                                device)
+            seconds = {name: statistics.median(t) for name, t in times.items()}
             ratio = seconds['tailored'] / seconds['teacher']
             rows.append({'runtime': runtime, 'batch': batch, 'teacher_seconds': seconds['teacher'],
                          'tailored_seconds': seconds['tailored'], 'ratio': ratio,

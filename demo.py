@@ -13,7 +13,7 @@ import time
 import main_student
 import main_teacher
 import utils
-from engine import checkpoint_path, load_student
+from engine import checkpoint_path, load_student, run_status
 
 # docs/method.md §2 step 5: the leanest pruning whose accuracy is within this many points of the teacher
 ACCURACY_TOLERANCE = 0.5
@@ -60,13 +60,8 @@ def stage_args(parser_fn, task, model_dir, demo_args, flags):
     return args
 
 
-def is_finished(model_dir):
-    path = checkpoint_path(model_dir)
-    return os.path.exists(path) and bool(utils.load_checkpoint(path).get('finished'))
-
-
 def run_stage(name, main, args, logger):
-    if is_finished(args.model_dir) and not args.force:
+    if run_status(args.model_dir) == 'finished' and not args.force:
         recorded = utils.load_checkpoint(checkpoint_path(args.model_dir))['args']
         wanted = (getattr(args, 'backbone', None) or args.arch, args.input_size)
         if (recorded['arch'], recorded['input_size']) != wanted:
@@ -118,6 +113,18 @@ def prune_and_retrain(task, recipe, demo_args, teacher_dir, student_dir, run_dir
                              full_model_dir=student_dir, **flags))
     pruned.pretrained = None  # the universal weights the full student was trained on
     run_stage(f'prune {num_universal} universal blocks + retrain', main_student.main, pruned, logger)
+
+
+def run_row(run_dir, name, **extra):
+    """What the tables of several runs (experiments.py, submit.py) hold of one trained student."""
+    student, checkpoint = load_student(run_dir, 'cpu')
+    stats = student.stats()
+    params = stats['params_universal'] + stats['params_task']
+    return dict(name=name, run_dir=run_dir, accuracy=checkpoint['accuracy'], params=params,
+                params_removed=1 - params / stats['params_full'], flops=stats['flops'],
+                flops_removed=1 - stats['flops'] / stats['flops_full'],
+                blocks_removed=stats['universal_blocks_total'] - stats['universal_blocks_kept'],
+                blocks_total=stats['universal_blocks_total'], **extra)
 
 
 def final_table(teacher_dir, pruned_dir):

@@ -22,15 +22,21 @@ import utils
 from utils import UserError
 
 
+def conv_with(weight, bias, like=None):
+    """An nn.Conv2d holding `weight` and `bias`, with the stride, padding, dilation and groups of `like` (a conv)
+    or a plain 1x1 convolution's."""
+    settings = (like.stride, like.padding, like.dilation, like.groups) if like is not None else (1, 0, 1, 1)
+    conv = nn.Conv2d(weight.shape[1] * settings[3], weight.shape[0], weight.shape[2:], *settings, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    return conv
+
+
 def folded_conv(conv, bn, scale=1.0):
     """One convolution (with bias) equal to `scale` * bn(conv(x)), bn in eval mode."""
     weight, bias = fast.fold_bn(conv, bn)
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.groups, bias=True)
-    with torch.no_grad():
-        folded.weight.copy_(scale * weight)
-        folded.bias.copy_(scale * bias)
-    return folded
+    return conv_with(scale * weight, scale * bias, like=conv)
 
 
 def replace_module(root, old, new):
@@ -66,10 +72,7 @@ class TailoredLayer(nn.Module):
             last = [folded_conv(*proxy.body[3:], scale=gate) for proxy, gate in zip(proxies, proxy_gates)]
             weight, bias = torch.cat([conv.weight for conv in last], dim=1), sum(conv.bias for conv in last)
         if proxies:
-            self.proxy_conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
-            with torch.no_grad():
-                self.proxy_conv.weight.copy_(weight)
-                self.proxy_conv.bias.copy_(bias)
+            self.proxy_conv = conv_with(weight, bias)
 
     def forward(self, nodes, pooled):
         """Node l+1 from `nodes`, every node so far; `pooled` caches each (node, stride) across layers."""

@@ -79,6 +79,14 @@ def checkpoint_path(model_dir):
     return os.path.join(model_dir, 'checkpoint.pth')
 
 
+def run_status(model_dir):
+    """'finished', 'unfinished' (a checkpoint to resume) or None (no checkpoint yet) for the run in `model_dir`."""
+    path = checkpoint_path(model_dir)
+    if not os.path.exists(path):
+        return None
+    return 'finished' if utils.load_checkpoint(path).get('finished') else 'unfinished'
+
+
 def check_run_dir(args):
     """The run already in --model-dir (or None), refused unless --force, or --resume of that same run with
     epochs still to go.  Writes nothing: scripts call it before building anything."""
@@ -168,6 +176,17 @@ class MixedPrecision:
         self.scaler.update()
 
 
+def on_side_stream(fn, times):
+    """Run `fn()` `times` times on a side CUDA stream: the warm-up torch.cuda.graph's documentation asks for
+    before a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class TrainStep:
     """One optimisation step of `model`: `loss_fn(images, labels)` -> (loss, metrics: a dict of 0-d tensors)
     under autocast, backward, optimizer step; returns the metrics and 'loss'.
@@ -184,6 +203,7 @@ class TrainStep:
     def __init__(self, model, loss_fn, optimizer, precision, cuda_graph=False):
         self.model, self.loss_fn, self.optimizer, self.precision = model, loss_fn, optimizer, precision
         self.cuda_graph = cuda_graph
+        self.parameters = [p for group in optimizer.param_groups for p in group['params']]
         self.graph = None
 
     def __call__(self, images, labels):
@@ -197,7 +217,7 @@ class TrainStep:
         else:
             self.optimizer.zero_grad(set_to_none=self.graph is None)  # in place where the graph writes them
             metrics = self._forward_backward(images, labels)
-        utils.average_gradients([p for group in self.optimizer.param_groups for p in group['params']])
+        utils.average_gradients(self.parameters)
         self.precision.step(self.optimizer)
         return metrics
 
@@ -210,13 +230,11 @@ class TrainStep:
     def _capture(self, images, labels):
         self.static_images, self.static_labels = images.clone(), labels.clone()
         buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
-        side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._forward_backward(self.static_images, self.static_labels)
-        torch.cuda.current_stream().wait_stream(side)
+
+        def warm_up():
+            self.optimizer.zero_grad(set_to_none=True)
+            self._forward_backward(self.static_images, self.static_labels)
+        on_side_stream(warm_up, 3)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
@@ -238,12 +256,7 @@ class CapturedForward:
     def __call__(self, x):
         if self.graph is None:
             self.static_input = x.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.model(self.static_input)
-            torch.cuda.current_stream().wait_stream(side)
+            on_side_stream(lambda: self.model(self.static_input), 2)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_output = self.model(self.static_input)

@@ -26,7 +26,7 @@ import main_student
 import main_teacher
 import utils
 from engine import checkpoint_path, load_student
-from figures import plot_architecture
+from figures import plot_architecture, save_figure
 from synthetic import SYNTHETIC_TASKS
 from utils import UserError
 
@@ -103,7 +103,7 @@ class Experiment:
         run_dir = os.path.join(self.root, f'pruned-k{k}') if name == 'student' else f'{student_dir}-k{k}'
         demo.prune_and_retrain(self.task, self.recipe, self.stage_args, self.teacher_dir, student_dir, run_dir, k,
                                self.logger)
-        result = row(run_dir, f'{name} k={k}', k=k)
+        result = demo.run_row(run_dir, f'{name} k={k}', k=k)
         self.logger.info(f"{result['name']}: {result['accuracy']:.2f}% after retraining")
         return result
 
@@ -117,18 +117,6 @@ def source_weights(args, arch):
     source_args = copy.copy(args)
     source_args.model_root = args.source_root
     return demo_synthetic.pretrain_source(source_args, utils.setup_logging(), arch)
-
-
-def row(run_dir, name, **extra):
-    """What a table holds of one trained run."""
-    student, checkpoint = load_student(run_dir, 'cpu')
-    stats = student.stats()
-    params = stats['params_universal'] + stats['params_task']
-    return dict(name=name, run_dir=run_dir, accuracy=checkpoint['accuracy'],
-                params_removed=1 - params / stats['params_full'], flops=stats['flops'],
-                flops_removed=1 - stats['flops'] / stats['flops_full'],
-                blocks_removed=stats['universal_blocks_total'] - stats['universal_blocks_kept'],
-                blocks_total=stats['universal_blocks_total'], **extra)
 
 
 def report(name, root, curves, teacher_accs, tolerance, x='k', xlabel='universal blocks removed (k)'):
@@ -168,8 +156,7 @@ def report(name, root, curves, teacher_accs, tolerance, x='k', xlabel='universal
     print('\n'.join(lines))
     result = dict(experiment=name, tolerance=tolerance, curves=summary, table='\n'.join(lines))
     utils.atomic_write_text(json.dumps(result, indent=1) + '\n', os.path.join(root, f'{name}.json'))
-    utils.atomic_write(os.path.join(root, f'{name}.png'), lambda tmp: figure.savefig(tmp, format='png', dpi=150),
-                       suffix='.png')
+    save_figure(figure, os.path.join(root, f'{name}.png'))
     return result
 
 
@@ -244,8 +231,7 @@ def difficulty(args):
     for ax, (task, result) in zip(figure.subplots(len(results), 1), results.items()):
         plot_architecture(load_student(result['chosen']['run_dir'], 'cpu')[0].stats(), ax=ax,
                           name=f"{task} ({result['chosen']['accuracy']:.2f}%, teacher {result['teacher_acc']:.2f}%)")
-    utils.atomic_write(os.path.join(args.model_root, 'difficulty.png'),
-                       lambda tmp: figure.savefig(tmp, format='png', dpi=150), suffix='.png')
+    save_figure(figure, os.path.join(args.model_root, 'difficulty.png'))
     output = dict(results=results, table='\n'.join(lines), seconds=time.time() - start)
     utils.atomic_write_text(json.dumps(output, indent=1) + '\n', os.path.join(args.model_root, 'difficulty.json'))
     return output

@@ -79,7 +79,11 @@ def _proxy_arc(ax, row):
     return depth + 0.15
 
 
+def save_figure(figure, path):
+    """`figure` as a PNG at `path`, written atomically."""
+    utils.atomic_write(path, lambda tmp: figure.savefig(tmp, format='png', dpi=150), suffix='.png')
+
+
 def save_architecture(stats, path):
     """The figure of `stats` as a PNG at `path`, written atomically."""
-    figure = plot_architecture(stats)
-    utils.atomic_write(path, lambda tmp: figure.savefig(tmp, format='png', dpi=150), suffix='.png')
+    save_figure(plot_architecture(stats), path)

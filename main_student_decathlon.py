@@ -21,7 +21,7 @@ import main_student
 import utils
 from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
                                    write_submission)
-from engine import checkpoint_path, load_student, predict
+from engine import checkpoint_path, load_student, predict, run_status
 from main_teacher_decathlon import add_decathlon_args, run_tasks, task_runs
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
@@ -71,8 +71,7 @@ def write_run_submission(args, run_dir):
 def final_run(task_dir):
     """The pruned run when finished, else the full student."""
     for stage in ('pruned', 'student'):
-        path = checkpoint_path(os.path.join(task_dir, stage))
-        if os.path.exists(path) and utils.load_checkpoint(path).get('finished'):
+        if run_status(os.path.join(task_dir, stage)) == 'finished':
             return os.path.join(task_dir, stage)
     return None
 

@@ -15,7 +15,7 @@ import sys
 
 import main_teacher
 import utils
-from engine import checkpoint_path, load_teacher
+from engine import checkpoint_path, load_teacher, run_status
 from decathlon_dataloaders import DECATHLON_TASKS, available_tasks, crop_size
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
@@ -63,9 +63,8 @@ def run_tasks(args, main):
     (--force reruns them)."""
     results = {}
     for task_args in task_runs(args):
-        path = checkpoint_path(task_args.model_dir)
-        if (args.task == 'all' and not (args.force or args.evaluate) and os.path.exists(path)
-                and utils.load_checkpoint(path).get('finished')):
+        if (args.task == 'all' and not (args.force or args.evaluate)
+                and run_status(task_args.model_dir) == 'finished'):
             print(f"{task_args.task}: finished run in {task_args.model_dir}, skipped (--force reruns it)")
             continue
         results[task_args.task] = main(task_args)

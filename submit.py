@@ -20,19 +20,12 @@ import importlib
 import os
 import sys
 
+import demo
 import utils
-from engine import checkpoint_path, load_student
+from engine import checkpoint_path, run_status
 from utils import UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_state(run_dir):
-    """'finished', 'unfinished' (a checkpoint to resume) or None (nothing yet)."""
-    path = checkpoint_path(run_dir)
-    if not os.path.exists(path):
-        return None
-    return 'finished' if utils.load_checkpoint(path).get('finished') else 'unfinished'
 
 
 class Job:
@@ -50,7 +43,7 @@ class Job:
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        state = run_state(self.run_dir)
+        state = run_status(self.run_dir)
         if state == 'finished':  # requeued after its last checkpoint
             return None
         module = importlib.import_module(self.script)
@@ -97,15 +90,13 @@ def summary(args, jobs):
         return main_student_decathlon.summary(summary_args)['table']
     lines = [f"{'run':<40} {'accuracy':>8} {'universal':>9} {'params (M)':>10} {'GFLOPs':>7}"]
     for job in jobs:
-        checkpoint = utils.load_checkpoint(checkpoint_path(job.run_dir))
         if args.command == 'decathlon':  # teachers
-            lines.append(f"{job.run_dir:<40} {checkpoint['accuracy']:8.2f}")
+            lines.append(f"{job.run_dir:<40} {utils.load_checkpoint(checkpoint_path(job.run_dir))['accuracy']:8.2f}")
             continue
-        student, _ = load_student(job.run_dir, 'cpu')
-        stats = student.stats()
-        lines.append(f"{job.run_dir:<40} {checkpoint['accuracy']:8.2f} "
-                     f"{stats['universal_blocks_kept']:>4}/{stats['universal_blocks_total']:<4} "
-                     f"{(stats['params_universal'] + stats['params_task']) / 1e6:10.2f} {stats['flops'] / 1e9:7.3f}")
+        row = demo.run_row(job.run_dir, job.run_dir)
+        lines.append(f"{job.run_dir:<40} {row['accuracy']:8.2f} "
+                     f"{row['blocks_total'] - row['blocks_removed']:>4}/{row['blocks_total']:<4} "
+                     f"{row['params'] / 1e6:10.2f} {row['flops'] / 1e9:7.3f}")
     table = '\n'.join(lines)
     print(table)
     return table
@@ -161,7 +152,7 @@ def main(args, script_flags):
     if args.gpus_per_job < 0 or args.timeout_min <= 0 or (args.processes_per_job or 1) < 1:
         raise UserError("--gpus-per-job must be non-negative, --processes-per-job and --timeout-min positive")
     jobs = decathlon_jobs(args, script_flags) if args.command == 'decathlon' else sweep_jobs(args, script_flags)
-    pending = [job for job in jobs if run_state(job.run_dir) != 'finished']
+    pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
     for job in jobs:
         if job not in pending:
             print(f"{job.run_dir}: finished, not submitted again")

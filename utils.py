@@ -239,8 +239,10 @@ def all_reduce_sum(tensor):
 def average_gradients(parameters):
     """Each gradient replaced by its mean over the processes, in one collective: what DistributedDataParallel
     computes, done after the backward pass so that a captured CUDA graph can hold the whole backward."""
+    if world_size() == 1:
+        return
     grads = [p.grad for p in parameters if p.grad is not None]
-    if world_size() == 1 or not grads:
+    if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
