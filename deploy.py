@@ -80,9 +80,9 @@ class TailoredLayer(nn.Module):
         if self.proxy_conv is not None:
             inputs = []
             for pool, source, stride in zip(self.pools, self.sources, self.strides):
-                if (source, stride) not in pooled:
+                if stride > 1 and (source, stride) not in pooled:
                     pooled[source, stride] = pool(fast.channels_last_on_cpu(nodes[source]))
-                inputs.append(pooled[source, stride])
+                inputs.append(pooled[source, stride] if stride > 1 else nodes[source])
             if self.hidden is not None:
                 inputs = [F.relu(fast.pointwise_conv(x, c.weight, c.bias)) for c, x in zip(self.hidden, inputs)]
             x = torch.cat(inputs, dim=1).contiguous()
