@@ -77,8 +77,20 @@ def eager_on_cpu(x):
 
 def channels_last_on_cpu(x):
     """x in channels-last layout on the CPU, where PyTorch's max-pool (and the stem's 7x7 convolution) run
-    several times faster that way; unchanged elsewhere."""
-    return x.contiguous(memory_format=torch.channels_last) if eager_on_cpu(x) else x
+    several times faster that way; unchanged elsewhere.  Its gradient flows back in x's own layout, so that
+    the operations that receive it do not run on mixed layouts (slower)."""
+    return _ChannelsLast.apply(x) if eager_on_cpu(x) else x
+
+
+class _ChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.nchw = x.is_contiguous()
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous() if ctx.nchw else grad
 
 
 # ----- proxies -----

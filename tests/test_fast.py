@@ -121,7 +121,12 @@ def test_folded_proxies_equal_the_sum_of_gated_proxies(float64):
 
 def test_channels_last_pooling_equals_max_pool():
     proxy = Proxy(4, 8, stride=2)
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
     pooled = proxy.pool(fast.channels_last_on_cpu(x))
     assert torch.equal(pooled, F.max_pool2d(x, 3, 2, 1))
     assert pooled.is_contiguous(memory_format=torch.channels_last) == (x.device.type == 'cpu')
+    grad = torch.randn_like(pooled)
+    found, = torch.autograd.grad(pooled, x, grad)
+    expected, = torch.autograd.grad(F.max_pool2d(x, 3, 2, 1), x, grad)
+    assert torch.equal(found, expected)
+    assert found.is_contiguous()  # in the node's own layout: what receives it runs on one layout
