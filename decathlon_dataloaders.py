@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from dataloaders import training_sampler
+from dataloaders import loader_options, training_sampler
 from utils import UserError, atomic_write_json
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
@@ -272,9 +272,9 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
         eval_set = Subset(eval_set, range(min(test_limit, len(eval_set))))
     sampler, generator, drop_last = training_sampler(len(train_set), batch_size, seed, rank, world_size)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=drop_last, num_workers=workers)
+                              drop_last=drop_last, **loader_options(workers))
     eval_loader = DataLoader(eval_set, batch_size=batch_size, sampler=range(rank, len(eval_set), world_size),
-                             num_workers=workers)
+                             **loader_options(workers))
     return train_loader, eval_loader, num_classes
 
 

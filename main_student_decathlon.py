@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 import main_student
 import utils
+from dataloaders import loader_options
 from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
                                    write_submission)
 from engine import checkpoint_path, load_student, predict, run_status
@@ -63,7 +64,7 @@ def write_run_submission(args, run_dir):
     input_size = checkpoint['args']['input_size']
     dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
                                decathlon_transform(args.task, False, input_size, args.data_dir))
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    loader = DataLoader(dataset, batch_size=args.batch_size, **loader_options(args.workers))
     write_submission(submission_entries(predict(student, loader, next(student.parameters()).device), dataset),
                      os.path.join(run_dir, 'submission.json'))
 

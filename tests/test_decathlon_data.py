@@ -133,6 +133,16 @@ def test_dataloaders_train_on_union_and_are_seeded(decathlon):
         get_decathlon_dataloaders('svhn', decathlon, train_splits=('test_stripped',), workers=0)
 
 
+def test_dataloader_workers_live_across_epochs(decathlon):
+    for loader in get_decathlon_dataloaders('svhn', decathlon, batch_size=4, workers=1, seed=0)[:2]:
+        assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+        workers = []
+        for epoch in range(2):
+            assert sum(len(labels) for _, labels in loader) > 0
+            workers.append(loader._iterator)
+        assert workers[0] is not None and workers[1] is workers[0]  # the second epoch's workers were the first's
+
+
 def step_types(transform):
     return [type(step) for step in transform.transforms]
 
