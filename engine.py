@@ -273,10 +273,10 @@ def evaluate(model, loader, device, desc='eval', cuda_graph=False):
     process's share); with `cuda_graph`, its forward replayed from a CUDA graph (`CapturedForward`)."""
     model.eval()
     forward = CapturedForward(model) if cuda_graph else model
-    counts = torch.zeros(2, dtype=torch.long, device=device)  # correct, total
+    counts = torch.zeros(2, dtype=torch.long, device=device)  # correct, total; on the device: no wait per batch
     for images, labels in utils.progress(loader, desc=desc):
         logits = forward(images.to(device, non_blocking=True))[0]
-        counts[0] += (logits.argmax(1).cpu() == labels).sum().item()
+        counts[0] += (logits.argmax(1) == labels.to(device, non_blocking=True)).sum()
         counts[1] += labels.numel()
     correct, total = utils.all_reduce_sum(counts).tolist()
     return 100.0 * correct / max(total, 1)
