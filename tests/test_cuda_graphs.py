@@ -1,7 +1,10 @@
-"""engine.TrainStep and engine.CapturedForward replayed from CUDA graphs compute what the eager ones compute.
+"""engine.TrainStep and engine.CapturedForward replayed from CUDA graphs compute what the eager ones compute,
+and the scripts, graphed by default on CUDA, end where --no-cuda-graph runs end.
 
 They need a GPU: `pytest --device cuda tests/test_cuda_graphs.py`; without one these tests are skipped (the
 eager TrainStep they compare against is what every CPU test runs)."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,9 @@ import torch.nn.functional as F
 from engine import CapturedForward, MixedPrecision, TrainStep
 from backbones import create_teacher
 from nettailor import create_student, distillation_loss
+
+from test_distributed import distance, task_state
+from test_pipeline import TINY, run, workdir  # noqa: F401  (a module-scoped fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU (pytest --device cuda)')
 
@@ -94,3 +100,28 @@ def test_captured_forward_computes_the_eager_forward():
         with torch.no_grad():
             expected = student(x)[0]
         assert torch.allclose(forward(x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scripts_on_cuda_end_where_their_eager_runs_end(workdir, tmp_path):  # noqa: F811
+    """main_teacher.py and main_student.py on CUDA replay their steps from CUDA graphs by default and end where
+    --no-cuda-graph runs end (80 images in batches of 32: each epoch's last batch runs eagerly); --amp too."""
+    common = [*TINY[:TINY.index('--train-limit')], '--train-limit', 80, '--test-limit', 64, '--batch-size', 32,
+              '--device', 'cuda', '--pretrained', workdir / 'backbone.pth', '--epochs', 2, '--lr', 0.01]
+    teacher = tmp_path / 'teacher'
+    run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', teacher, '--no-cuda-graph')
+    run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher graphed')
+    student = [*common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth', '--teacher-coeff', 2]
+    run('main_student.py', *student, '--model-dir', tmp_path / 'student', '--no-cuda-graph')
+    run('main_student.py', *student, '--model-dir', tmp_path / 'student graphed')
+    for eager, graphed in (('teacher', 'teacher graphed'), ('student', 'student graphed')):
+        a, b = task_state(tmp_path / eager), task_state(tmp_path / graphed)
+        norm = distance(a, {name: torch.zeros_like(t) for name, t in a.items()})
+        assert distance(a, b) <= 1e-3 * norm, eager
+        records = [[json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')] for name in (eager, graphed)]
+        for first, second in zip(*records):
+            assert second['loss'] == pytest.approx(first['loss'], rel=1e-3), eager
+    run('main_student.py', *student, '--model-dir', tmp_path / 'student amp', '--amp')
+    records = [[json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
+               for name in ('student graphed', 'student amp')]
+    assert [r['epoch'] for r in records[1]] == [0, 1]
+    assert records[1][-1]['loss'] == pytest.approx(records[0][-1]['loss'], rel=5e-2)  # float16 autocast
