@@ -153,7 +153,8 @@ def final_table(teacher_dir, pruned_dir):
                "task-specific (a fine-tuned copy per task); FLOPs in the paper's convention (1 multiply-add = 1).")
     print(f"{table}\n{summary}\nThe tailored network: {os.path.join(pruned_dir, 'architecture.png')}")
     return {'teacher_acc': teacher_acc, 'student_acc': checkpoint['accuracy'], 'stats': stats,
-            'params_removed': 1 - tailored_params / teacher_params, 'flops_removed': 1 - stats['flops'] / stats['flops_full'],
+            'params_removed': 1 - tailored_params / teacher_params,
+            'flops_removed': 1 - stats['flops'] / stats['flops_full'],
             'table': table}
 
 

@@ -101,7 +101,8 @@ def summary(args):
     for task, teacher_acc, accuracy, stats, stage in rows:
         teacher_text = f"{teacher_acc:7.2f}" if teacher_acc is not None else f"{'-':>7}"
         lines.append(f"{task:<14} {teacher_text} {accuracy:9.2f} {stats['params_task'] / 1e6:10.2f}M "
-                     f"{stats['flops'] / 1e9:7.3f} {stats['universal_blocks_kept']:>4}/{stats['universal_blocks_total']:<4} "
+                     f"{stats['flops'] / 1e9:7.3f} "
+                     f"{stats['universal_blocks_kept']:>4}/{stats['universal_blocks_total']:<4} "
                      f"{stats['proxies_kept']:>7} {points[task]:6.0f}  {stage}")
     mean_params = sum(r[3]['params_task'] for r in rows) / len(rows)
     mean_flops = sum(r[3]['flops'] for r in rows) / len(rows)

@@ -162,7 +162,8 @@ def seed_everything(seed):
 def rng_state():
     """Every RNG state a training run draws from, for exact resumption."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {'python': random.getstate(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    state = {'python': random.getstate(),
+             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()

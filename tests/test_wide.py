@@ -18,7 +18,8 @@ from wide_nettailor import pack_from_released
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RELEASED_KEY = re.compile(r'^(conv1\.weight|bn1\.\w+|layers\.([0-9]|1[01])\.(conv1\.weight|bn1\.\w+|conv2\.weight|bn2\.\w+)'
+RELEASED_KEY = re.compile(r'^(conv1\.weight|bn1\.\w+'
+                          r'|layers\.([0-9]|1[01])\.(conv1\.weight|bn1\.\w+|conv2\.weight|bn2\.\w+)'
                           r'|ends_bn\.\w+|linear\.(weight|bias))$')
 
 
