@@ -177,14 +177,16 @@ class MixedPrecision:
 
 
 def on_side_stream(fn, times):
-    """Run `fn()` `times` times on a side CUDA stream: the warm-up torch.cuda.graph's documentation asks for
-    before a capture."""
+    """Run `fn()` `times` times on a new side CUDA stream, the warm-up torch.cuda.graph's documentation asks for
+    before a capture, and return that stream for the capture to run on as well: an autograd node that outlives
+    the warm-up keeps the stream it ran on, and a capture must not wait on any other stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(times):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    return side
 
 
 class TrainStep:
@@ -234,13 +236,13 @@ class TrainStep:
         def warm_up():
             self.optimizer.zero_grad(set_to_none=True)
             self._forward_backward(self.static_images, self.static_labels)
-        on_side_stream(warm_up, 3)
+        stream = on_side_stream(warm_up, 3)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self.static_metrics = self._forward_backward(self.static_images, self.static_labels)
 
 
@@ -256,9 +258,9 @@ class CapturedForward:
     def __call__(self, x):
         if self.graph is None:
             self.static_input = x.clone()
-            on_side_stream(lambda: self.model(self.static_input), 2)
+            stream = on_side_stream(lambda: self.model(self.static_input), 2)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self.static_output = self.model(self.static_input)
         if x.shape != self.static_input.shape:
             return self.model(x)
