@@ -114,6 +114,8 @@ def test_scripts_on_cuda_end_where_their_eager_runs_end(workdir, tmp_path):  # n
     run('main_student.py', *student, '--model-dir', tmp_path / 'student', '--no-cuda-graph')
     run('main_student.py', *student, '--model-dir', tmp_path / 'student graphed')
     for eager, graphed in (('teacher', 'teacher graphed'), ('student', 'student graphed')):
+        for name, expected in ((eager, False), (graphed, True)):  # the default on CUDA is graphed
+            assert json.load(open(tmp_path / name / 'args.json'))['cuda_graph'] is expected, name
         a, b = task_state(tmp_path / eager), task_state(tmp_path / graphed)
         norm = distance(a, {name: torch.zeros_like(t) for name, t in a.items()})
         assert distance(a, b) <= 1e-3 * norm, eager
