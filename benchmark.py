@@ -10,6 +10,8 @@ ratios are the median of each round's ratio):
                                  (the universal BatchNorms on batch statistics: the task's own, as released)
   shared-statistics train step   the same step with the universal blocks' pre-trained statistics (--shared-bn-stats)
   two-pass train step            the same step with the straightforward distillation (every layer re-run)
+  split-free train step          the one-pass step with Omega's layer terms flowing end to end (forward with
+                                 distill=False; not the method): what the per-layer gradient split costs
   proxy-free train step          the one-pass step of a student whose proxies are all pruned: the floor
                                  (teacher forward, universal forward, universal input gradients)
   student eval forward           un-pruned student
@@ -83,14 +85,15 @@ PLAIN_PATHS = {  # fast.py's paths and the plain equivalents that --plain puts i
 }
 
 
-def distillation_losses(student, teacher, two_pass=False):
-    """The student's loss function (main_student.py's, gamma1 0.3 and gamma2 10): one pass or the released two."""
+def distillation_losses(student, teacher, two_pass=False, split=True):
+    """The student's loss function (main_student.py's, gamma1 0.3 and gamma2 10): one pass or the released two;
+    without `split`, the layer terms' gradients flow end to end (for timing only)."""
     def loss_fn(x, y):
         with torch.no_grad():
             t_logits, t_outputs = teacher(x)
         if two_pass:  # the released code's formulation: each layer recomputed on detached inputs
             return two_pass_loss(student, t_logits, t_outputs, x, y, 0.3, 10.0), {}
-        logits, local = student(x, distill=True)
+        logits, local = student(x, distill=split)
         return (F.cross_entropy(logits, y) + 0.3 * student.expected_complexity()
                 + 10.0 * distillation_loss(logits, local, t_logits, t_outputs)), {}
     return loss_fn
@@ -217,8 +220,10 @@ def measure(args, device):
             f'student eval forward{suffix}': eval_forward(student(), graphed),
             f'pruned eval forward{suffix}': eval_forward(student(prune=(args.prune_universal, 0.0)), graphed),
         })
-    two_pass = student()
+    two_pass, split_free = student(), student()
     cases['two-pass train step'] = train_step(two_pass, distillation_losses(two_pass, frozen_teacher, True), False)
+    cases['split-free train step'] = train_step(split_free, distillation_losses(split_free, frozen_teacher,
+                                                                                split=False), False)
     times = interleaved(cases, args.repeats, device)
     unit = times['teacher forward']
     stats_full = unit_student.stats()
@@ -241,8 +246,9 @@ def measure(args, device):
     for name in cases:
         print(f"  {name:<40} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
-    paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
-    print(f"  one-pass / two-pass train step: {paired:.2f}")
+    for other in ('two-pass', 'split-free'):
+        paired = statistics.median(a / b for a, b in zip(times['student train step'], times[f'{other} train step']))
+        print(f"  one-pass / {other} train step: {paired:.2f}")
     frozen = statistics.median(a / b for a, b in zip(times['student train step'], times['frozen teacher forward']))
     print(f"  student train step / frozen teacher forward: {frozen:.2f}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "

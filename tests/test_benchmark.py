@@ -18,7 +18,8 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp, plain):
     assert results['config']['amp'] == amp
     assert set(ratios) == {'teacher forward', 'frozen teacher forward', 'teacher train step', 'student train step',
                            'shared-statistics train step',
-                           'two-pass train step', 'proxy-free train step', 'student eval forward',
+                           'two-pass train step', 'split-free train step', 'proxy-free train step',
+                           'student eval forward',
                            'pruned eval forward'}
     assert ratios['teacher forward'] == 1.0 and all(r > 0 for r in ratios.values())
     assert 0 < results['pruned_flops_ratio'] < 1
