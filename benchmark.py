@@ -209,6 +209,7 @@ def measure(args, device):
         one_pass = unit_student if not graphed else student()
         proxy_free = student(prune=(0, 0.999))
         shared = student(task_bn_stats=False)
+        split_free = student()
         cases.update({
             f'teacher train step{suffix}': train_step(fine_tuned, fine_tuning_loss(fine_tuned), graphed),
             f'student train step{suffix}': train_step(one_pass, distillation_losses(one_pass, frozen_teacher),
@@ -217,13 +218,13 @@ def measure(args, device):
                                                                  graphed),
             f'proxy-free train step{suffix}': train_step(proxy_free, distillation_losses(proxy_free, frozen_teacher),
                                                          graphed),
+            f'split-free train step{suffix}': train_step(split_free, distillation_losses(split_free, frozen_teacher,
+                                                                                        split=False), graphed),
             f'student eval forward{suffix}': eval_forward(student(), graphed),
             f'pruned eval forward{suffix}': eval_forward(student(prune=(args.prune_universal, 0.0)), graphed),
         })
-    two_pass, split_free = student(), student()
+    two_pass = student()
     cases['two-pass train step'] = train_step(two_pass, distillation_losses(two_pass, frozen_teacher, True), False)
-    cases['split-free train step'] = train_step(split_free, distillation_losses(split_free, frozen_teacher,
-                                                                                split=False), False)
     times = interleaved(cases, args.repeats, device)
     unit = times['teacher forward']
     stats_full = unit_student.stats()
@@ -246,9 +247,12 @@ def measure(args, device):
     for name in cases:
         print(f"  {name:<40} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
-    for other in ('two-pass', 'split-free'):
-        paired = statistics.median(a / b for a, b in zip(times['student train step'], times[f'{other} train step']))
-        print(f"  one-pass / {other} train step: {paired:.2f}")
+    paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
+    print(f"  one-pass / two-pass train step: {paired:.2f}")
+    for suffix in (', CUDA graph' if graphed else '' for graphed in graph_modes):
+        paired = statistics.median(a / b for a, b in zip(times[f'student train step{suffix}'],
+                                                         times[f'split-free train step{suffix}']))
+        print(f"  one-pass / split-free train step{suffix}: {paired:.2f} (what the per-layer split costs)")
     frozen = statistics.median(a / b for a, b in zip(times['student train step'], times['frozen teacher forward']))
     print(f"  student train step / frozen teacher forward: {frozen:.2f}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
