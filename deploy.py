@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import fast
 import utils
+from nettailor import pooled_source
 from utils import UserError
 
 
@@ -78,11 +79,8 @@ class TailoredLayer(nn.Module):
         """Node l+1 from `nodes`, every node so far; `pooled` caches each (node, stride) across layers."""
         total = None
         if self.proxy_conv is not None:
-            inputs = []
-            for pool, source, stride in zip(self.pools, self.sources, self.strides):
-                if stride > 1 and (source, stride) not in pooled:
-                    pooled[source, stride] = pool(fast.channels_last_on_cpu(nodes[source]))
-                inputs.append(pooled[source, stride] if stride > 1 else nodes[source])
+            inputs = [pooled_source(pool, stride, nodes, source, pooled)
+                      for pool, source, stride in zip(self.pools, self.sources, self.strides)]
             if self.hidden is not None:
                 inputs = [F.relu(fast.pointwise_conv(x, c.weight, c.bias)) for c, x in zip(self.hidden, inputs)]
             x = torch.cat(inputs, dim=1).contiguous()

@@ -313,15 +313,9 @@ class NetTailor(nn.Module):
         return total
 
     def _pooled(self, nodes, l, j, cache):
-        """Proxy j of layer l's input at the target resolution, pooling each (node, stride) once."""
+        """Proxy j of layer l's input at the target resolution."""
         proxy = self.proxies[l][j - 1]
-        source = self.proxy_sources[l][j - 1]
-        if proxy.stride == 1:
-            return nodes[source]
-        key = (source, proxy.stride)
-        if key not in cache:
-            cache[key] = proxy.pool(fast.channels_last_on_cpu(nodes[source]))
-        return cache[key]
+        return pooled_source(proxy.pool, proxy.stride, nodes, self.proxy_sources[l][j - 1], cache)
 
     # ----- complexity (docs/method.md §5) -----
     def expected_complexity(self):
@@ -468,6 +462,16 @@ class NetTailor(nn.Module):
 
     def save_task_pack(self, path):
         atomic_save(self.task_pack(), path)
+
+
+def pooled_source(pool, stride, nodes, source, cache):
+    """nodes[source] max-pooled by `pool` (stride `stride`) to a proxy's target resolution; each (node, stride)
+    pooled once per forward pass (`cache`), and a node already at that resolution used as it is."""
+    if stride == 1:
+        return nodes[source]
+    if (source, stride) not in cache:
+        cache[source, stride] = pool(fast.channels_last_on_cpu(nodes[source]))
+    return cache[source, stride]
 
 
 def product(factors):

@@ -119,11 +119,13 @@ def test_scripts_on_cuda_end_where_their_eager_runs_end(workdir, tmp_path):  # n
         a, b = task_state(tmp_path / eager), task_state(tmp_path / graphed)
         norm = distance(a, {name: torch.zeros_like(t) for name, t in a.items()})
         assert distance(a, b) <= 1e-3 * norm, eager
-        records = [[json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')] for name in (eager, graphed)]
-        for first, second in zip(*records):
+        for first, second in zip(metrics(tmp_path / eager), metrics(tmp_path / graphed)):
             assert second['loss'] == pytest.approx(first['loss'], rel=1e-3), eager
     run('main_student.py', *student, '--model-dir', tmp_path / 'student amp', '--amp')
-    records = [[json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
-               for name in ('student graphed', 'student amp')]
-    assert [r['epoch'] for r in records[1]] == [0, 1]
-    assert records[1][-1]['loss'] == pytest.approx(records[0][-1]['loss'], rel=5e-2)  # float16 autocast
+    graphed, amp = metrics(tmp_path / 'student graphed'), metrics(tmp_path / 'student amp')
+    assert [r['epoch'] for r in amp] == [0, 1]
+    assert amp[-1]['loss'] == pytest.approx(graphed[-1]['loss'], rel=5e-2)  # float16 autocast
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(run_dir / 'metrics.jsonl')]
