@@ -21,7 +21,7 @@ main_*.py run them there by default (engine.TrainStep, engine.CapturedForward).
 
     python benchmark.py                      # ResNet34, max_skip 3, batch 32, 64x64, CPU
     python benchmark.py --input-size 224 --device cuda
-    python benchmark.py --plain layout       # the same with a fast.py path replaced by the plain layers
+    python benchmark.py --paths              # what each fast.py path is worth, in one interleaved run
     python benchmark.py --demo               # wall time of the offline demo, cache empty
     python benchmark.py --latency            # deployment latency, teacher vs exported tailored network
 
@@ -29,8 +29,13 @@ main_*.py run them there by default (engine.TrainStep, engine.CapturedForward).
 configuration (the student with --prune-universal blocks removed, as deploy.py exports it): on the CPU in
 PyTorch and in onnxruntime (the exported ONNX files), on CUDA eager and replayed from CUDA graphs; the
 latency ratio is printed beside the FLOPs ratio.
+
+--paths instead times the student train step and eval forward with every fast.py path, and again with each
+path replaced by the plain layers it stands for (the model built and run that way), interleaved round by round:
+what each path is worth on this machine, as the ratio of the time without it to the time with every path.
 """
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -66,9 +71,9 @@ def get_args_parser():
                         help='instead, time demo_synthetic.py end to end with an empty cache (a temporary folder)')
     parser.add_argument('--latency', action='store_true',
                         help='instead, latency of the teacher and the exported tailored network at batch 1 and 64')
-    parser.add_argument('--plain', action='append', default=[], choices=sorted(PLAIN_PATHS),
-                        help="run this fast.py path as the plain layers it stands for (repeatable), to measure "
-                        "what it is worth")
+    parser.add_argument('--paths', action='store_true',
+                        help="instead, what each fast.py path is worth: the student's train step and eval forward "
+                        "with it and with the plain layers it stands for, interleaved")
     parser.add_argument('--json', default=None, help='also write the results to this file')
     return parser
 
@@ -77,12 +82,27 @@ def plain_gated_proxy(proxy, pooled, gate):
     return gate * proxy.body(pooled)
 
 
-PLAIN_PATHS = {  # fast.py's paths and the plain equivalents that --plain puts in their place
+PLAIN_PATHS = {  # fast.py's paths and the plain equivalents that --paths puts in their place
     'folding': ('freeze', lambda network: None),
     'layout': ('channels_last_on_cpu', lambda x: x),
     'pointwise': ('pointwise_conv', lambda x, weight, bias=None: F.conv2d(x, weight, bias)),
     'proxy-matrices': ('gated_proxy', plain_gated_proxy),
 }
+
+
+@contextlib.contextmanager
+def plain_path(path):
+    """Inside the block, fast.py's `path` (a PLAIN_PATHS key; None: none) is the plain layers it stands for."""
+    if path is None:
+        yield
+        return
+    name, plain = PLAIN_PATHS[path]
+    original = getattr(fast, name)
+    setattr(fast, name, plain)
+    try:
+        yield
+    finally:
+        setattr(fast, name, original)
 
 
 def distillation_losses(student, teacher, two_pass=False, split=True):
@@ -129,19 +149,12 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.demo:
         results = time_demo()
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(results, f, indent=1)
+        save_json(args, results)
         return results
     device = resolve_device(args.device)
-    originals = {name: getattr(fast, name) for name, _ in (PLAIN_PATHS[path] for path in args.plain)}
-    for path in args.plain:
-        setattr(fast, *PLAIN_PATHS[path])
-    try:
-        return measure_latency(args, device) if args.latency else measure(args, device)
-    finally:
-        for name, function in originals.items():
-            setattr(fast, name, function)
+    if args.latency:
+        return measure_latency(args, device)
+    return measure_paths(args, device) if args.paths else measure(args, device)
 
 
 def interleaved(functions, rounds, device):
@@ -161,70 +174,86 @@ def interleaved(functions, rounds, device):
     return times
 
 
-def measure(args, device):
-    """Every case, interleaved round by round; printed, and returned as a dict."""
-    torch.manual_seed(0)
-    num_classes = 10
-    precision = MixedPrecision(device, args.amp)
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    y = torch.randint(0, num_classes, (args.batch_size,), device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+def frozen_teacher(arch, num_classes):
+    """A teacher frozen and folded, as engine.load_teacher returns it (on the CPU)."""
+    teacher = create_teacher(arch, num_classes).eval().requires_grad_(False)
+    fast.freeze(teacher)
+    return teacher
 
-    def on_device(model):
-        return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
 
-    def student(task_bn_stats=True, prune=None):
-        model = create_student(args.arch, num_classes, args.max_skip, input_size=args.input_size,
+class Setup:
+    """What every case of a run shares: the batch, the precision, and builders of its models and steps."""
+
+    def __init__(self, args, device, num_classes=10):
+        torch.manual_seed(0)
+        self.args, self.device, self.num_classes = args, device, num_classes
+        self.precision = MixedPrecision(device, args.amp)
+        self.x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+        self.y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+        if args.channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+
+    def on_device(self, model):
+        layout = torch.channels_last if self.args.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=layout)
+
+    def student(self, task_bn_stats=True, prune=None):
+        model = create_student(self.args.arch, self.num_classes, self.args.max_skip, input_size=self.args.input_size,
                                task_bn_stats=task_bn_stats)
         if prune:
             model.prune(*prune)
-        return on_device(model)
+        return self.on_device(model)
 
-    def train_step(model, loss_fn, cuda_graph):
+    def frozen_teacher(self):
+        return self.on_device(frozen_teacher(self.args.arch, self.num_classes))
+
+    def train_step(self, model, loss_fn, cuda_graph):
+        """One TrainStep of `model` on the batch (SGD with momentum, as main_*.py), as a function of nothing."""
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=fused_available(params))
-        step = TrainStep(model.train(), loss_fn, optimizer, precision, cuda_graph)
-        return lambda: step(x, y)
+        step = TrainStep(model.train(), loss_fn, optimizer, self.precision, cuda_graph)
+        return lambda: step(self.x, self.y)
 
-    def eval_forward(model, cuda_graph=False):
+    def eval_forward(self, model, cuda_graph=False):
+        """`model`'s eval forward on the batch, as a function of nothing."""
         model.eval()
         forward = CapturedForward(model) if cuda_graph else model
 
         def run():
-            with torch.no_grad(), precision.autocast():
-                forward(x)
+            with torch.no_grad(), self.precision.autocast():
+                forward(self.x)
         return run
 
-    teacher = on_device(create_teacher(args.arch, num_classes).eval())
-    frozen_teacher = create_teacher(args.arch, num_classes).eval().requires_grad_(False)  # as load_teacher
-    fast.freeze(frozen_teacher)
-    frozen_teacher = on_device(frozen_teacher)
+
+def measure(args, device):
+    """Every case, interleaved round by round; printed, and returned as a dict."""
+    setup = Setup(args, device)
+    student, train_step, eval_forward = setup.student, setup.train_step, setup.eval_forward
+    teacher = setup.on_device(create_teacher(args.arch, setup.num_classes).eval())
+    frozen = setup.frozen_teacher()
     unit_student = student()
-    cases = {'teacher forward': eval_forward(teacher), 'frozen teacher forward': eval_forward(frozen_teacher)}
+    cases = {'teacher forward': eval_forward(teacher), 'frozen teacher forward': eval_forward(frozen)}
     graph_modes = [False, True] if device.type == 'cuda' else [False]
     for graphed in graph_modes:  # on CUDA, each case again replayed from CUDA graphs (main_*.py's default there)
         suffix = ', CUDA graph' if graphed else ''
-        fine_tuned = on_device(create_teacher(args.arch, num_classes))
+        fine_tuned = setup.on_device(create_teacher(args.arch, setup.num_classes))
         one_pass = unit_student if not graphed else student()
         proxy_free = student(prune=(0, 0.999))
         shared = student(task_bn_stats=False)
         split_free = student()
         cases.update({
             f'teacher train step{suffix}': train_step(fine_tuned, fine_tuning_loss(fine_tuned), graphed),
-            f'student train step{suffix}': train_step(one_pass, distillation_losses(one_pass, frozen_teacher),
-                                                     graphed),
-            f'shared-statistics train step{suffix}': train_step(shared, distillation_losses(shared, frozen_teacher),
-                                                                 graphed),
-            f'proxy-free train step{suffix}': train_step(proxy_free, distillation_losses(proxy_free, frozen_teacher),
+            f'student train step{suffix}': train_step(one_pass, distillation_losses(one_pass, frozen), graphed),
+            f'shared-statistics train step{suffix}': train_step(shared, distillation_losses(shared, frozen), graphed),
+            f'proxy-free train step{suffix}': train_step(proxy_free, distillation_losses(proxy_free, frozen),
                                                          graphed),
-            f'split-free train step{suffix}': train_step(split_free, distillation_losses(split_free, frozen_teacher,
-                                                                                        split=False), graphed),
+            f'split-free train step{suffix}': train_step(split_free,
+                                                         distillation_losses(split_free, frozen, split=False), graphed),
             f'student eval forward{suffix}': eval_forward(student(), graphed),
             f'pruned eval forward{suffix}': eval_forward(student(prune=(args.prune_universal, 0.0)), graphed),
         })
     two_pass = student()
-    cases['two-pass train step'] = train_step(two_pass, distillation_losses(two_pass, frozen_teacher, True), False)
+    cases['two-pass train step'] = train_step(two_pass, distillation_losses(two_pass, frozen, True), False)
     times = interleaved(cases, args.repeats, device)
     unit = times['teacher forward']
     stats_full = unit_student.stats()
@@ -232,7 +261,7 @@ def measure(args, device):
     results = {
         'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
                    'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
-                   'channels_last': args.channels_last, 'amp': args.amp, 'plain': args.plain,
+                   'channels_last': args.channels_last, 'amp': args.amp,
                    'repeats': args.repeats, 'prune_universal': args.prune_universal},
         'median_seconds': {name: statistics.median(t) for name, t in times.items()},
         # each round's time over the same round's teacher forward, then the median: paired, so that the
@@ -253,14 +282,65 @@ def measure(args, device):
         paired = statistics.median(a / b for a, b in zip(times[f'student train step{suffix}'],
                                                          times[f'split-free train step{suffix}']))
         print(f"  one-pass / split-free train step{suffix}: {paired:.2f} (what the per-layer split costs)")
-    frozen = statistics.median(a / b for a, b in zip(times['student train step'], times['frozen teacher forward']))
-    print(f"  student train step / frozen teacher forward: {frozen:.2f}")
+    paired = statistics.median(a / b for a, b in zip(times['student train step'], times['frozen teacher forward']))
+    print(f"  student train step / frozen teacher forward: {paired:.2f}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
           f"({stats_pruned['universal_blocks_kept']}/{stats_pruned['universal_blocks_total']} universal blocks)")
+    save_json(args, results)
+    return results
+
+
+def measure_paths(args, device):
+    """--paths: the student's train step and eval forward with every fast.py path, and with each path replaced by
+    its plain layers (the models built and run that way), interleaved round by round; printed and returned."""
+    setup = Setup(args, device)
+    graphed = device.type == 'cuda'  # as main_*.py run there by default
+
+    def within(path, fn):
+        def run():
+            with plain_path(path):
+                fn()
+        return run
+
+    cases = {}
+    for path in (None, *PLAIN_PATHS):
+        with plain_path(path):
+            teacher, trained = setup.frozen_teacher(), setup.student()
+            cases[path, 'student train step'] = within(
+                path, setup.train_step(trained, distillation_losses(trained, teacher), graphed))
+            cases[path, 'student eval forward'] = within(path, setup.eval_forward(setup.student(), graphed))
+    times = interleaved(cases, args.repeats, device)
+    names = ('student train step', 'student eval forward')
+    results = {
+        'config': {'arch': args.arch, 'max_skip': args.max_skip, 'batch_size': args.batch_size,
+                   'input_size': args.input_size, 'device': str(device), 'threads': torch.get_num_threads(),
+                   'channels_last': args.channels_last, 'amp': args.amp, 'repeats': args.repeats},
+        'median_seconds_every_path': {name: statistics.median(times[None, name]) for name in names},
+        # each round's time without the path over the same round's time with every path, then the median
+        'ratio_without_path': {path: {name: statistics.median(a / b for a, b in zip(times[path, name],
+                                                                                    times[None, name]))
+                                      for name in names}
+                               for path in PLAIN_PATHS},
+    }
+    print(f"what each fast.py path is worth: {args.arch}, max_skip {args.max_skip}, batch {args.batch_size}, "
+          f"{args.input_size}x{args.input_size}, {device} ({torch.get_num_threads()} threads"
+          f"{', amp' if args.amp else ''}{', CUDA graphs' if graphed else ''}), median of {args.repeats} "
+          "interleaved rounds")
+    seconds = results['median_seconds_every_path']
+    print(f"  with every path: train step {seconds[names[0]] * 1e3:.1f} ms, "
+          f"eval forward {seconds[names[1]] * 1e3:.1f} ms")
+    print(f"  {'one path as its plain layers (x that time)':<44} {'train step':>10} {'eval forward':>13}")
+    for path, ratios in results['ratio_without_path'].items():
+        print(f"    {path:<42} {ratios[names[0]]:10.3f} {ratios[names[1]]:13.3f}")
+    save_json(args, results)
+    return results
+
+
+def save_json(args, results):
+    """--json: the results, also as a file."""
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)
-    return results
 
 
 class Logits(torch.nn.Module):
@@ -279,8 +359,7 @@ def measure_latency(args, device):
     """--latency: the teacher against the exported tailored network, per runtime and batch size."""
     import tempfile
     torch.manual_seed(0)
-    teacher = create_teacher(args.arch, 10).eval().requires_grad_(False)
-    fast.freeze(teacher)
+    teacher = frozen_teacher(args.arch, 10)
     student = create_student(args.arch, 10, args.max_skip, input_size=args.input_size)
     student.prune(args.prune_universal, 0.0)
     stats = student.stats()
@@ -323,9 +402,7 @@ def measure_latency(args, device):
                           'device': str(device), 'threads': torch.get_num_threads(), 'repeats': args.repeats,
                           'prune_universal': args.prune_universal},
                'flops_ratio': flops_ratio, 'latency': rows}
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
+    save_json(args, results)
     return results
 
 
