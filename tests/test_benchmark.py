@@ -40,7 +40,7 @@ def test_paths_prices_each_fast_path_by_running_its_plain_layers(tmp_path, capsy
         ['--paths', '--arch', 'resnet18', '--batch-size', '2', '--input-size', '32', '--repeats', '1',
          '--json', str(tmp_path / 'paths.json')])
     results = benchmark.main(args)
-    assert all(count > 0 for count in calls.values()), calls  # each plain path ran in its own cases
+    assert all(count > 0 for count in calls.values()), calls  # each path's plain layers ran
     ratios = results['ratio_without_path']
     assert set(ratios) == set(benchmark.PLAIN_PATHS)
     assert all(set(r) == {'student train step', 'student eval forward'} and min(r.values()) > 0
