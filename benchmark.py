@@ -45,7 +45,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine import CapturedForward, MixedPrecision, TrainStep, fused_available
+from engine import CapturedForward, MixedPrecision, TrainStep, frozen_teacher, fused_available
 from nettailor import create_student, distillation_loss, two_pass_loss
 import deploy
 import fast
@@ -174,13 +174,6 @@ def interleaved(functions, rounds, device):
     return times
 
 
-def frozen_teacher(arch, num_classes):
-    """A teacher frozen and folded, as engine.load_teacher returns it (on the CPU)."""
-    teacher = create_teacher(arch, num_classes).eval().requires_grad_(False)
-    fast.freeze(teacher)
-    return teacher
-
-
 class Setup:
     """What every case of a run shares: the batch, the precision, and builders of its models and steps."""
 
@@ -205,7 +198,7 @@ class Setup:
         return self.on_device(model)
 
     def frozen_teacher(self):
-        return self.on_device(frozen_teacher(self.args.arch, self.num_classes))
+        return self.on_device(frozen_teacher(create_teacher(self.args.arch, self.num_classes)))
 
     def train_step(self, model, loss_fn, cuda_graph):
         """One TrainStep of `model` on the batch (SGD with momentum, as main_*.py), as a function of nothing."""
@@ -359,7 +352,7 @@ def measure_latency(args, device):
     """--latency: the teacher against the exported tailored network, per runtime and batch size."""
     import tempfile
     torch.manual_seed(0)
-    teacher = frozen_teacher(args.arch, 10)
+    teacher = frozen_teacher(create_teacher(args.arch, 10))
     student = create_student(args.arch, 10, args.max_skip, input_size=args.input_size)
     student.prune(args.prune_universal, 0.0)
     stats = student.stats()

@@ -407,9 +407,14 @@ def load_teacher(path, device, num_classes=None, arch=None):
     utils.check_finite(checkpoint['model'], 'teacher checkpoint', path)
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])
+    return frozen_teacher(model).to(device), checkpoint
+
+
+def frozen_teacher(model):
+    """`model` as the student's teacher runs: in eval mode, its weights frozen and folded (`fast.freeze`)."""
     model.eval().requires_grad_(False)
     fast.freeze(model)
-    return model.to(device), checkpoint
+    return model
 
 
 def load_student(model_dir, device):
