@@ -189,6 +189,14 @@ def on_side_stream(fn, times):
     return side
 
 
+def capturing(graph, stream):
+    """torch.cuda.graph capturing into `graph` on `stream`, in 'thread_local' mode: a DataLoader's pin-memory
+    thread keeps allocating pinned host memory while a capture is under way, which the default 'global' mode
+    counts as an error of the capture (and raises in that thread too); the thread never touches the captured
+    stream, so only the capturing thread needs to be held to capture's rules."""
+    return torch.cuda.graph(graph, stream=stream, capture_error_mode='thread_local')
+
+
 class TrainStep:
     """One optimisation step of `model`: `loss_fn(images, labels)` -> (loss, metrics: a dict of 0-d tensors)
     under autocast, backward, optimizer step; returns the metrics and 'loss'.
@@ -242,7 +250,7 @@ class TrainStep:
                 buffer.copy_(saved)
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        with capturing(self.graph, stream):
             self.static_metrics = self._forward_backward(self.static_images, self.static_labels)
 
 
@@ -260,7 +268,7 @@ class CapturedForward:
             self.static_input = x.clone()
             stream = on_side_stream(lambda: self.model(self.static_input), 2)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=stream):
+            with capturing(self.graph, stream):
                 self.static_output = self.model(self.static_input)
         if x.shape != self.static_input.shape:
             return self.model(x)

@@ -104,9 +104,11 @@ def test_captured_forward_computes_the_eager_forward():
 
 def test_scripts_on_cuda_end_where_their_eager_runs_end(workdir, tmp_path):  # noqa: F811
     """main_teacher.py and main_student.py on CUDA replay their steps from CUDA graphs by default and end where
-    --no-cuda-graph runs end (80 images in batches of 32: each epoch's last batch runs eagerly); --amp too."""
-    common = [*TINY[:TINY.index('--train-limit')], '--train-limit', 80, '--test-limit', 64, '--batch-size', 32,
-              '--device', 'cuda', '--pretrained', workdir / 'backbone.pth', '--epochs', 2, '--lr', 0.01]
+    --no-cuda-graph runs end (80 images in batches of 32: each epoch's last batch runs eagerly); --amp too.
+    With loading processes, as users run them: their pin-memory thread allocates while the steps are captured."""
+    common = [*TINY[:TINY.index('--workers')], '--workers', 2, '--train-limit', 80, '--test-limit', 64,
+              '--batch-size', 32, '--device', 'cuda', '--pretrained', workdir / 'backbone.pth', '--epochs', 2,
+              '--lr', 0.01]
     teacher = tmp_path / 'teacher'
     run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', teacher, '--no-cuda-graph')
     run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher graphed')
