@@ -2,7 +2,8 @@
 
 demo_svhn.py, demo_flowers.py, demo_voc12.py and demo_synthetic.py call `run_demo` with a recipe
 (docs/method.md §8): each stage runs main_teacher.main / main_student.main with the recipe's
-flags; a stage whose run is finished is skipped unless --force; a failed stage stops the demo.
+flags; a stage whose run is finished with the same settings is skipped (one trained otherwise is
+refused) unless --force; a failed stage stops the demo.
 A recipe's `n_pruning_universal` is one k (the released demos) or several, tried as docs/method.md §2 step 5 says.
 """
 import argparse
@@ -60,19 +61,29 @@ def stage_args(parser_fn, task, model_dir, demo_args, flags):
     return args
 
 
-def run_stage(name, main, args, logger):
-    if run_status(args.model_dir) == 'finished' and not args.force:
-        recorded = utils.load_checkpoint(checkpoint_path(args.model_dir))['args']
-        wanted = (getattr(args, 'backbone', None) or args.arch, args.input_size)
-        if (recorded['arch'], recorded['input_size']) != wanted:
-            raise utils.UserError(f"{args.model_dir} holds a finished {recorded['arch']} run at "
-                                  f"{recorded['input_size']} px, not {wanted[0]} at {wanted[1]} px: pass --force to "
-                                  "replace it or another --model-root")
-        logger.info(f"[{name}] finished run in {args.model_dir}: skipped (--force reruns it)")
+# the settings that name files rather than define the training (a finished run may have recorded them otherwise)
+PATH_SETTINGS = ('teacher_fn', 'full_model_dir', 'pretrained')
+
+
+def run_stage(name, script, task, model_dir, demo_args, flags, logger):
+    """Run `script` (main_teacher or main_student) with the recipe's `flags` into `model_dir`, unless a finished run
+    there was trained with the same settings (then it is reused; --force reruns it).  A finished run trained
+    otherwise is refused, not passed off as this recipe's."""
+    args = stage_args(script.get_args_parser, task, model_dir, demo_args, flags)
+    if run_status(model_dir) == 'finished' and not args.force:
+        recorded = utils.load_checkpoint(checkpoint_path(model_dir))['args']
+        wanted = {'input_size': args.input_size, 'seed': args.seed,
+                  **{key: value for key, value in flags.items() if key not in PATH_SETTINGS}}
+        differences = [f"--{key.replace('_', '-')} {recorded.get(key)}, not {value}" for key, value in wanted.items()
+                       if str(recorded.get(key)) != str(value)]
+        if differences:
+            raise utils.UserError(f"{model_dir} holds a finished run trained with {'; '.join(differences)}: pass "
+                                  "--force to replace it or another --model-root")
+        logger.info(f"[{name}] finished run in {model_dir}: skipped (--force reruns it)")
         return
-    logger.info(f"[{name}] -> {args.model_dir}")
+    logger.info(f"[{name}] -> {model_dir}")
     start = time.time()
-    main(args)
+    script.main(args)
     logger.info(f"[{name}] done in {time.time() - start:.0f} s")
 
 
@@ -81,12 +92,10 @@ def run_demo(task, recipe, demo_args):
     logger = utils.setup_logging()
     root = demo_args.model_root
     teacher_dir, student_dir, pruned_dir = (os.path.join(root, name) for name in ('teacher', 'student', 'pruned'))
-    teacher = stage_args(main_teacher.get_args_parser, task, teacher_dir, demo_args,
-                         dict(arch=demo_args.arch, **recipe['teacher']))
-    run_stage('teacher', main_teacher.main, teacher, logger)
-    student = stage_args(main_student.get_args_parser, task, student_dir, demo_args,
-                         dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir), **recipe['student']))
-    run_stage('student', main_student.main, student, logger)
+    run_stage('teacher', main_teacher, task, teacher_dir, demo_args, dict(arch=demo_args.arch, **recipe['teacher']),
+              logger)
+    run_stage('student', main_student, task, student_dir, demo_args,
+              dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir), **recipe['student']), logger)
     candidates = recipe['prune']['n_pruning_universal']
     candidates = [candidates] if isinstance(candidates, int) else sorted(candidates, reverse=True)
     # docs/method.md §2 step 5: the most blocks removed first, until a retrained network is within ACCURACY_TOLERANCE
@@ -108,11 +117,10 @@ def run_demo(task, recipe, demo_args):
 def prune_and_retrain(task, recipe, demo_args, teacher_dir, student_dir, run_dir, num_universal, logger):
     """Prune `num_universal` universal blocks (and the recipe's proxies) of the student, retrain into `run_dir`."""
     flags = dict(recipe['prune'], n_pruning_universal=num_universal, **recipe['retrain'])
-    pruned = stage_args(main_student.get_args_parser, task, run_dir, demo_args,
-                        dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir),
-                             full_model_dir=student_dir, **flags))
-    pruned.pretrained = None  # the universal weights the full student was trained on
-    run_stage(f'prune {num_universal} universal blocks + retrain', main_student.main, pruned, logger)
+    # pretrained None: the universal weights the full student was trained on
+    run_stage(f'prune {num_universal} universal blocks + retrain', main_student, task, run_dir, demo_args,
+              dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir), full_model_dir=student_dir,
+                   pretrained=None, **flags), logger)
 
 
 def run_row(run_dir, name, **extra):

@@ -55,9 +55,8 @@ def pretrain_source(args, logger, arch=ARCH):
         logger.info(f"[source] universal weights {weights} exist: skipped (--force retrains them)")
         return weights
     source_dir = os.path.join(args.model_root, 'source' if arch == ARCH else f'source-{arch}')
-    source = demo.stage_args(main_teacher.get_args_parser, 'synth-source', source_dir, args,
-                             dict(arch=arch, pretrained=None, input_size=INPUT_SIZE, **SOURCE_RECIPE))
-    demo.run_stage('source pre-training', main_teacher.main, source, logger)
+    demo.run_stage('source pre-training', main_teacher, 'synth-source', source_dir, args,
+                   dict(arch=arch, pretrained=None, input_size=INPUT_SIZE, **SOURCE_RECIPE), logger)
     model, _ = load_teacher(checkpoint_path(source_dir), 'cpu')
     utils.atomic_save({k: v for k, v in model.state_dict().items() if not k.startswith('fc.')}, weights)
     return weights

@@ -81,9 +81,7 @@ class Experiment:
 
     def teacher(self):
         flags = dict(arch=self.arch, **self.recipe['teacher'])
-        demo.run_stage('teacher', main_teacher.main, demo.stage_args(main_teacher.get_args_parser, self.task,
-                                                                      self.teacher_dir, self.stage_args, flags),
-                       self.logger)
+        demo.run_stage('teacher', main_teacher, self.task, self.teacher_dir, self.stage_args, flags, self.logger)
         return utils.load_checkpoint(checkpoint_path(self.teacher_dir))['accuracy']
 
     def student(self, name='student', **flags):
@@ -91,8 +89,7 @@ class Experiment:
         run_dir = os.path.join(self.root, name)
         stage_flags = dict(backbone=self.arch, teacher_fn=checkpoint_path(self.teacher_dir),
                            **dict(self.recipe['student'], **flags))
-        demo.run_stage(name, main_student.main, demo.stage_args(main_student.get_args_parser, self.task, run_dir,
-                                                                self.stage_args, stage_flags), self.logger)
+        demo.run_stage(name, main_student, self.task, run_dir, self.stage_args, stage_flags, self.logger)
         return run_dir
 
     def pruned(self, student_dir, k):

@@ -4,9 +4,10 @@
     python main_teacher_decathlon.py --task svhn --evaluate
 
 Runs go to <model-root>/<task>/teacher.  Defaults: Wide ResNet-26 with the released universal
-weights (checkpoints/wide_resnet26.pth.tar), the decathlon loaders and per-task crops (64 px, 72
-for dtd), training on --train-splits (train) and evaluation on val.  --export-backbone writes the
-trained network as a universal weights file (how the offline miniature gets its own).
+weights (checkpoints/wide_resnet26.pth.tar), the decathlon loaders and per-task crops (72 px for
+aircraft, cifar100, daimlerpedcls, gtsrb and dtd, 64 px for the others), training on --train-splits
+(train) and evaluation on val.  --export-backbone writes the trained network as a universal weights
+file (how the offline miniature gets its own).
 """
 import argparse
 import copy
@@ -27,7 +28,8 @@ def add_decathlon_args(parser, stage):
     parser.add_argument('--model-root', default='checkpoints/decathlon', help='runs go to <model-root>/<task>/')
     parser.add_argument('--model-dir', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--train-splits', default='train', help="comma-separated: 'train' or 'train,val'")
-    parser.add_argument('--input-size', type=int, default=None, help='crop size (default: 64, or 72 for dtd)')
+    parser.add_argument('--input-size', type=int, default=None, help="crop size (default: the task's, "
+                        'decathlon_dataloaders.PREPROCESSING: 72 or 64 px)')
     parser.set_defaults(decathlon=True, eval_split='val', stage=stage)
 
 

@@ -301,8 +301,16 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     again = demo.run_demo('synth-digits', recipe, args)  # every stage finished: skipped, same table
     assert again['student_acc'] == table['student_acc']
     assert (tmp_path / 'teacher' / 'checkpoint.pth').read_bytes() == before
-    args.arch = 'resnet34'  # a rerun with another architecture does not pass the old runs off as its own
-    with pytest.raises(UserError, match='holds a finished resnet18 run at 32 px, not resnet34 at 32 px'):
+    # a rerun with other settings does not pass the old runs off as its own, nor replaces them
+    pruned_before = (tmp_path / 'pruned' / 'checkpoint.pth').read_bytes()
+    other = dict(recipe, prune=dict(recipe['prune'], thr_pruning_proxy=0.5))
+    with pytest.raises(UserError, match=r'pruned holds a finished run trained with --thr-pruning-proxy 0.0, not 0.5: '
+                                        r'pass --force'):
+        demo.run_demo('synth-digits', other, args)
+    assert (tmp_path / 'pruned' / 'checkpoint.pth').read_bytes() == pruned_before
+    args.arch, args.seed = 'resnet34', 1
+    with pytest.raises(UserError, match='teacher holds a finished run trained with --seed 0, not 1; --arch resnet18, '
+                                        'not resnet34: pass --force'):
         demo.run_demo('synth-digits', recipe, args)
 
 
