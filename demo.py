@@ -14,7 +14,7 @@ import time
 import main_student
 import main_teacher
 import utils
-from engine import checkpoint_path, load_student, run_status
+from engine import checkpoint_path, finished_run_differences, load_student, run_status
 
 # docs/method.md §2 step 5: the leanest pruning whose accuracy is within this many points of the teacher
 ACCURACY_TOLERANCE = 0.5
@@ -61,21 +61,13 @@ def stage_args(parser_fn, task, model_dir, demo_args, flags):
     return args
 
 
-# the settings that name files rather than define the training (a finished run may have recorded them otherwise)
-PATH_SETTINGS = ('teacher_fn', 'full_model_dir', 'pretrained')
-
-
 def run_stage(name, script, task, model_dir, demo_args, flags, logger):
     """Run `script` (main_teacher or main_student) with the recipe's `flags` into `model_dir`, unless a finished run
     there was trained with the same settings (then it is reused; --force reruns it).  A finished run trained
     otherwise is refused, not passed off as this recipe's."""
     args = stage_args(script.get_args_parser, task, model_dir, demo_args, flags)
     if run_status(model_dir) == 'finished' and not args.force:
-        recorded = utils.load_checkpoint(checkpoint_path(model_dir))['args']
-        wanted = {'input_size': args.input_size, 'seed': args.seed,
-                  **{key: value for key, value in flags.items() if key not in PATH_SETTINGS}}
-        differences = [f"--{key.replace('_', '-')} {recorded.get(key)}, not {value}" for key, value in wanted.items()
-                       if str(recorded.get(key)) != str(value)]
+        differences = finished_run_differences(model_dir, {'input_size': args.input_size, 'seed': args.seed, **flags})
         if differences:
             raise utils.UserError(f"{model_dir} holds a finished run trained with {'; '.join(differences)}: pass "
                                   "--force to replace it or another --model-root")

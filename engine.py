@@ -87,6 +87,23 @@ def run_status(model_dir):
     return 'finished' if utils.load_checkpoint(path).get('finished') else 'unfinished'
 
 
+# settings that name files or steer the process rather than define what a run trains
+NOT_TRAINING_SETTINGS = ('model_dir', 'model_root', 'data_dir', 'teacher_fn', 'full_model_dir', 'pretrained', 'device',
+                         'workers', 'cuda_graph', 'resume', 'force', 'log2file', 'evaluate', 'export', 'summary',
+                         'write_submission')
+
+
+def finished_run_differences(model_dir, wanted):
+    """How the finished run in `model_dir` was trained otherwise than `wanted` (setting -> value), one
+    '--setting recorded, not wanted' phrase per difference; NOT_TRAINING_SETTINGS are not compared."""
+    recorded = utils.load_checkpoint(checkpoint_path(model_dir))['args']
+
+    def text(value):  # a list setting is recorded parsed ('train', 'val') and given as 'train,val'
+        return ','.join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return [f"--{key.replace('_', '-')} {text(recorded.get(key))}, not {text(value)}" for key, value in wanted.items()
+            if key not in NOT_TRAINING_SETTINGS and text(recorded.get(key)) != text(value)]
+
+
 def check_run_dir(args):
     """The run already in --model-dir (or None), refused unless --force, or --resume of that same run with
     epochs still to go.  Writes nothing: scripts call it before building anything."""

@@ -11,9 +11,10 @@ as a job array, one of the scripts' runs per job, then their summary.
     python submit.py --local --gpus-per-job 0 sweep ...
 
 Flags after `--` go to every run's script (main_*_decathlon.py, main_student.py).  Finished runs are not
-submitted again; a job preempted or reaching its time limit is requeued and continues its run with
---resume (submitit's checkpointing); once every job has ended the summary is printed (the decathlon
-table and score, or the sweep's table).  Job logs go to --log-dir.
+submitted again (one trained with other values of the flags given is refused, before anything is submitted); a
+job preempted or reaching its time limit is requeued and continues its run with --resume (submitit's
+checkpointing); once every job has ended the summary is printed (the decathlon table and score, or the sweep's
+table).  Job logs go to --log-dir.
 """
 import argparse
 import importlib
@@ -22,7 +23,7 @@ import sys
 
 import demo
 import utils
-from engine import checkpoint_path, run_status
+from engine import checkpoint_path, finished_run_differences, run_status
 from utils import UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -79,6 +80,13 @@ def sweep_jobs(args, script_flags):
     return [Job('main_student', [*script_flags, '--full-model-dir', args.full_model_dir, '--n-pruning-universal',
                                  str(k), '--model-dir', os.path.join(root, f'pruned-k{k}')],
                 os.path.join(root, f'pruned-k{k}')) for k in args.k]
+
+
+def trained_otherwise(job):
+    """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage)."""
+    args = importlib.import_module(job.script).get_args_parser().parse_args(job.argv)
+    given = {token.split('=')[0][2:].replace('-', '_') for token in job.argv if token.startswith('--')}
+    return finished_run_differences(job.run_dir, {key: getattr(args, key) for key in given if hasattr(args, key)})
 
 
 def summary(args, jobs):
@@ -153,6 +161,11 @@ def main(args, script_flags):
         raise UserError("--gpus-per-job must be non-negative, --processes-per-job and --timeout-min positive")
     jobs = decathlon_jobs(args, script_flags) if args.command == 'decathlon' else sweep_jobs(args, script_flags)
     pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
+    for job in jobs:
+        differences = trained_otherwise(job) if job not in pending else None
+        if differences:
+            raise UserError(f"{job.run_dir} holds a finished run trained with {'; '.join(differences)}: "
+                            "move it away or pass another --model-root")
     for job in jobs:
         if job not in pending:
             print(f"{job.run_dir}: finished, not submitted again")

@@ -1,5 +1,5 @@
 """submit.py with submitit's local executor: two runs of a k sweep as parallel jobs, one of them preempted and
-requeued, which resumes its run; finished runs are not submitted again."""
+requeued, which resumes its run; finished runs are not submitted again, and refused when trained otherwise."""
 import glob
 import os
 import signal
@@ -50,6 +50,12 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, tmp_pat
     out = capsys.readouterr().out
     assert out.count('finished, not submitted again') == 2
     assert 'pruned-k1' in table and 'pruned-k2' in table and ' 7/8 ' in table and ' 6/8 ' in table
+
+    submitted = os.listdir(tmp_path / 'jobs')  # the same sweep with another recipe: refused, nothing submitted
+    with pytest.raises(UserError, match=r"pruned-k1 holds a finished run trained with --thr-pruning-proxy 0.0, "
+                                        r"not 0.5; --epochs 4, not 5: move it away"):
+        submit.main(args, flags + ['--thr-pruning-proxy=0.5', '--epochs', '5'])
+    assert os.listdir(tmp_path / 'jobs') == submitted
 
 
 def test_failed_jobs_are_reported_in_one_line(tmp_path):
