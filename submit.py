@@ -84,9 +84,10 @@ def sweep_jobs(args, script_flags):
 
 def trained_otherwise(job):
     """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage)."""
-    args = importlib.import_module(job.script).get_args_parser().parse_args(job.argv)
-    given = {token.split('=')[0][2:].replace('-', '_') for token in job.argv if token.startswith('--')}
-    return finished_run_differences(job.run_dir, {key: getattr(args, key) for key in given if hasattr(args, key)})
+    parser = importlib.import_module(job.script).get_args_parser()
+    unset = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(job.argv))))  # argparse fills no defaults in
+    given = vars(parser.parse_args(job.argv, unset))
+    return finished_run_differences(job.run_dir, {key: value for key, value in given.items() if value is not None})
 
 
 def summary(args, jobs):

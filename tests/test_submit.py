@@ -52,8 +52,8 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, tmp_pat
     assert 'pruned-k1' in table and 'pruned-k2' in table and ' 7/8 ' in table and ' 6/8 ' in table
 
     submitted = os.listdir(tmp_path / 'jobs')  # the same sweep with another recipe: refused, nothing submitted
-    with pytest.raises(UserError, match=r"pruned-k1 holds a finished run trained with --thr-pruning-proxy 0.0, "
-                                        r"not 0.5; --epochs 4, not 5: move it away"):
+    with pytest.raises(UserError, match=r"pruned-k1 holds a finished run trained with --epochs 4, not 5; "
+                                        r"--thr-pruning-proxy 0.0, not 0.5: move it away"):
         submit.main(args, flags + ['--thr-pruning-proxy=0.5', '--epochs', '5'])
     assert os.listdir(tmp_path / 'jobs') == submitted
 
