@@ -40,8 +40,7 @@ def get_args_parser(add_help=True):
                                      conflict_handler='resolve')
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed '
                         'except with --export)')
-    parser.add_argument('--arch', help=argparse.SUPPRESS)
-    parser.add_argument('--backbone', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
+    parser.add_argument('--backbone', '--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
                         "--teacher-coeff > 0)")
     parser.add_argument('--max-skip', default=None, help="proxies per layer from the k most recent nodes, or 'dense' "

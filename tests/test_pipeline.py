@@ -482,6 +482,12 @@ def test_smaller_faults_and_flags(pipeline, workdir, tmp_path):
                  expect_ok=False)
     assert_one_line_error(result, 'pre-trains its own universal backbone', '--pretrained')
     assert not (tmp_path / 'demo').exists()
+    # the teacher's --arch names the student's backbone too, rather than being ignored
+    import main_student
+    args = main_student.get_args_parser().parse_args(['--task', 'synth-digits', '--model-dir', str(tmp_path / 's'),
+                                                      '--arch', 'resnet18', '--teacher-coeff', '0'])
+    main_student.check_student_args(args)
+    assert args.backbone == args.arch == 'resnet18'
     # --help shows the defaults
     assert '(default: 20)' in run('main_teacher.py', '--help').stdout
     assert '(default: 0.05)' in run('main_student.py', '--help').stdout
