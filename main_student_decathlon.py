@@ -134,6 +134,9 @@ def export_tasks(args):
 
 
 def main(args):
+    if args.full_model_dir:
+        raise UserError("a decathlon student is pruned from <model-root>/<task>/student: pass --prune, "
+                        "not --full-model-dir")
     if args.summary:
         return summary(args)
     if args.export:

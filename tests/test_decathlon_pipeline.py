@@ -247,3 +247,17 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     assert (models / 'dtd' / 'student' / 'submission.json').exists()
     entries = json.loads((models / 'results.json').read_text())
     assert {entry['category_id'] // 10000000 for entry in entries} == {4, 8}  # dtd and svhn
+
+
+def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_path):
+    import main_student_decathlon
+    import main_teacher_decathlon
+    common = ['--task', 'svhn', '--data-dir', str(tmp_path / 'data'), '--model-root', str(tmp_path / 'models')]
+    for module, flags, message in (
+            (main_teacher_decathlon, ['--model-dir', str(tmp_path / 'run')], 'pass --model-root, not --model-dir'),
+            (main_student_decathlon, ['--model-dir', str(tmp_path / 'run')], 'pass --model-root, not --model-dir'),
+            (main_student_decathlon, ['--prune', '--full-model-dir', str(tmp_path / 'student')],
+             'pass --prune, not --full-model-dir')):
+        with pytest.raises(utils.UserError, match=message):
+            module.main(module.get_args_parser().parse_args(common + flags))
+    assert not os.listdir(tmp_path)
