@@ -40,7 +40,8 @@ def get_args_parser(add_help=True):
                                      conflict_handler='resolve')
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed '
                         'except with --export)')
-    parser.add_argument('--backbone', '--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
+    parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '
+                        '(default resnet34; when retraining, that of --full-model-dir)')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
                         "--teacher-coeff > 0)")
     parser.add_argument('--max-skip', default=None, help="proxies per layer from the k most recent nodes, or 'dense' "
@@ -81,7 +82,6 @@ def same_weights(a, b):
 def check_student_args(args):
     if not args.task:
         raise UserError("--task is required (to train or evaluate a student; --export needs only --model-dir)")
-    args.arch = args.backbone
     full_args = {}
     if args.full_model_dir and not args.evaluate:
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
@@ -111,6 +111,11 @@ def check_student_args(args):
         raise UserError(f"{args.full_model_dir} was trained with --max-skip {full_args['max_skip']}: drop --max-skip")
     if args.max_skip is None:
         args.max_skip = full_args.get('max_skip', '3')
+    if full_args and args.backbone is not None and args.backbone != full_args['backbone']:
+        raise UserError(f"{args.full_model_dir} is a {full_args['backbone']} student: drop --backbone")
+    if args.backbone is None:
+        args.backbone = full_args.get('backbone', 'resnet34')
+    args.arch = args.backbone
     if args.complexity_coeff is None:
         args.complexity_coeff = 0.0 if args.full_model_dir else 0.3
     if args.lr is None:

@@ -57,7 +57,7 @@ def pipeline(workdir):
         '--lr', 0.01, '--lr-decay-epochs', 1, '--log2file')
     run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
         '--model-dir', student, '--epochs', 2, '--lr', 0.01, '--teacher-coeff', 2, '--amp')  # bfloat16 on the CPU
-    run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
+    run('main_student.py', *TINY, '--teacher-fn', teacher / 'checkpoint.pth',  # the full student's backbone
         '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,
         '--thr-pruning-proxy', 0.01, '--epochs', 1, '--lr', 0.01)
     return teacher, student, pruned
@@ -261,8 +261,13 @@ def test_student_resume_restores_the_tasks_batchnorm_statistics(pipeline, workdi
         assert torch.equal(value, resumed[key]), key
 
 
-def test_retraining_keeps_the_full_students_statistics_mode(pipeline, tmp_path):
-    teacher, student, _ = pipeline
+def test_retraining_keeps_the_full_students_statistics_mode_and_backbone(pipeline, tmp_path):
+    teacher, student, pruned = pipeline
+    assert json.load(open(pruned / 'args.json'))['backbone'] == 'resnet18'  # inherited, not the default
+    result = run('main_student.py', *TINY, '--backbone', 'resnet34', '--teacher-fn', teacher / 'checkpoint.pth',
+                 '--full-model-dir', student, '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run',
+                 expect_ok=False)
+    assert_one_line_error(result, 'is a resnet18 student', 'drop --backbone')
     result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--shared-bn-stats',
                  '--model-dir', tmp_path / 'run', expect_ok=False)
