@@ -39,7 +39,9 @@ def get_args_parser(add_help=True):
                                      parents=[teacher_args_parser(add_help=False)], add_help=add_help,
                                      conflict_handler='resolve')
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed '
-                        'except with --export)')
+                        'except with --export; when retraining, that of --full-model-dir)')
+    parser.add_argument('--input-size', type=int, default=None,
+                        help='training/test crop size (default 224; when retraining, that of --full-model-dir)')
     parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '
                         '(default resnet34; when retraining, that of --full-model-dir)')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
@@ -80,8 +82,6 @@ def same_weights(a, b):
 
 
 def check_student_args(args):
-    if not args.task:
-        raise UserError("--task is required (to train or evaluate a student; --export needs only --model-dir)")
     full_args = {}
     if args.full_model_dir and not args.evaluate:
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
@@ -97,6 +97,14 @@ def check_student_args(args):
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:
         args.pretrained = 'imagenet'
+    if full_args and args.task is not None and args.task != full_args['task']:
+        raise UserError(f"{args.full_model_dir} was trained on {full_args['task']}, not {args.task}: drop --task "
+                        "(a student is pruned and retrained on its own task)")
+    args.task = args.task or full_args.get('task')
+    if not args.task:
+        raise UserError("--task is required (to train or evaluate a student; --export needs only --model-dir)")
+    if args.input_size is None:
+        args.input_size = full_args.get('input_size', 224)
     if full_args:
         full_shared = full_args.get('shared_bn_stats', True)  # runs from before task statistics shared them
         if args.shared_bn_stats is not None and args.shared_bn_stats != full_shared:

@@ -57,8 +57,9 @@ def pipeline(workdir):
         '--lr', 0.01, '--lr-decay-epochs', 1, '--log2file')
     run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
         '--model-dir', student, '--epochs', 2, '--lr', 0.01, '--teacher-coeff', 2, '--amp')  # bfloat16 on the CPU
-    run('main_student.py', *TINY, '--teacher-fn', teacher / 'checkpoint.pth',  # the full student's backbone
-        '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,
+    assert TINY[:4] == ['--task', 'synth-digits', '--input-size', '32']
+    run('main_student.py', *TINY[4:], '--teacher-fn', teacher / 'checkpoint.pth',  # the full student's task,
+        '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,  # crop size and backbone
         '--thr-pruning-proxy', 0.01, '--epochs', 1, '--lr', 0.01)
     return teacher, student, pruned
 
@@ -261,9 +262,14 @@ def test_student_resume_restores_the_tasks_batchnorm_statistics(pipeline, workdi
         assert torch.equal(value, resumed[key]), key
 
 
-def test_retraining_keeps_the_full_students_statistics_mode_and_backbone(pipeline, tmp_path):
+def test_retraining_keeps_the_full_students_task_statistics_mode_and_backbone(pipeline, tmp_path):
     teacher, student, pruned = pipeline
-    assert json.load(open(pruned / 'args.json'))['backbone'] == 'resnet18'  # inherited, not the default
+    recorded = json.load(open(pruned / 'args.json'))  # inherited, not the defaults
+    assert (recorded['task'], recorded['input_size'], recorded['backbone']) == ('synth-digits', 32, 'resnet18')
+    result = run('main_student.py', *TINY[2:], '--task', 'synth-shapes', '--teacher-fn', teacher / 'checkpoint.pth',
+                 '--full-model-dir', student, '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run',
+                 expect_ok=False)
+    assert_one_line_error(result, 'was trained on synth-digits, not synth-shapes', 'drop --task')
     result = run('main_student.py', *TINY, '--backbone', 'resnet34', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run',
                  expect_ok=False)
