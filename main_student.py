@@ -45,7 +45,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '
                         '(default resnet34; when retraining, that of --full-model-dir)')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
-                        "--teacher-coeff > 0)")
+                        "--teacher-coeff > 0; when retraining, that of --full-model-dir)")
     parser.add_argument('--max-skip', default=None, help="proxies per layer from the k most recent nodes, or 'dense' "
                         "(default 3; when retraining, that of --full-model-dir)")
     parser.add_argument('--complexity-coeff', type=float, default=None,
@@ -115,6 +115,10 @@ def check_student_args(args):
     args.shared_bn_stats = bool(args.shared_bn_stats)
     if args.teacher_coeff is None:
         args.teacher_coeff = full_args.get('teacher_coeff', 10.0)
+    if args.teacher_fn is None:
+        args.teacher_fn = full_args.get('teacher_fn')
+    if args.teacher_fn:
+        args.teacher_fn = os.path.abspath(args.teacher_fn)  # recorded so that retraining finds it from anywhere
     if full_args and args.max_skip is not None and str(args.max_skip) != str(full_args['max_skip']):
         raise UserError(f"{args.full_model_dir} was trained with --max-skip {full_args['max_skip']}: drop --max-skip")
     if args.max_skip is None:

@@ -58,8 +58,8 @@ def pipeline(workdir):
     run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
         '--model-dir', student, '--epochs', 2, '--lr', 0.01, '--teacher-coeff', 2, '--amp')  # bfloat16 on the CPU
     assert TINY[:4] == ['--task', 'synth-digits', '--input-size', '32']
-    run('main_student.py', *TINY[4:], '--teacher-fn', teacher / 'checkpoint.pth',  # the full student's task,
-        '--model-dir', pruned, '--full-model-dir', student, '--n-pruning-universal', 3,  # crop size and backbone
+    run('main_student.py', *TINY[4:], '--model-dir', pruned,  # the full student's task, crop size, backbone, teacher
+        '--full-model-dir', student, '--n-pruning-universal', 3,
         '--thr-pruning-proxy', 0.01, '--epochs', 1, '--lr', 0.01)
     return teacher, student, pruned
 
@@ -266,6 +266,7 @@ def test_retraining_keeps_the_full_students_task_statistics_mode_and_backbone(pi
     teacher, student, pruned = pipeline
     recorded = json.load(open(pruned / 'args.json'))  # inherited, not the defaults
     assert (recorded['task'], recorded['input_size'], recorded['backbone']) == ('synth-digits', 32, 'resnet18')
+    assert (recorded['teacher_fn'], recorded['teacher_coeff']) == (str(teacher / 'checkpoint.pth'), 2)
     result = run('main_student.py', *TINY[2:], '--task', 'synth-shapes', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run',
                  expect_ok=False)
