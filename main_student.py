@@ -3,9 +3,10 @@
     # student: frozen universal blocks + proxies + gates, L = CE + gamma1 E[C] + gamma2 Omega
     python main_student.py --task svhn --backbone resnet34 --teacher-fn checkpoints/svhn/teacher/checkpoint.pth \
         --model-dir checkpoints/svhn/student
-    # prune the k weakest universal blocks and proxies below a threshold, retrain (gamma1 = 0)
-    python main_student.py --task svhn --teacher-fn ... --full-model-dir checkpoints/svhn/student \
-        --n-pruning-universal 11 --thr-pruning-proxy 0.075 --model-dir checkpoints/svhn/pruned
+    # prune the k weakest universal blocks and proxies below a threshold, retrain (gamma1 = 0; the task, teacher
+    # and network settings are the full student's)
+    python main_student.py --full-model-dir checkpoints/svhn/student --n-pruning-universal 11 \
+        --thr-pruning-proxy 0.075 --model-dir checkpoints/svhn/pruned
     python main_student.py --task svhn --model-dir checkpoints/svhn/pruned --evaluate
     # the tailored network alone, for deployment: tailored.pt2 (torch.export) and tailored.onnx
     python main_student.py --model-dir checkpoints/svhn/pruned --export deploy/svhn

@@ -6,7 +6,7 @@ as a job array, one of the scripts' runs per job, then their summary.
     python submit.py --partition gpu decathlon --stage pruned -- --n-pruning-universal 4 --thr-pruning-proxy 0.05
     # prune + retrain one trained student for several k (runs <model-root>/pruned-k<k>)
     python submit.py --partition gpu sweep --full-model-dir checkpoints/svhn/student --k 9 11 13 -- \
-        --task svhn --teacher-fn checkpoints/svhn/teacher/checkpoint.pth --thr-pruning-proxy 0.075
+        --thr-pruning-proxy 0.075   # task, teacher and network: the student's
     # the same on this machine, each job a local process
     python submit.py --local --gpus-per-job 0 sweep ...
 
