@@ -98,14 +98,20 @@ def check_student_args(args):
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:
         args.pretrained = 'imagenet'
-    if full_args and args.task is not None and args.task != full_args['task']:
-        raise UserError(f"{args.full_model_dir} was trained on {full_args['task']}, not {args.task}: drop --task "
-                        "(a student is pruned and retrained on its own task)")
-    args.task = args.task or full_args.get('task')
+
+    def from_full_student(name, default, must_match=False):
+        """A setting not given takes the full student's (or `default`); one the pruned network is built from must
+        be the full student's."""
+        given, recorded = getattr(args, name), full_args.get(name, default)
+        if must_match and full_args and given is not None and str(given) != str(recorded):
+            flag = '--' + name.replace('_', '-')
+            raise UserError(f"{args.full_model_dir} was trained with {flag} {recorded}, not {given}: drop {flag}")
+        setattr(args, name, recorded if given is None else given)
+
+    from_full_student('task', None, must_match=True)  # a student is pruned and retrained on its own task
     if not args.task:
         raise UserError("--task is required (to train or evaluate a student; --export needs only --model-dir)")
-    if args.input_size is None:
-        args.input_size = full_args.get('input_size', 224)
+    from_full_student('input_size', 224)
     if full_args:
         full_shared = full_args.get('shared_bn_stats', True)  # runs from before task statistics shared them
         if args.shared_bn_stats is not None and args.shared_bn_stats != full_shared:
@@ -114,20 +120,12 @@ def check_student_args(args):
                             "drop --shared-bn-stats")
         args.shared_bn_stats = full_shared
     args.shared_bn_stats = bool(args.shared_bn_stats)
-    if args.teacher_coeff is None:
-        args.teacher_coeff = full_args.get('teacher_coeff', 10.0)
-    if args.teacher_fn is None:
-        args.teacher_fn = full_args.get('teacher_fn')
+    from_full_student('teacher_coeff', 10.0)
+    from_full_student('teacher_fn', None)
     if args.teacher_fn:
         args.teacher_fn = os.path.abspath(args.teacher_fn)  # recorded so that retraining finds it from anywhere
-    if full_args and args.max_skip is not None and str(args.max_skip) != str(full_args['max_skip']):
-        raise UserError(f"{args.full_model_dir} was trained with --max-skip {full_args['max_skip']}: drop --max-skip")
-    if args.max_skip is None:
-        args.max_skip = full_args.get('max_skip', '3')
-    if full_args and args.backbone is not None and args.backbone != full_args['backbone']:
-        raise UserError(f"{args.full_model_dir} is a {full_args['backbone']} student: drop --backbone")
-    if args.backbone is None:
-        args.backbone = full_args.get('backbone', 'resnet34')
+    from_full_student('max_skip', '3', must_match=True)
+    from_full_student('backbone', 'resnet34', must_match=True)
     args.arch = args.backbone
     if args.complexity_coeff is None:
         args.complexity_coeff = 0.0 if args.full_model_dir else 0.3

@@ -270,11 +270,14 @@ def test_retraining_keeps_the_full_students_task_statistics_mode_and_backbone(pi
     result = run('main_student.py', *TINY[2:], '--task', 'synth-shapes', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run',
                  expect_ok=False)
-    assert_one_line_error(result, 'was trained on synth-digits, not synth-shapes', 'drop --task')
+    assert_one_line_error(result, 'was trained with --task synth-digits, not synth-shapes', 'drop --task')
     result = run('main_student.py', *TINY, '--backbone', 'resnet34', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run',
                  expect_ok=False)
-    assert_one_line_error(result, 'is a resnet18 student', 'drop --backbone')
+    assert_one_line_error(result, 'was trained with --backbone resnet18, not resnet34', 'drop --backbone')
+    result = run('main_student.py', *TINY, '--max-skip', 'dense', '--full-model-dir', student,
+                 '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run', expect_ok=False)
+    assert_one_line_error(result, 'was trained with --max-skip 3, not dense', 'drop --max-skip')
     result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--shared-bn-stats',
                  '--model-dir', tmp_path / 'run', expect_ok=False)
