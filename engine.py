@@ -61,9 +61,11 @@ def build_loaders(args):
 
 
 def evaluation_loader(args, checkpoint, num_classes):
-    """The test loader of the run `checkpoint` records: its task and input size, whatever the command line's
-    defaults; a different --task is refused, as is data whose class count is not the model's."""
+    """The test loader of the run `checkpoint` records: its task (when --task is not given) and input size,
+    whatever the command line's defaults; a different --task is refused, as is data whose class count is not
+    the model's."""
     saved = checkpoint['args']
+    args.task = args.task or saved['task']
     if args.task != saved['task']:
         raise UserError(f"{args.model_dir} was trained on {saved['task']}, not {args.task}: "
                         f"pass --task {saved['task']}")

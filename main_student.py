@@ -7,7 +7,7 @@
     # and network settings are the full student's)
     python main_student.py --full-model-dir checkpoints/svhn/student --n-pruning-universal 11 \
         --thr-pruning-proxy 0.075 --model-dir checkpoints/svhn/pruned
-    python main_student.py --task svhn --model-dir checkpoints/svhn/pruned --evaluate
+    python main_student.py --model-dir checkpoints/svhn/pruned --evaluate
     # the tailored network alone, for deployment: tailored.pt2 (torch.export) and tailored.onnx
     python main_student.py --model-dir checkpoints/svhn/pruned --export deploy/svhn
 
@@ -39,8 +39,8 @@ def get_args_parser(add_help=True):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      parents=[teacher_args_parser(add_help=False)], add_help=add_help,
                                      conflict_handler='resolve')
-    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed '
-                        'except with --export; when retraining, that of --full-model-dir)')
+    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
+                        "train; --evaluate and --export take the run's, retraining that of --full-model-dir)")
     parser.add_argument('--input-size', type=int, default=None,
                         help='training/test crop size (default 224; when retraining, that of --full-model-dir)')
     parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '
@@ -109,8 +109,8 @@ def check_student_args(args):
         setattr(args, name, recorded if given is None else given)
 
     from_full_student('task', None, must_match=True)  # a student is pruned and retrained on its own task
-    if not args.task:
-        raise UserError("--task is required (to train or evaluate a student; --export needs only --model-dir)")
+    if not args.task and not args.evaluate:
+        raise UserError("--task is required to train a student (--evaluate and --export take the run's)")
     from_full_student('input_size', 224)
     if full_args:
         full_shared = full_args.get('shared_bn_stats', True)  # runs from before task statistics shared them

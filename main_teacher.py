@@ -1,7 +1,7 @@
 """Stage 1 of NetTailor: fine-tune a pre-trained network (all layers) on the target task.
 
     python main_teacher.py --task svhn --arch resnet34 --model-dir checkpoints/svhn/teacher
-    python main_teacher.py --task svhn --model-dir checkpoints/svhn/teacher --evaluate
+    python main_teacher.py --model-dir checkpoints/svhn/teacher --evaluate
 
 The run directory holds checkpoint.pth (the last epoch; `finished` once done), args.json,
 metrics.jsonl (one JSON line per epoch) and, with --log2file, log.txt (engine.py).
@@ -15,12 +15,14 @@ import utils
 from backbones import check_input_size, create_teacher
 from engine import (MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
                     evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, use_cuda_graph)
+from utils import UserError
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor teacher: fine-tune a pre-trained network',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
-    parser.add_argument('--task', required=True, help='dataset: svhn, flowers, voc12 or a synth-* task')
+    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
+                        "train; --evaluate takes the run's)")
     parser.add_argument('--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
     parser.add_argument('--model-dir', required=True, help='run directory (checkpoints, logs, metrics)')
     parser.add_argument('--data-dir', default='data', help='where the datasets live')
@@ -66,6 +68,8 @@ def main(args):
         print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
         return {'accuracy': accuracy}
 
+    if not args.task:
+        raise UserError("--task is required to train a teacher (--evaluate takes the run's)")
     existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)

@@ -431,9 +431,17 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
     out = run('main_student.py', *at_224, '--model-dir', student, '--evaluate').stdout
     assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
     other_task = [a if a != 'synth-digits' else 'synth-textures' for a in TINY]
+    no_task = TINY[4:]  # neither --task nor --input-size: the run's own
     for script, run_dir in (('main_student.py', student), ('main_teacher.py', teacher)):
         result = run(script, *other_task, '--model-dir', run_dir, '--evaluate', expect_ok=False)
         assert_one_line_error(result, 'was trained on synth-digits, not synth-textures', '--task synth-digits')
+        recorded = json.loads(open(run_dir / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
+        out = run(script, *no_task, '--model-dir', run_dir, '--evaluate').stdout
+        assert 'on synth-digits' in out
+        assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
+        result = run(script, *no_task, '--model-dir', run_dir.parent / f'untrained_{script}', expect_ok=False)
+        assert_one_line_error(result, '--task is required to train')
+        assert not (run_dir.parent / f'untrained_{script}').exists()
 
 
 def test_student_on_random_universal_weights_can_be_rebuilt(tmp_path):
