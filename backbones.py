@@ -1,7 +1,5 @@
 """The backbones NetTailor tailors, by name: torchvision-compatible ResNets and the decathlon's Wide ResNet-26,
 and their pre-trained weights."""
-import os
-
 import torch
 
 from resnet import ARCHS as RESNET_ARCHS, ResNet
@@ -14,12 +12,7 @@ ARCHS = (*RESNET_ARCHS, 'wide_resnet26')
 
 def read_state_dict(path, what='pre-trained weights'):
     """Load a state dict from a local file (plain, or wrapped under 'state_dict' / 'model')."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file not found: {path}")
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated or not a torch file
-        raise UserError(f"cannot read {what} from {path}: {utils.error_reason(e)}") from None
+    state = utils.load_checkpoint(path, what)
     for key in ('state_dict', 'model'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -50,12 +50,12 @@ from nettailor import create_student, distillation_loss, two_pass_loss
 import deploy
 import fast
 from backbones import create_teacher
-from utils import UserError, resolve_device, run_cli
+from utils import HelpFormatter, UserError, resolve_device, run_cli
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--arch', default='resnet34')
     parser.add_argument('--max-skip', default='3')
     parser.add_argument('--batch-size', type=int, default=32)
@@ -145,6 +145,9 @@ def main(args):
     for name in ('repeats', 'batch_size', 'input_size', 'threads'):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    modes = [flag for flag in ('--demo', '--latency', '--paths') if getattr(args, flag[2:])]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are separate measurements: pass one of them per run")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.demo:

@@ -36,10 +36,10 @@ RECIPES = {  # docs/method.md §8: ResNet34, 224 px, SGD momentum 0.9, weight de
 
 def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pretrained='imagenet'):
     parser = argparse.ArgumentParser(description=f'NetTailor demo on {task}: teacher, student, prune + retrain',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter, conflict_handler='resolve')
     parser.add_argument('--data-dir', default='data')
     parser.add_argument('--model-root', default=model_root or os.path.join('checkpoints', task),
-                        help='runs go to <model-root>/{teacher,student,pruned}')
+                        help='runs go to <model-root>/{teacher,student,pruned} (pruned-k<N> when several k are tried)')
     parser.add_argument('--arch', default=arch)
     parser.add_argument('--pretrained', default=pretrained, help="'imagenet' or a local state-dict file")
     parser.add_argument('--input-size', type=int, default=input_size)

@@ -8,6 +8,7 @@ ImageNet weights and the real datasets need internet access, so the demo makes i
 checkpoints/synthetic/), then runs the paper's stages on the target task with that network as the
 universal backbone: teacher fine-tuning, NetTailor student, pruning + retraining, final table.
 """
+import argparse
 import copy
 import os
 import sys
@@ -44,6 +45,10 @@ def get_args_parser():
     parser.description = __doc__.split('\n')[0]
     targets = [task for task in SYNTHETIC_TASKS if task != 'synth-source']
     parser.add_argument('--task', default='synth-digits', choices=targets)
+    parser.add_argument('--model-root', default=os.path.join('checkpoints', 'synthetic'),
+                        help='runs go to <model-root>/<task>/{teacher,student,pruned-k<N>}, the source backbone to '
+                        '<model-root>/source')
+    parser.add_argument('--pretrained', default=None, help=argparse.SUPPRESS)  # refused: the demo makes its own
     parser.set_defaults(workers=0)
     return parser
 
@@ -67,7 +72,7 @@ def main(args):
         raise UserError("demo_synthetic.py pre-trains its own universal backbone on synth-source; --pretrained is "
                         "for the real-data demos (demo_svhn.py, ...)")
     logger = utils.setup_logging()
-    args.pretrained = pretrain_source(args, logger)
+    args.pretrained = pretrain_source(args, logger, args.arch)
     target_args = copy.copy(args)
     target_args.model_root = os.path.join(args.model_root, args.task)
     return demo.run_demo(args.task, RECIPE, target_args)

@@ -20,6 +20,13 @@ from utils import UserError
 
 def check_args(args):
     """Reject flag values that cannot work, before anything is written."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.batch_size == 1:
+        raise UserError("--batch-size must be at least 2: BatchNorm cannot train on a batch of one")
     for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size'):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -61,11 +68,15 @@ def build_loaders(args):
 
 
 def evaluation_loader(args, checkpoint, num_classes):
-    """The test loader of the run `checkpoint` records: its task (when --task is not given) and input size,
-    whatever the command line's defaults; a different --task is refused, as is data whose class count is not
-    the model's."""
+    """The test loader of the run `checkpoint` records: its task and test subset (when --task and --test-limit
+    are not given) and input size, whatever the command line's defaults; a different --task is refused, as is
+    data whose class count is not the model's."""
     saved = checkpoint['args']
+    if saved.get('decathlon') and not getattr(args, 'decathlon', False):
+        raise UserError(f"{args.model_dir} is a decathlon run: evaluate it with main_teacher_decathlon.py or "
+                        f"main_student_decathlon.py --task {saved['task']} --evaluate")
     args.task = args.task or saved['task']
+    args.test_limit = args.test_limit or saved.get('test_limit')
     if args.task != saved['task']:
         raise UserError(f"{args.model_dir} was trained on {saved['task']}, not {args.task}: "
                         f"pass --task {saved['task']}")
@@ -79,6 +90,16 @@ def evaluation_loader(args, checkpoint, num_classes):
 
 def checkpoint_path(model_dir):
     return os.path.join(model_dir, 'checkpoint.pth')
+
+
+def epochs_done(checkpoint):
+    """'N of M epochs': how far the run `checkpoint` belongs to went."""
+    return f"{checkpoint['epoch'] + 1} of {checkpoint['args']['epochs']} epochs"
+
+
+def unfinished_note(checkpoint):
+    """A remark for output about a run that is not finished yet, else ''."""
+    return '' if checkpoint.get('finished') else f" (unfinished run: {epochs_done(checkpoint)})"
 
 
 def run_status(model_dir):
@@ -95,15 +116,18 @@ NOT_TRAINING_SETTINGS = ('model_dir', 'model_root', 'data_dir', 'teacher_fn', 'f
                          'write_submission')
 
 
-def finished_run_differences(model_dir, wanted):
-    """How the finished run in `model_dir` was trained otherwise than `wanted` (setting -> value), one
-    '--setting recorded, not wanted' phrase per difference; NOT_TRAINING_SETTINGS are not compared."""
-    recorded = utils.load_checkpoint(checkpoint_path(model_dir))['args']
-
+def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
+    """How settings `recorded` by a run differ from `wanted` (setting -> value), one '--setting recorded, not
+    wanted' phrase per difference; `ignored` settings are not compared."""
     def text(value):  # a list setting is recorded parsed ('train', 'val') and given as 'train,val'
         return ','.join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
     return [f"--{key.replace('_', '-')} {text(recorded.get(key))}, not {text(value)}" for key, value in wanted.items()
-            if key not in NOT_TRAINING_SETTINGS and text(recorded.get(key)) != text(value)]
+            if key not in ignored and text(recorded.get(key)) != text(value)]
+
+
+def finished_run_differences(model_dir, wanted):
+    """`setting_differences` of the finished run in `model_dir`: NOT_TRAINING_SETTINGS are not compared."""
+    return setting_differences(utils.load_checkpoint(checkpoint_path(model_dir))['args'], wanted)
 
 
 def check_run_dir(args):
@@ -137,8 +161,8 @@ def prepare_run_dir(args, existing):
         for name in os.listdir(args.model_dir):  # left by a save that was killed
             if name.startswith('.tmp-'):
                 os.remove(os.path.join(args.model_dir, name))
-        if existing is None or args.force:
-            for name in ('metrics.jsonl', 'log.txt'):
+        if existing is None or args.force:  # nothing of the overwritten run stays beside the new one
+            for name in ('checkpoint.pth', 'metrics.jsonl', 'log.txt', 'architecture.png'):
                 if os.path.exists(os.path.join(args.model_dir, name)):
                     os.remove(os.path.join(args.model_dir, name))
         utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',
@@ -150,17 +174,18 @@ def prepare_run_dir(args, existing):
     return existing if args.resume else None
 
 
-RUN_DEFINING_ARGS = ('task', 'arch', 'backbone', 'max_skip', 'input_size', 'pretrained', 'shared_bn_stats',
-                     'full_model_dir', 'n_pruning_universal', 'thr_pruning_proxy', 'train_splits')
-
-
 def check_resumable(args, existing):
-    """--resume continues the run `existing` records: the same model and data, and epochs still to go."""
-    saved = existing['args']
-    for name in RUN_DEFINING_ARGS:
-        if name in saved and hasattr(args, name) and str(saved[name]) != str(getattr(args, name)):
-            raise UserError(f"--resume: the run in {args.model_dir} has --{name.replace('_', '-')} {saved[name]}, "
-                            f"not {getattr(args, name)}; resume it with its own flags (its args.json)")
+    """--resume continues the run `existing` records: every training setting and the weights it starts from as
+    recorded (only --epochs may grow), and epochs still to go."""
+    weights = ('pretrained', 'teacher_fn', 'full_model_dir')
+    wanted = {key: os.path.abspath(value) if key in weights and value not in (None, 'imagenet') else value
+              for key, value in vars(args).items() if key != 'epochs'}
+    recorded = {key: os.path.abspath(value) if key in weights and value not in (None, 'imagenet') else value
+                for key, value in existing['args'].items()}
+    differences = setting_differences(recorded, wanted, ignored=set(NOT_TRAINING_SETTINGS) - set(weights))
+    if differences:
+        raise UserError(f"--resume: the run in {args.model_dir} was trained with {differences[0]}; resume it with "
+                        "its own flags (its args.json), or pass --force to start it again")
     if args.epochs <= existing['epoch'] + 1:
         raise UserError(f"--resume: the run in {args.model_dir} already went through epoch {existing['epoch'] + 1}; "
                         f"pass --epochs above {existing['epoch'] + 1} to continue it")
@@ -419,9 +444,12 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
     return accuracy
 
 
-def load_teacher(path, device, num_classes=None, arch=None):
-    """A trained teacher from its checkpoint, checked against the expected class count and arch; in eval mode
-    with its weights frozen and folded (`fast.freeze`): it is fixed while the student trains."""
+def load_teacher(path, device, num_classes=None, arch=None, task=None):
+    """A trained teacher from its checkpoint (or its run directory), checked against the expected class count,
+    arch and task; in eval mode with its weights frozen and folded (`fast.freeze`): it is fixed while the
+    student trains."""
+    if os.path.isdir(path):
+        path = checkpoint_path(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if not {'model', 'args', 'num_classes'} <= set(checkpoint):
         raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
@@ -431,6 +459,9 @@ def load_teacher(path, device, num_classes=None, arch=None):
     if num_classes is not None and classes != num_classes:
         raise UserError(f"teacher {path} predicts {classes} classes ({saved['task']}), this task has "
                         f"{num_classes}: wrong --teacher-fn?")
+    if task is not None and saved['task'] != task:
+        raise UserError(f"teacher {path} was trained on {saved['task']}, the student's task is {task}: "
+                        "wrong --teacher-fn?")
     utils.check_finite(checkpoint['model'], 'teacher checkpoint', path)
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])

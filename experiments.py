@@ -14,6 +14,7 @@ run is reused.  --smoke shortens every stage to one epoch on a few images, to ch
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -240,7 +241,7 @@ COMMANDS = {'ksweep': ksweep, 'teacher': teacher_ablation, 'max-skip': max_skip_
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument('command', choices=COMMANDS)
     parser.add_argument('--task', default='synth-digits', help='svhn, flowers, voc12 or a synth-* task')
     parser.add_argument('--model-root', default=None, help='runs, tables and figures go here (default: '
@@ -271,8 +272,8 @@ def main(args):
     if args.k is None and args.command != 'difficulty':
         raise UserError("--k is required: the numbers of universal blocks to remove, e.g. --k 7 9 11 13")
     args.k = sorted(args.k or DIFFICULTY_K, reverse=True)
-    if args.tolerance < 0 or args.k[-1] < 1:
-        raise UserError("--tolerance must be non-negative and every --k at least 1")
+    if not 0 <= args.tolerance < math.inf or args.k[-1] < 1:
+        raise UserError(f"--tolerance must be a non-negative number (got {args.tolerance}) and every --k at least 1")
     if args.command != 'difficulty' and args.task not in demo.RECIPES and args.task not in SYNTHETIC_TASKS:
         raise UserError(f"no recipe for task {args.task!r}: choose {', '.join([*demo.RECIPES, *SYNTHETIC_TASKS])}")
     if args.model_root is None:

@@ -27,8 +27,8 @@ import utils
 from deploy import export
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_run_dir,
-                    checkpoint_path, evaluate, evaluation_loader, fit, load_student, load_teacher, make_optimizer,
-                    param_groups, prepare_run_dir, run_state, use_cuda_graph)
+                    checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student, load_teacher,
+                    make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
@@ -36,7 +36,7 @@ from utils import UserError
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor student: tailor a pre-trained network to a task',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=utils.HelpFormatter,
                                      parents=[teacher_args_parser(add_help=False)], add_help=add_help,
                                      conflict_handler='resolve')
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
@@ -45,7 +45,7 @@ def get_args_parser(add_help=True):
                         help='training/test crop size (default 224; when retraining, that of --full-model-dir)')
     parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '
                         '(default resnet34; when retraining, that of --full-model-dir)')
-    parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth (needed when "
+    parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth or run directory (needed when "
                         "--teacher-coeff > 0; when retraining, that of --full-model-dir)")
     parser.add_argument('--max-skip', default=None, help="proxies per layer from the k most recent nodes, or 'dense' "
                         "(default 3; when retraining, that of --full-model-dir)")
@@ -86,9 +86,12 @@ def check_student_args(args):
     full_args = {}
     if args.full_model_dir and not args.evaluate:
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
-        if not isinstance(full.get('args'), dict):
+        if not isinstance(full.get('args'), dict) or 'meta' not in (full.get('model') or {}):
             raise UserError(f"{checkpoint_path(args.full_model_dir)} is not a student checkpoint written by "
-                            "main_student.py (it records no arguments)")
+                            "main_student.py: --full-model-dir takes a trained student's run directory")
+        if not full.get('finished'):
+            raise UserError(f"{args.full_model_dir} is an unfinished run ({epochs_done(full)}): finish it with "
+                            "--resume before pruning it")
         full_args = full['args']
         recorded = full_args['pretrained']
         if args.pretrained is None:
@@ -153,12 +156,12 @@ def check_student_args(args):
 
 def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
-    student, _ = load_student(args.model_dir, torch.device('cpu'))
+    student, checkpoint = load_student(args.model_dir, torch.device('cpu'))
     paths = export(student, args.export)
     stats = student.stats()
     print(format_stats(stats))
     print(f"tailored network of {args.model_dir} ({stats['flops'] / stats['flops_full']:.2f} of the full "
-          f"network's FLOPs) written to {paths[0]} and {paths[1]}")
+          f"network's FLOPs) written to {paths[0]} and {paths[1]}{unfinished_note(checkpoint)}")
     return {'paths': paths, 'stats': stats}
 
 
@@ -174,7 +177,7 @@ def main(args):
                             cuda_graph=args.cuda_graph)
         stats = student.stats()
         print(format_stats(stats))
-        print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
+        print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
         return {'accuracy': accuracy, 'stats': stats}
 
     existing = check_run_dir(args)
@@ -182,7 +185,7 @@ def main(args):
     train_loader, test_loader, num_classes = build_loaders(args)
     teacher = None
     if args.teacher_coeff > 0:
-        teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone)
+        teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task)
     student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
                              task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:

@@ -23,23 +23,32 @@ from dataloaders import loader_options
 from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
                                    write_submission)
 from engine import checkpoint_path, load_student, predict, run_status
-from main_teacher_decathlon import add_decathlon_args, run_tasks, task_runs
+from main_teacher_decathlon import add_decathlon_args, check_default_weights, run_tasks, task_runs
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor decathlon students', add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=utils.HelpFormatter,
                                      parents=[main_student.get_args_parser(add_help=False)],
                                      conflict_handler='resolve')
     add_decathlon_args(parser, 'student')
+    parser.add_argument('--backbone', '--arch', default=None,
+                        help="the network (default wide_resnet26; with --prune, the full student's)")
+    parser.add_argument('--pretrained', default=None,
+                        help="universal weights: a state-dict file, 'imagenet' or 'none' (default: the released "
+                        "Wide ResNet-26, checkpoints/wide_resnet26.pth.tar; with --prune, the full student's)")
+    parser.add_argument('--full-model-dir', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--export', default=None, metavar='OUT_DIR',
+                        help="write each task's final run (pruned if finished, else the student) as a plain network "
+                        "for deployment: OUT_DIR/<task>/tailored.pt2 and tailored.onnx")
     parser.add_argument('--prune', action='store_true',
                         help='prune <task>/student with --n-pruning-universal / --thr-pruning-proxy and retrain')
     parser.add_argument('--write-submission', action='store_true',
                         help='predict test_stripped and write <run>/submission.json')
     parser.add_argument('--summary', action='store_true', help='print the per-task table and the decathlon score')
-    parser.set_defaults(backbone='wide_resnet26', epochs=30, lr_decay_epochs=10)
+    parser.set_defaults(epochs=30, lr_decay_epochs=10)
     return parser
 
 
@@ -50,8 +59,11 @@ def train_or_evaluate(args):
         args.teacher_fn = checkpoint_path(os.path.join(task_dir, 'teacher'))
     if args.prune:
         args.full_model_dir = os.path.join(task_dir, 'student')
-    elif args.pretrained is None:
-        args.pretrained = DEFAULT_WEIGHTS
+    else:
+        args.backbone = args.backbone or 'wide_resnet26'
+        args.pretrained = args.pretrained or DEFAULT_WEIGHTS
+        if not args.evaluate:
+            check_default_weights(args)
     result = main_student.main(args)
     if args.write_submission:
         write_run_submission(args, args.model_dir)
@@ -109,13 +121,18 @@ def summary(args):
     lines.append(f"mean accuracy {sum(accuracies.values()) / len(rows):.2f}, decathlon score {total:.0f} "
                  f"over {len(rows)} task(s) (val accuracies; test labels are held by the server), "
                  f"{mean_params / 1e6:.2f} M task parameters and {mean_flops / 1e9:.3f} GFLOPs per task on average")
+    results = os.path.join(args.model_root, 'results.json')
     if all(submissions):
         entries = []
         for path in submissions:
             with open(path) as f:
                 entries += json.load(f)
-        write_submission(entries, os.path.join(args.model_root, 'results.json'))
-        lines.append(f"submission for the evaluation server: {os.path.join(args.model_root, 'results.json')}")
+        write_submission(entries, results)
+        lines.append(f"submission for the evaluation server: {results}")
+    else:
+        lacking = [row[0] for row, path in zip(rows, submissions) if path is None]
+        lines.append(f"{results} not written: {', '.join(lacking)} "
+                     f"{'lacks its' if len(lacking) == 1 else 'lack their'} submission.json (--write-submission)")
     print('\n'.join(lines))
     return {'score': total, 'points': points, 'accuracies': accuracies, 'table': '\n'.join(lines)}
 

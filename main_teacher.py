@@ -14,13 +14,14 @@ import torch.nn.functional as F
 import utils
 from backbones import check_input_size, create_teacher
 from engine import (MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
-                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, use_cuda_graph)
+                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, unfinished_note,
+                    use_cuda_graph)
 from utils import UserError
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor teacher: fine-tune a pre-trained network',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
+                                     formatter_class=utils.HelpFormatter, add_help=add_help)
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
                         "train; --evaluate takes the run's)")
     parser.add_argument('--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
@@ -65,7 +66,7 @@ def main(args):
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
         accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes']), device,
                             cuda_graph=args.cuda_graph)
-        print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}")
+        print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
         return {'accuracy': accuracy}
 
     if not args.task:

@@ -30,18 +30,30 @@ def add_decathlon_args(parser, stage):
     parser.add_argument('--train-splits', default='train', help="comma-separated: 'train' or 'train,val'")
     parser.add_argument('--input-size', type=int, default=None, help="crop size (default: the task's, "
                         'decathlon_dataloaders.PREPROCESSING: 72 or 64 px)')
+    parser.add_argument('--evaluate', action='store_true', help="only evaluate the task's run (of every task's, with "
+                        "--task all)")
     parser.set_defaults(decathlon=True, eval_split='val', stage=stage)
+
+
+def check_default_weights(args):
+    """The released universal weights, when they are the ones to train from, must have been downloaded."""
+    if args.pretrained == DEFAULT_WEIGHTS and not os.path.isfile(DEFAULT_WEIGHTS):
+        raise UserError(f"the released Wide ResNet-26 weights are missing ({DEFAULT_WEIGHTS}): run "
+                        "`python checkpoints/download_models.py`, or pass --pretrained")
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor decathlon teachers', add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=utils.HelpFormatter,
                                      parents=[main_teacher.get_args_parser(add_help=False)],
                                      conflict_handler='resolve')
     add_decathlon_args(parser, 'teacher')
+    parser.add_argument('--pretrained', default=DEFAULT_WEIGHTS,
+                        help="a state-dict file, 'imagenet' or 'none' (default: the released Wide ResNet-26, "
+                        "checkpoints/wide_resnet26.pth.tar, which checkpoints/download_models.py fetches)")
     parser.add_argument('--export-backbone', default=None,
-                        help='after training, write the network as a universal weights file here')
-    parser.set_defaults(arch='wide_resnet26', pretrained=DEFAULT_WEIGHTS, epochs=30, lr_decay_epochs=10)
+                        help='after training, write the network as a universal weights file here (one --task)')
+    parser.set_defaults(arch='wide_resnet26', epochs=30, lr_decay_epochs=10)
     return parser
 
 
@@ -57,7 +69,8 @@ def task_runs(args):
         task_args = copy.copy(args)
         task_args.task = task
         task_args.train_splits = tuple(args.train_splits.split(','))
-        task_args.input_size = crop_size(task, args.input_size)
+        if not getattr(args, 'prune', False):  # a pruned student keeps its full student's crop
+            task_args.input_size = crop_size(task, args.input_size)
         task_args.model_dir = os.path.join(args.model_root, task, args.stage)
         yield task_args
 
@@ -75,11 +88,18 @@ def run_tasks(args, main):
     return results
 
 
+def train_or_evaluate(args):
+    """main_teacher.main for one task, once the universal weights to train from are known to be there."""
+    if not args.evaluate:
+        check_default_weights(args)
+    return main_teacher.main(args)
+
+
 def main(args):
-    results = run_tasks(args, main_teacher.main)
+    if args.export_backbone and args.task == 'all':
+        raise UserError("--export-backbone writes one task's network: pass a single --task")
+    results = run_tasks(args, train_or_evaluate)
     if args.export_backbone and utils.is_main_process():
-        if len(results) != 1:
-            raise UserError("--export-backbone needs a single --task")
         task_args = next(task_runs(args))
         model, _ = load_teacher(checkpoint_path(task_args.model_dir), 'cpu')
         utils.atomic_save({'state_dict': model.state_dict()}, args.export_backbone)

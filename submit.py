@@ -76,10 +76,21 @@ def decathlon_jobs(args, script_flags):
 
 def sweep_jobs(args, script_flags):
     """One job per k: the student in --full-model-dir with k universal blocks pruned, retrained."""
+    if run_status(args.full_model_dir) != 'finished':
+        raise UserError(f"--full-model-dir {args.full_model_dir} holds no finished student: train it first "
+                        "(main_student.py)")
     root = args.model_root or os.path.dirname(os.path.abspath(args.full_model_dir))
     return [Job('main_student', [*script_flags, '--full-model-dir', args.full_model_dir, '--n-pruning-universal',
                                  str(k), '--model-dir', os.path.join(root, f'pruned-k{k}')],
                 os.path.join(root, f'pruned-k{k}')) for k in args.k]
+
+
+def check_flags(job):
+    """Flags the job's script does not take are refused here, before anything is submitted."""
+    _, unknown = importlib.import_module(job.script).get_args_parser().parse_known_args(job.argv)
+    if unknown:
+        raise UserError(f"{job.script}.py does not take {' '.join(unknown)} (python {job.script}.py --help lists "
+                        "its flags)")
 
 
 def trained_otherwise(job):
@@ -129,7 +140,7 @@ def make_executor(args):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument('--local', action='store_true', help='run the jobs as local processes instead of SLURM jobs')
     parser.add_argument('--partition', default=None, help='SLURM partition')
     parser.add_argument('--account', default=None, help='SLURM account')
@@ -163,6 +174,7 @@ def main(args, script_flags):
     jobs = decathlon_jobs(args, script_flags) if args.command == 'decathlon' else sweep_jobs(args, script_flags)
     pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
     for job in jobs:
+        check_flags(job)
         differences = trained_otherwise(job) if job not in pending else None
         if differences:
             raise UserError(f"{job.run_dir} holds a finished run trained with {'; '.join(differences)}: "

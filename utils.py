@@ -1,4 +1,5 @@
 """Shared helpers for the training scripts: errors, logging, checkpoints, seeding, devices, several processes."""
+import argparse
 import json
 import logging
 import os
@@ -25,11 +26,25 @@ def user_error_line(exc):
     return text.splitlines()[-1] if text else exc.__class__.__name__
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows a flag's default unless it is None or False, or the help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or 'default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def run_cli(main, parser, argv=None):
-    """Parse arguments and run `main`; a UserError becomes one line on stderr and exit status 1."""
+    """Parse arguments and run `main`; a UserError becomes one line on stderr and exit status 1, Ctrl-C one line
+    and exit status 130."""
     args = parser.parse_args(argv)
     try:
         return main(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; a training run continues from its last finished epoch with --resume",
+              file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {user_error_line(e)}", file=sys.stderr)
         sys.exit(1)
@@ -146,11 +161,15 @@ def load_checkpoint(path, what='checkpoint'):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = error_reason(e)
-        if 'weights_only' in str(e):  # PyTorch suggests weights_only=False: unsafe for a file one does not trust
+        text = str(e)
+        if 'Unsupported global' in text:  # PyTorch suggests weights_only=False: unsafe for a file one does not trust
             reason = ("it holds Python objects besides tensors, which are not loaded for safety (never load a file "
                       "you do not trust with weights_only=False)")
-        raise UserError(f"{what} {path} is unreadable (truncated or not a checkpoint): {reason}") from None
+        elif 'weights_only' in text:  # any other refusal of the tensors-only unpickler
+            reason = "not a PyTorch file"
+        else:
+            reason = f"truncated or not a PyTorch file ({error_reason(e)})"
+        raise UserError(f"{what} {path} is unreadable: {reason}") from None
 
 
 def seed_everything(seed):

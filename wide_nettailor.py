@@ -15,7 +15,7 @@ from backbones import create_teacher
 from utils import UserError, load_checkpoint
 from wide_resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS
 
-DEFAULT_WEIGHTS = 'checkpoints/wide_resnet26.pth.tar'
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'checkpoints', 'wide_resnet26.pth.tar')
 NUM_LAYERS = len(STAGE_CHANNELS) * BLOCKS_PER_STAGE
 STATISTICS = ('running_mean', 'running_var', 'num_batches_tracked')
 BATCHNORM = ('weight', 'bias') + STATISTICS

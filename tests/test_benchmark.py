@@ -55,6 +55,11 @@ def test_benchmark_refuses_empty_measurements(flag):
         benchmark.main(benchmark.get_args_parser().parse_args([flag, '0']))
 
 
+def test_benchmark_refuses_two_measurements_at_once():
+    with pytest.raises(UserError, match='--latency and --paths are separate measurements: pass one of them per run'):
+        benchmark.main(benchmark.get_args_parser().parse_args(['--latency', '--paths']))
+
+
 def test_latency_compares_the_teacher_and_the_exported_tailored_network(tmp_path, capsys):
     args = benchmark.get_args_parser().parse_args(
         ['--latency', '--arch', 'resnet18', '--input-size', '32', '--repeats', '1', '--prune-universal', '4',

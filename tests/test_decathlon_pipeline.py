@@ -74,7 +74,8 @@ def decathlon(tmp_path_factory):
         ('main_student_decathlon.py', '--task', 'all', '--data-dir', data, '--model-root', models,
          '--pretrained', universal, *TRAIN, '--write-submission'),
         ('main_student_decathlon.py', '--task', 'svhn', '--data-dir', data, '--model-root', models, '--prune',
-         '--n-pruning-universal', '2', '--thr-pruning-proxy', '0.01', '--lr', '0.01', *TRAIN, '--write-submission'),
+         '--n-pruning-universal', '2', '--thr-pruning-proxy', '0.01', '--lr', '0.01', *TRAIN[:4],
+         '--write-submission'),  # the full student's crop size, not the task's default
         ('main_student_decathlon.py', '--task', 'all', '--data-dir', data, '--model-root', models, '--summary'))
     return {'data': data, 'models': models, 'universal': universal, 'summary': outputs[-1]}
 
@@ -123,7 +124,17 @@ def test_runs_are_finished_and_svhn_is_pruned(decathlon):
     pruned, checkpoint = load_student(decathlon['models'] / 'svhn' / 'pruned', 'cpu')
     assert checkpoint['finished']
     assert pruned.stats()['universal_blocks_kept'] == 10
+    assert checkpoint['args']['input_size'] == 32 and checkpoint['args']['backbone'] == 'wide_resnet26'
     assert not (decathlon['models'] / 'dtd' / 'pruned').exists()
+    import main_student_decathlon
+    args = main_student_decathlon.get_args_parser().parse_args(['--task', 'svhn', '--prune'])
+    assert args.backbone is None and args.input_size is None  # so that the full student's are taken
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'main_student.py'), '--model-dir',
+                             str(decathlon['models'] / 'svhn' / 'pruned'), '--evaluate', '--device', 'cpu'],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: {decathlon['models'] / 'svhn' / 'pruned'} is a decathlon run: evaluate it with "
+        "main_teacher_decathlon.py or main_student_decathlon.py --task svhn --evaluate"]
 
 
 def test_summary_lists_both_tasks_the_score_and_a_valid_submission(decathlon):
@@ -241,6 +252,7 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                         '--model-root', models, '--summary'))[0]
     assert 'submission for the evaluation server' not in out and not (models / 'results.json').exists()
+    assert f"{models / 'results.json'} not written: dtd lacks its submission.json (--write-submission)" in out
     out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                         '--model-root', models, '--summary', '--write-submission'))[0]
     assert f"submission for the evaluation server: {models / 'results.json'}" in out
@@ -257,7 +269,23 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
             (main_teacher_decathlon, ['--model-dir', str(tmp_path / 'run')], 'pass --model-root, not --model-dir'),
             (main_student_decathlon, ['--model-dir', str(tmp_path / 'run')], 'pass --model-root, not --model-dir'),
             (main_student_decathlon, ['--prune', '--full-model-dir', str(tmp_path / 'student')],
-             'pass --prune, not --full-model-dir')):
+             'pass --prune, not --full-model-dir'),
+            (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path / 'w.pth'),
+                                      '--task', 'all'], "--export-backbone writes one task's network")):
         with pytest.raises(utils.UserError, match=message):
+            module.main(module.get_args_parser().parse_args(common + flags))
+    assert not os.listdir(tmp_path)
+
+
+def test_missing_released_weights_name_the_download_command(tmp_path, monkeypatch):
+    import main_student_decathlon
+    import main_teacher_decathlon
+    missing = str(tmp_path / 'wide_resnet26.pth.tar')
+    monkeypatch.setattr(main_teacher_decathlon, 'DEFAULT_WEIGHTS', missing)  # wherever the real file may be
+    monkeypatch.setattr(main_student_decathlon, 'DEFAULT_WEIGHTS', missing)
+    common = ['--task', 'svhn', '--data-dir', str(tmp_path / 'data'), '--model-root', str(tmp_path / 'models')]
+    for module, flags in ((main_teacher_decathlon, ['--pretrained', missing]), (main_student_decathlon, [])):
+        with pytest.raises(utils.UserError, match=r'the released Wide ResNet-26 weights are missing .*: run '
+                                                  r'`python checkpoints/download_models.py`, or pass --pretrained'):
             module.main(module.get_args_parser().parse_args(common + flags))
     assert not os.listdir(tmp_path)

@@ -62,10 +62,16 @@ def test_teacher_loads_local_torchvision_file_and_rejects_bad_ones(tmp_path):
     with pytest.raises(UserError, match='not found'):
         create_teacher('resnet18', 3, pretrained=str(tmp_path / 'missing.pth'))
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match='cannot read'):
+    with pytest.raises(UserError, match='unreadable'):
         create_teacher('resnet18', 3, pretrained=str(path))
     path.write_bytes(b'')  # zero bytes: an exception without a message
-    with pytest.raises(UserError, match='cannot read pre-trained weights from .*: EOFError'):
+    with pytest.raises(UserError, match=r'weights .* is unreadable: truncated or not a PyTorch file \(EOFError'):
+        create_teacher('resnet18', 3, pretrained=str(path))
+    path.write_text('not a checkpoint\n')
+    with pytest.raises(UserError, match='is unreadable: not a PyTorch file$'):
+        create_teacher('resnet18', 3, pretrained=str(path))
+    torch.save({'conv1.weight': argparse.Namespace()}, path)  # a pickled Python object: never unpickled
+    with pytest.raises(UserError, match='is unreadable: it holds Python objects besides tensors'):
         create_teacher('resnet18', 3, pretrained=str(path))
 
 

@@ -134,7 +134,9 @@ def test_loaded_teacher_is_frozen_and_computes_the_trained_network(pipeline):
     from engine import load_teacher
     from backbones import create_teacher
     path = pipeline[0] / 'checkpoint.pth'
-    teacher, checkpoint = load_teacher(path, 'cpu', 10, 'resnet18')
+    teacher, checkpoint = load_teacher(path, 'cpu', 10, 'resnet18', 'synth-digits')
+    from_run_dir, _ = load_teacher(pipeline[0], 'cpu')  # --teacher-fn may name the run directory
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), from_run_dir.state_dict().values()))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     plain = create_teacher('resnet18', 10).eval()  # trainable weights: every layer run as defined
     plain.load_state_dict(checkpoint['model'])
@@ -155,6 +157,51 @@ def test_finished_run_is_not_overwritten(pipeline, workdir):
     assert (teacher / 'checkpoint.pth').read_bytes() == before
 
 
+def test_a_forced_run_leaves_nothing_of_the_run_it_overwrites(workdir, tmp_path):
+    args = [*TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--model-dir', tmp_path / 'run',
+            '--epochs', 1, '--train-limit', 32]
+    run('main_teacher.py', *args)
+    result = run('main_teacher.py', *args, '--force', '--lr', 1e40, expect_ok=False)  # diverges in its first epoch
+    assert_one_line_error(result, 'training diverged')
+    assert sorted(os.listdir(tmp_path / 'run')) == ['.lock', 'args.json']  # no finished run beside the new flags
+    result = run('main_teacher.py', '--model-dir', tmp_path / 'run', '--evaluate', '--device', 'cpu', expect_ok=False)
+    assert_one_line_error(result, 'teacher checkpoint not found')
+
+
+def test_unfinished_runs_are_marked_and_not_pruned(pipeline, tmp_path):
+    teacher, student, _ = pipeline
+    checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
+    checkpoint.update(finished=False, epoch=0)  # as if stopped after its first epoch of two
+    os.makedirs(tmp_path / 'unfinished')
+    torch.save(checkpoint, tmp_path / 'unfinished' / 'checkpoint.pth')
+    out = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--evaluate', '--workers', 0,
+              '--device', 'cpu').stdout
+    assert out.strip().endswith('on synth-digits (unfinished run: 1 of 2 epochs)')
+    out = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--export', tmp_path / 'deploy').stdout
+    assert out.strip().endswith('(unfinished run: 1 of 2 epochs)')
+    retrain = ['--n-pruning-universal', 1, '--model-dir', tmp_path / 'pruned', '--device', 'cpu']
+    result = run('main_student.py', '--full-model-dir', tmp_path / 'unfinished', *retrain, expect_ok=False)
+    assert_one_line_error(result, 'is an unfinished run (1 of 2 epochs): finish it with --resume before pruning it')
+    result = run('main_student.py', '--full-model-dir', teacher, *retrain, expect_ok=False)
+    assert_one_line_error(result, 'is not a student checkpoint', "--full-model-dir takes a trained student's run")
+    assert not (tmp_path / 'pruned').exists()
+
+
+def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'main_teacher.py'), *map(str, TINY), '--arch',
+                                'resnet18', '--pretrained', str(workdir / 'backbone.pth'), '--epochs', '50',
+                                '--model-dir', str(tmp_path / 'run')], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'run' / 'metrics.jsonl').exists() and time.time() < deadline:  # training, epoch 1 on
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == ('error: interrupted; a training run continues from its last '
+                                               'finished epoch with --resume')
+    assert 'Traceback' not in stderr
+
+
 @pytest.mark.parametrize('script, flags, message', [
     ('main_teacher.py', ['--lr', '0'], '--lr must be positive'),
     ('main_teacher.py', ['--epochs', '-1'], '--epochs must be positive'),
@@ -164,6 +211,11 @@ def test_finished_run_is_not_overwritten(pipeline, workdir):
     ('main_student.py', ['--teacher-coeff', '0', '--max-skip', '12'], '--max-skip must be an integer in [1, 8]'),
     ('main_teacher.py', ['--cuda-graph'], '--cuda-graph needs a CUDA device, not cpu'),
     ('main_student.py', ['--teacher-coeff', '0', '--cuda-graph'], '--cuda-graph needs a CUDA device, not cpu'),
+    ('main_teacher.py', ['--lr', 'nan'], '--lr must be a finite number, got nan'),
+    ('main_teacher.py', ['--warmup-epochs', 'inf'], '--warmup-epochs must be a finite number, got inf'),
+    ('main_student.py', ['--teacher-coeff', 'nan'], '--teacher-coeff must be a finite number, got nan'),
+    ('main_teacher.py', ['--seed', '-1'], '--seed must be in [0, 2**32), got -1'),
+    ('main_teacher.py', ['--batch-size', '1'], '--batch-size must be at least 2'),
 ])
 def test_invalid_flags(tmp_path, script, flags, message):
     arch = ['--arch', 'resnet18'] if script == 'main_teacher.py' else ['--backbone', 'resnet18']
@@ -195,6 +247,11 @@ def test_teacher_checkpoint_missing_mismatched_or_truncated(pipeline, workdir, t
     result = run('main_student.py', *TINY, *[a if a != 'resnet18' else 'resnet34' for a in student_args],
                  '--teacher-fn', teacher / 'checkpoint.pth', expect_ok=False)
     assert_one_line_error(result, 'is a resnet18', 'needs a resnet34')
+    checkpoint = torch.load(teacher / 'checkpoint.pth', weights_only=True)
+    checkpoint['args']['task'] = 'synth-other-digits'  # another task with as many classes
+    torch.save(checkpoint, tmp_path / 'other.pth')
+    result = run('main_student.py', *TINY, *student_args, '--teacher-fn', tmp_path / 'other.pth', expect_ok=False)
+    assert_one_line_error(result, 'was trained on synth-other-digits', "the student's task is synth-digits")
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes((teacher / 'checkpoint.pth').read_bytes()[:5000])
     result = run('main_student.py', *TINY, *student_args, '--teacher-fn', truncated, expect_ok=False)
@@ -431,7 +488,7 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
     out = run('main_student.py', *at_224, '--model-dir', student, '--evaluate').stdout
     assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
     other_task = [a if a != 'synth-digits' else 'synth-textures' for a in TINY]
-    no_task = TINY[4:]  # neither --task nor --input-size: the run's own
+    no_task = ['--workers', '0', '--device', 'cpu']  # no --task, --input-size or --test-limit: the run's own
     for script, run_dir in (('main_student.py', student), ('main_teacher.py', teacher)):
         result = run(script, *other_task, '--model-dir', run_dir, '--evaluate', expect_ok=False)
         assert_one_line_error(result, 'was trained on synth-digits, not synth-textures', '--task synth-digits')
@@ -467,6 +524,10 @@ def test_resume_refuses_another_run_and_nothing_to_do(pipeline, workdir, tmp_pat
     result = run('main_teacher.py', *[a if a != 'resnet18' else 'resnet34' for a in args], '--model-dir', run_dir,
                  '--resume', expect_ok=False)
     assert_one_line_error(result, '--resume', '--arch resnet18, not resnet34')
+    for flag, value, recorded in (('--lr', 0.5, 0.01), ('--optimizer', 'adam', 'sgd'), ('--batch-size', 16, 32)):
+        result = run('main_teacher.py', *args, flag, value, '--model-dir', run_dir, '--resume', expect_ok=False)
+        assert_one_line_error(result, f'--resume: the run in {run_dir} was trained with {flag} {recorded}, not '
+                              f'{value}; resume it with its own flags')
     result = run('main_teacher.py', *args[:-4], '--epochs', 1, '--lr', 0.01, '--model-dir', run_dir, '--resume',
                  expect_ok=False)
     assert_one_line_error(result, 'already went through epoch 1', '--epochs above 1')

@@ -61,9 +61,16 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, tmp_pat
 def test_failed_jobs_are_reported_in_one_line(tmp_path):
     args = submit.get_args_parser().parse_args(
         ['--local', '--gpus-per-job', '0', '--timeout-min', '5', '--log-dir', str(tmp_path / 'jobs'), 'sweep',
-         '--full-model-dir', str(tmp_path / 'missing'), '--k', '3'])
-    with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k3 .*checkpoint"):
-        submit.main(args, ['--task', 'synth-digits', '--device', 'cpu'])
+         '--full-model-dir', str(tmp_path / 'student'), '--k', '3'])
+    with pytest.raises(UserError, match=r"--full-model-dir .*student holds no finished student: train it first"):
+        submit.main(args, ['--device', 'cpu'])  # refused before anything is submitted
+    os.makedirs(tmp_path / 'student')
+    torch.save({'finished': True}, checkpoint_path(tmp_path / 'student'))  # finished, but not a student's
+    with pytest.raises(UserError, match=r"main_student.py does not take --bogus-flag"):
+        submit.main(args, ['--device', 'cpu', '--bogus-flag'])
+    assert not os.path.exists(tmp_path / 'jobs')
+    with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k3 .*not a student checkpoint"):
+        submit.main(args, ['--device', 'cpu'])  # a failure inside the job
 
 
 def test_a_job_with_two_processes_runs_them_as_one_run(workdir, tmp_path):  # noqa: F811
