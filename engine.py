@@ -4,6 +4,7 @@ and its schedule, mixed precision, the epoch loop (`fit`), evaluation and loadin
 main_teacher.py and main_student.py (and the decathlon scripts and demos built on them) are thin: a
 parser, a model, a training step; everything else lives here.
 """
+import hashlib
 import json
 import math
 import os
@@ -487,25 +488,43 @@ def load_student(model_dir, device):
                         "(written by an older version): train it again")
     student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], saved['pretrained'],
                              saved['input_size'], task_bn_stats=meta.get('task_bn_stats', False))
-    attach_run_state(student, pack, checkpoint_path(model_dir))
+    attach_run_state(student, pack, checkpoint_path(model_dir), saved['pretrained'])
     return student.to(device), checkpoint
 
 
-def run_state(student, pretrained):
-    """What a student checkpoint stores: the task pack and, when the universal weights come from no file
-    (--pretrained none), those weights too, or the run could not be rebuilt."""
+def universal_fingerprint(student):
+    """SHA-256 of the universal blocks' frozen parameters (not their BatchNorm statistics, buffers that may be
+    the task's): names the universal weights a student was trained on."""
+    digest = hashlib.sha256()
+    for name, tensor in student.backbone.named_parameters():
+        if not name.startswith(student.backbone.head_prefixes):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_state(student, pretrained, fingerprint):
+    """What a student checkpoint stores: the task pack, the `universal_fingerprint` of the universal weights
+    and, when those come from no file (--pretrained none), the weights too, or the run could not be rebuilt."""
     pack = student.task_pack()
+    pack['universal_sha256'] = fingerprint
     if pretrained is None:
         pack['universal'] = {k: v.detach().clone() for k, v in student.backbone.state_dict().items()
                              if not k.startswith(student.backbone.head_prefixes)}
     return pack
 
 
-def attach_run_state(student, pack, source):
-    """The universal weights a checkpoint holds (see `run_state`), then its task pack."""
+def attach_run_state(student, pack, source, pretrained):
+    """The universal weights a checkpoint holds (see `run_state`), checked against the fingerprint it recorded
+    (a universal weights file `pretrained` replaced since would silently change every result), then its task
+    pack."""
     if 'universal' in pack:
         utils.check_finite(pack['universal'], 'checkpoint', source)
         student.backbone.load_state_dict(pack['universal'], strict=False)
+    recorded = pack.get('universal_sha256')  # absent from checkpoints written before fingerprints
+    if recorded is not None and recorded != universal_fingerprint(student):
+        raise UserError(f"the universal weights {pretrained} are not those {source} was trained on (the file was "
+                        "changed or replaced since): put the original back")
     student.load_task_pack(pack, source)
 
 

@@ -28,7 +28,8 @@ from deploy import export
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_run_dir,
                     checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student, load_teacher,
-                    make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note, use_cuda_graph)
+                    make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note, universal_fingerprint,
+                    use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
@@ -166,6 +167,8 @@ def export_run(args):
 
 
 def main(args):
+    if args.export and args.evaluate:
+        raise UserError("--evaluate and --export are separate commands: pass one of them")
     if args.export:
         return export_run(args)
     check_student_args(args)
@@ -196,10 +199,11 @@ def main(args):
     elif teacher is not None and args.classifier_init == 'teacher':
         for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
             mine.load_state_dict(theirs.state_dict())
+    fingerprint = universal_fingerprint(student)  # once: the universal weights stay frozen
     student.to(device)
     resume_from = prepare_run_dir(args, existing)
     if resume_from is not None:
-        attach_run_state(student, resume_from['model'], checkpoint_path(args.model_dir))
+        attach_run_state(student, resume_from['model'], checkpoint_path(args.model_dir), args.pretrained)
     logger = utils.setup_logging(args.model_dir, args.log2file)
     logger.info(f"student {args.backbone} (max_skip {args.max_skip}) on {args.task} ({num_classes} classes), "
                 f"gamma1 {args.complexity_coeff}, gamma2 {args.teacher_coeff}, "
@@ -229,7 +233,7 @@ def main(args):
 
     train_step = TrainStep(student, loss_fn, optimizer, precision, args.cuda_graph)
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
-                   lambda: run_state(student, args.pretrained), resume_from, logger, precision)
+                   lambda: run_state(student, args.pretrained, fingerprint), resume_from, logger, precision)
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     if utils.is_main_process():

@@ -179,12 +179,35 @@ def test_unfinished_runs_are_marked_and_not_pruned(pipeline, tmp_path):
     assert out.strip().endswith('on synth-digits (unfinished run: 1 of 2 epochs)')
     out = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--export', tmp_path / 'deploy').stdout
     assert out.strip().endswith('(unfinished run: 1 of 2 epochs)')
+    result = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--export', tmp_path / 'deploy2',
+                 '--evaluate', expect_ok=False)
+    assert_one_line_error(result, '--evaluate and --export are separate commands')
     retrain = ['--n-pruning-universal', 1, '--model-dir', tmp_path / 'pruned', '--device', 'cpu']
     result = run('main_student.py', '--full-model-dir', tmp_path / 'unfinished', *retrain, expect_ok=False)
     assert_one_line_error(result, 'is an unfinished run (1 of 2 epochs): finish it with --resume before pruning it')
     result = run('main_student.py', '--full-model-dir', teacher, *retrain, expect_ok=False)
     assert_one_line_error(result, 'is not a student checkpoint', "--full-model-dir takes a trained student's run")
     assert not (tmp_path / 'pruned').exists()
+
+
+def test_a_student_refuses_universal_weights_other_than_its_own(pipeline, workdir, tmp_path):
+    """The universal weights come from a file the checkpoint names: a replaced file is caught, not used."""
+    student = pipeline[1]
+    checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
+    weights = torch.load(workdir / 'backbone.pth', weights_only=True)
+    checkpoint['args']['pretrained'] = str(tmp_path / 'backbone.pth')
+    os.makedirs(tmp_path / 'run')
+    torch.save(checkpoint, tmp_path / 'run' / 'checkpoint.pth')
+    evaluate = ['main_student.py', '--model-dir', tmp_path / 'run', '--evaluate', '--workers', 0, '--device', 'cpu']
+    torch.save(weights, tmp_path / 'backbone.pth')  # a copy of the same weights: fine
+    recorded = json.loads(open(student / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
+    out = run(*evaluate).stdout
+    assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
+    weights['layer3.1.conv2.weight'][0, 0, 0, 0] += 1e-3
+    torch.save(weights, tmp_path / 'backbone.pth')
+    result = run(*evaluate, expect_ok=False)
+    assert_one_line_error(result, f"the universal weights {tmp_path / 'backbone.pth'} are not those",
+                          'was trained on (the file was changed or replaced since): put the original back')
 
 
 def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
