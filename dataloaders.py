@@ -127,7 +127,8 @@ def read_voc_objects(annotation_path):
     try:
         root = ET.parse(annotation_path).getroot()
     except ET.ParseError as error:
-        raise UserError(f'corrupt annotation file {annotation_path}: {_one_line(error)}') from error
+        raise UserError(f'corrupt annotation file {annotation_path}: {_one_line(error)}; delete it and '
+                        f'{_prepare_hint("voc12")}') from error
     width, height = int(root.find('size/width').text), int(root.find('size/height').text)
     objects = []
     for obj in root.findall('object'):

@@ -272,8 +272,10 @@ def main(args):
     if args.k is None and args.command != 'difficulty':
         raise UserError("--k is required: the numbers of universal blocks to remove, e.g. --k 7 9 11 13")
     args.k = sorted(args.k or DIFFICULTY_K, reverse=True)
-    if not 0 <= args.tolerance < math.inf or args.k[-1] < 1:
-        raise UserError(f"--tolerance must be a non-negative number (got {args.tolerance}) and every --k at least 1")
+    if not 0 <= args.tolerance < math.inf:
+        raise UserError(f"--tolerance must be a non-negative number, got {args.tolerance}")
+    if args.k[-1] < 1:
+        raise UserError(f"every --k must be at least 1, got {args.k[-1]}")
     if args.command != 'difficulty' and args.task not in demo.RECIPES and args.task not in SYNTHETIC_TASKS:
         raise UserError(f"no recipe for task {args.task!r}: choose {', '.join([*demo.RECIPES, *SYNTHETIC_TASKS])}")
     if args.model_root is None:

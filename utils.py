@@ -148,6 +148,12 @@ def check_finite(state, what, path):
                         "train it again with a lower --lr")
 
 
+def require_folder(path, flag):
+    """A flag naming a folder (created when missing) must not name a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file: name a folder")
+
+
 def error_reason(error):
     """The first line of an exception's message, or its type when the message is empty."""
     text = str(error).strip()

@@ -33,8 +33,11 @@ def main(argv=None):
         if not checkpoints:
             raise UserError(f"no released task checkpoint (*.pth.tar named after a decathlon task) under "
                             f"{args.checkpoint}; `python checkpoints/download_models.py` fetches them")
+        utils.require_folder(args.out, '--out')
         outputs = {task: os.path.join(args.out, f'{task}.pth') for task in checkpoints}
     else:
+        if os.path.isdir(args.out):
+            raise UserError(f"--out {args.out} is a folder: name the task pack file to write")
         checkpoints, outputs = {None: args.checkpoint}, {None: args.out}
     packs = {task: load_released_pack(path) for task, path in checkpoints.items()}  # all read before any write
     for task, pack in packs.items():

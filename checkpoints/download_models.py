@@ -47,8 +47,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def download(url, path, flag):
-    """`url` saved as `path`, through a partial file renamed when complete."""
+def download(url, path, flag, check=None):
+    """`url` saved as `path`, through a partial file renamed when complete (and accepted by `check`, which raises
+    a UserError for what is not the expected file)."""
     check_reachable(url, flag, path)
     folder, filename = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -59,6 +60,12 @@ def download(url, path, flag):
         download_url(url, folder, filename + '.part')
     except OSError as error:
         raise UserError(f"downloading {url} failed ({error}); pass {flag} for another location") from error
+    try:
+        if check is not None:
+            check(partial)
+    except UserError:
+        os.remove(partial)
+        raise
     os.replace(partial, path)
 
 
@@ -66,12 +73,22 @@ def fetch_universal(args):
     if os.path.isfile(args.output):
         print(f'{args.output} exists, kept')
         return
-    download(args.url, args.output, '--url')
+    if os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a folder: name the weights file to write")
+
+    def check(partial):  # a moved site answers with an HTML page, not a checkpoint
+        try:
+            utils.load_checkpoint(partial, 'download')
+        except UserError as error:
+            raise UserError(f"{args.url} did not return a PyTorch checkpoint ({error}); pass --url for another "
+                            "location") from None
+    download(args.url, args.output, '--url', check)
     print(f'saved {args.output}')
 
 
 def fetch_task_models(args):
     """The released task checkpoints, unpacked into --models-dir (whole, or not at all)."""
+    utils.require_folder(args.models_dir, '--models-dir')
     if os.path.isdir(args.models_dir) and released_task_checkpoints(args.models_dir):
         print(f'{args.models_dir} holds released task checkpoints, kept')
         return

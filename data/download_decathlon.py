@@ -64,8 +64,15 @@ def unpack(archive, destination):
 
 
 def annotations_present(data_dir):
-    return all(os.path.isfile(annotation_path(data_dir, task, split))
-               for task in DECATHLON_TASKS for split in SPLITS)
+    """Whether every annotation file is there and reads as JSON (an interrupted extraction leaves a cut one)."""
+    for task in DECATHLON_TASKS:
+        for split in SPLITS:
+            try:
+                with open(annotation_path(data_dir, task, split)) as f:
+                    json.load(f)
+            except (OSError, ValueError):
+                return False
+    return True
 
 
 def images_present(data_dir, task):
@@ -94,6 +101,9 @@ def main(argv=None):
     args = parse_args(argv)
     root = decathlon_root(args.data_dir)
     image_folder = os.path.join(root, 'data')
+    utils.require_folder(args.data_dir, '--data-dir')
+    if not args.mirror.startswith(('http://', 'https://')):
+        raise UserError(f"--mirror must be an http(s) URL, got {args.mirror!r}")
     mirror = args.mirror if args.mirror.endswith('/') else args.mirror + '/'
     if annotations_present(args.data_dir):
         print(f'annotations: all present in {os.path.join(root, "annotations")}')

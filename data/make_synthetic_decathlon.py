@@ -150,6 +150,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.require_folder(args.data_dir, '--data-dir')
     start = time.time()
     for task in args.tasks:
         if task_is_complete(task, args.data_dir) and not args.force:

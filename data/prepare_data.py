@@ -86,17 +86,21 @@ def prepare_flowers(data_dir):
 
 
 def missing_voc_file(voc_dir):
-    """Path of the first missing VOC 2012 file among the split lists and their images and annotations, or None."""
+    """Path of the first missing VOC 2012 file among the split lists (an empty list counts as missing) and their
+    images and annotations, or None."""
     for split in ('train', 'val'):
         list_path = os.path.join(voc_dir, 'ImageSets', 'Main', f'{split}.txt')
         if not os.path.exists(list_path):
             return list_path
         with open(list_path) as f:
-            for image_id in f.read().split():
-                for path in (os.path.join(voc_dir, 'Annotations', f'{image_id}.xml'),
-                             os.path.join(voc_dir, 'JPEGImages', f'{image_id}.jpg')):
-                    if not os.path.exists(path):
-                        return path
+            image_ids = f.read().split()
+        if not image_ids:
+            return list_path
+        for image_id in image_ids:
+            for path in (os.path.join(voc_dir, 'Annotations', f'{image_id}.xml'),
+                         os.path.join(voc_dir, 'JPEGImages', f'{image_id}.jpg')):
+                if not os.path.exists(path):
+                    return path
     return None
 
 

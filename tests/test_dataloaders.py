@@ -276,6 +276,17 @@ def test_voc_missing_split_list(tmp_path):
                                'python data/prepare_data.py --task voc12')
 
 
+def test_voc_corrupt_annotation_names_the_fix(tmp_path):
+    voc_dir = write_voc(tmp_path)
+    path = os.path.join(voc_dir, 'Annotations', '2008_000002.xml')
+    with open(path, 'w') as f:
+        f.write('<annotation><size>')  # cut short
+    with pytest.raises(UserError) as excinfo:
+        get_datasets('voc12', tmp_path)
+    assert_one_line_user_error(excinfo, f'corrupt annotation file {path}', 'delete it and run',
+                               'python data/prepare_data.py --task voc12')
+
+
 # ---------------------------------------------------------------- synthetic tasks and task names
 
 def test_synthetic_augmentation_flips_and_normalises():
@@ -388,6 +399,11 @@ def test_prepare_data_downloads_what_is_missing_or_wrong(prepare_data, monkeypat
     calls.clear()
     assert prepare_data.main(['--task', 'voc12', '--data-dir', str(tmp_path)]) == 0
     assert calls == [(prepare_data.VOC2012['url'], str(tmp_path))]
+    voc_dir = write_voc(tmp_path / 'empty_list')
+    open(os.path.join(voc_dir, 'ImageSets', 'Main', 'train.txt'), 'w').close()  # the loader calls this incomplete
+    calls.clear()
+    assert prepare_data.main(['--task', 'voc12', '--data-dir', str(tmp_path / 'empty_list')]) == 0
+    assert calls == [(prepare_data.VOC2012['url'], str(tmp_path / 'empty_list'))]
 
 
 def test_prepare_data_runs_as_a_script():

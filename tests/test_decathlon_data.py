@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from decathlon_dataloaders import (BASELINE_ACC, CATEGORY_BASE, DECATHLON_TASKS, MEAN_STD, DecathlonDataset,
-                                   available_tasks, crop_size, decathlon_score, decathlon_transform,
+                                   annotation_path, available_tasks, crop_size, decathlon_score, decathlon_transform,
                                    get_decathlon_dataloaders,
                                    get_decathlon_datasets, submission_entries, task_mean_std, write_submission)
 from utils import UserError
@@ -392,6 +392,16 @@ def test_download_decathlon_skips_what_exists(tmp_path, monkeypatch, capsys):
     downloader.main(['--data-dir', data_dir])
     assert 'decathlon-1.0-data-imagenet.tar from https://image-net.org' in capsys.readouterr().out
 
+    assert downloader.annotations_present(data_dir)
+    path = annotation_path(data_dir, 'ucf101', 'train')
+    with open(path) as f:
+        text = f.read()
+    with open(path, 'w') as f:  # cut by an interrupted extraction: not taken for present
+        f.write(text[:len(text) // 2])
+    assert not downloader.annotations_present(data_dir)
+    with pytest.raises(UserError, match="--mirror must be an http\\(s\\) URL, got 'file:///x'"):
+        downloader.main(['--data-dir', data_dir, '--mirror', 'file:///x'])
+
 
 def test_download_decathlon_fetches_only_the_missing_archive(tmp_path, monkeypatch):
     downloader = load_script('data/download_decathlon.py')
@@ -449,11 +459,27 @@ def test_download_models_skips_what_exists_and_fetches_what_is_missing(tmp_path,
         fetched.append(url)
         if url.endswith('.tar.gz'):
             released_fixture_archive(os.path.join(folder, filename))
+        elif url.endswith('.html'):  # what a moved site answers
+            with open(os.path.join(folder, filename), 'w') as f:
+                f.write('<html>moved</html>')
         else:
-            open(os.path.join(folder, filename), 'wb').close()
+            torch.save({'state_dict': {}}, os.path.join(folder, filename))
 
     monkeypatch.setattr(downloader, 'check_reachable', lambda url, flag, destination: None)
     monkeypatch.setattr(downloader, 'download_url', fake_download)
+    with pytest.raises(UserError, match=r'https://example.org/moved.html did not return a PyTorch checkpoint .*'
+                                        r'not a PyTorch file\); pass --url'):
+        downloader.main(['--output', str(output), '--url', 'https://example.org/moved.html'])
+    assert os.listdir(tmp_path) == ['decathlon_models']  # neither the page nor a partial file kept
+    with pytest.raises(UserError, match=f'--output {tmp_path} is a folder'):
+        downloader.main(['--output', str(tmp_path)])
+    with pytest.raises(UserError, match=f'--models-dir {tmp_path / "afile"} is a file'):
+        (tmp_path / 'afile').write_text('x')
+        downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar', '--models-dir',
+                         str(tmp_path / 'afile')])
+    (tmp_path / 'afile').unlink()
+    output.unlink()
+    fetched.clear()
     downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar', '--models-dir', str(models),
                      '--models-url', 'https://example.org/decathlon_models.tar.gz'])
     assert fetched == ['https://example.org/w.pth.tar', 'https://example.org/decathlon_models.tar.gz']
@@ -466,3 +492,11 @@ def test_download_models_skips_what_exists_and_fetches_what_is_missing(tmp_path,
     with pytest.raises(UserError, match='holds no released task checkpoint; move it away'):
         downloader.main(['--output', str(output), '--models-dir', str(models)])
     assert (models / 'svhn' / 'notes.txt').read_text() == 'mine'
+
+
+def test_data_dir_naming_a_file_is_refused(tmp_path):
+    (tmp_path / 'afile').write_text('x')
+    for script in ('data/make_synthetic_decathlon.py', 'data/download_decathlon.py'):
+        with pytest.raises(UserError, match=f'^--data-dir {tmp_path / "afile"} is a file: name a folder$'):
+            load_script(script).main(['--data-dir', str(tmp_path / 'afile')])
+    assert os.listdir(tmp_path) == ['afile']

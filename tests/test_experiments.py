@@ -97,3 +97,7 @@ def test_experiments_refuse_what_cannot_run(roots):
         run(roots, 'ksweep', '--task', 'synth-digits')
     with pytest.raises(UserError, match="no recipe for task 'mnist'"):
         run(roots, 'ksweep', '--task', 'mnist', '--k', 1)
+    with pytest.raises(UserError, match='^every --k must be at least 1, got 0$'):
+        run(roots, 'ksweep', '--task', 'synth-digits', '--k', 0, 2)
+    with pytest.raises(UserError, match='^--tolerance must be a non-negative number, got nan$'):
+        run(roots, 'ksweep', '--task', 'synth-digits', '--k', 2, '--tolerance', 'nan')

@@ -198,6 +198,12 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), (what, result.stderr)
         assert str(path) in lines[0] and not (tmp_path / 'bad.pth').exists()
+    for source, out, message in ((released / 'svhn' / 'checkpoint.pth.tar', tmp_path / 'packs', 'is a folder'),
+                                 (released, tmp_path / 'one.pth', 'is a file')):
+        result = subprocess.run(command + [str(source), '--out', str(out)], capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+            f"error: --out {out} {message}: name " + ('the task pack file to write' if message == 'is a folder' else
+                                                      'a folder')]
 
 
 def test_incomplete_released_checkpoint_is_refused():
