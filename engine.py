@@ -175,15 +175,22 @@ def prepare_run_dir(args, existing):
     return existing if args.resume else None
 
 
+def weights_location(value):
+    """A setting naming weights or a run (--pretrained, --teacher-fn, --full-model-dir) as an absolute path, so
+    that the same file named from two working directories compares equal; None and 'imagenet' as they are."""
+    return value if value in (None, 'imagenet') else os.path.abspath(value)
+
+
 def check_resumable(args, existing):
     """--resume continues the run `existing` records: every training setting and the weights it starts from as
     recorded (only --epochs may grow), and epochs still to go."""
     weights = ('pretrained', 'teacher_fn', 'full_model_dir')
-    wanted = {key: os.path.abspath(value) if key in weights and value not in (None, 'imagenet') else value
-              for key, value in vars(args).items() if key != 'epochs'}
-    recorded = {key: os.path.abspath(value) if key in weights and value not in (None, 'imagenet') else value
-                for key, value in existing['args'].items()}
-    differences = setting_differences(recorded, wanted, ignored=set(NOT_TRAINING_SETTINGS) - set(weights))
+
+    def located(settings):
+        return {key: weights_location(value) if key in weights else value for key, value in settings.items()}
+    wanted = located({key: value for key, value in vars(args).items() if key != 'epochs'})
+    differences = setting_differences(located(existing['args']), wanted,
+                                      ignored=set(NOT_TRAINING_SETTINGS) - set(weights))
     if differences:
         raise UserError(f"--resume: the run in {args.model_dir} was trained with {differences[0]}; resume it with "
                         "its own flags (its args.json), or pass --force to start it again")

@@ -29,7 +29,7 @@ from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_run_dir,
                     checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student, load_teacher,
                     make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note, universal_fingerprint,
-                    use_cuda_graph)
+                    use_cuda_graph, weights_location)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
@@ -76,13 +76,6 @@ def get_args_parser(add_help=True):
     return parser
 
 
-def same_weights(a, b):
-    """Whether two --pretrained values name the same universal weights (files compared as absolute paths)."""
-    if a in (None, 'imagenet') or b in (None, 'imagenet'):
-        return a == b
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
 def check_student_args(args):
     full_args = {}
     if args.full_model_dir and not args.evaluate:
@@ -97,7 +90,7 @@ def check_student_args(args):
         recorded = full_args['pretrained']
         if args.pretrained is None:
             args.pretrained = recorded or 'none'
-        elif not same_weights(None if args.pretrained == 'none' else args.pretrained, recorded):
+        elif weights_location(None if args.pretrained == 'none' else args.pretrained) != weights_location(recorded):
             raise UserError(f"{args.full_model_dir} was trained on universal weights {full_args['pretrained']}, "
                             f"not {args.pretrained}: drop --pretrained")
     if args.pretrained is None:

@@ -255,6 +255,12 @@ def test_pruning_more_universal_blocks_than_exist(pipeline, tmp_path):
                  expect_ok=False)  # the universal weights are those the full student was trained on
     assert_one_line_error(result, 'cannot prune 9 universal blocks: 8 are left')
     assert not (tmp_path / 'run').exists()
+    recorded = json.load(open(student / 'args.json'))['pretrained']
+    prune = ['--full-model-dir', student, '--n-pruning-universal', 9, '--model-dir', tmp_path / 'run']
+    result = run('main_student.py', *prune, '--pretrained', os.path.relpath(recorded, REPO), expect_ok=False)
+    assert_one_line_error(result, 'cannot prune 9')  # the same file, named relative to another folder
+    result = run('main_student.py', *prune, '--pretrained', 'imagenet', expect_ok=False)
+    assert_one_line_error(result, f'was trained on universal weights {recorded}, not imagenet: drop --pretrained')
 
 
 def test_teacher_checkpoint_missing_mismatched_or_truncated(pipeline, workdir, tmp_path):
