@@ -5,7 +5,7 @@ import torch
 from resnet import ARCHS as RESNET_ARCHS, ResNet
 import utils
 from utils import UserError
-from wide_resnet import WideResNet
+from wide_resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS, WideResNet
 
 ARCHS = (*RESNET_ARCHS, 'wide_resnet26')
 
@@ -46,6 +46,13 @@ def load_backbone_weights(model, pretrained):
         raise UserError(f"pre-trained weights {pretrained} do not fit {model.arch}: {problem}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def num_blocks(arch):
+    """How many residual blocks (NetTailor's universal layers) architecture `arch` has."""
+    if arch == 'wide_resnet26':
+        return len(STAGE_CHANNELS) * BLOCKS_PER_STAGE
+    return sum(RESNET_ARCHS[arch][1])
 
 
 def check_input_size(network, input_size):

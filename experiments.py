@@ -9,7 +9,8 @@
 
 Every run is a stage of demo.py (teacher, student, prune + retrain), with the demos' recipes (demo.RECIPES;
 the synthetic tasks: demo_synthetic.RECIPE, on the offline source backbone), under --model-root; a finished
-run is reused.  --smoke shortens every stage to one epoch on a few images, to check the plumbing.
+run is reused.  --smoke shortens every stage to one epoch on a few images, to check the plumbing (the offline
+source backbone, shared with the demo, is pre-trained in full when it is not cached yet).
 """
 import argparse
 import copy
@@ -21,6 +22,7 @@ import time
 
 from matplotlib.figure import Figure
 
+import backbones
 import demo
 import demo_synthetic
 import main_student
@@ -113,7 +115,7 @@ def source_weights(args, arch):
     """The offline universal backbone of `arch`: pre-trained on synth-source once, cached under --source-root
     (the offline demo's cache)."""
     source_args = copy.copy(args)
-    source_args.model_root = args.source_root
+    source_args.model_root, source_args.force = args.source_root, False  # shared with the demo and other roots
     return demo_synthetic.pretrain_source(source_args, utils.setup_logging(), arch)
 
 
@@ -243,7 +245,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=utils.HelpFormatter)
     parser.add_argument('command', choices=COMMANDS)
-    parser.add_argument('--task', default='synth-digits', help='svhn, flowers, voc12 or a synth-* task')
+    parser.add_argument('--task', default=None, help='svhn, flowers, voc12 or a synth-* task (default: synth-digits; '
+                        'difficulty runs its own three)')
     parser.add_argument('--model-root', default=None, help='runs, tables and figures go here (default: '
                         'checkpoints/experiments/<task>, or checkpoints/experiments/difficulty)')
     parser.add_argument('--k', type=int, nargs='+', default=None,
@@ -251,11 +254,15 @@ def get_args_parser():
                         f'default {DIFFICULTY_K})')
     parser.add_argument('--tolerance', type=float, default=demo.ACCURACY_TOLERANCE,
                         help='the leanest network within this many points of the teacher is selected')
-    parser.add_argument('--arch', default=None, help='default: resnet34 (real tasks), resnet18 (synthetic)')
-    parser.add_argument('--archs', nargs='+', default=['resnet18', 'resnet34', 'resnet50'], help='backbone ablation')
-    parser.add_argument('--max-skip', nargs='+', default=['1', '2', '3', 'dense'], help='max_skip ablation')
+    parser.add_argument('--arch', default=None, help='default: resnet34 (real tasks), resnet18 (synthetic); '
+                        'not for backbone (--archs) or difficulty')
+    parser.add_argument('--archs', nargs='+', default=None,
+                        help='the backbone ablation\'s architectures (default: resnet18 resnet34 resnet50)')
+    parser.add_argument('--max-skip', nargs='+', default=None,
+                        help='the max-skip ablation\'s values (default: 1 2 3 dense)')
     parser.add_argument('--data-dir', default='data')
-    parser.add_argument('--pretrained', default='imagenet', help='universal weights of the real tasks')
+    parser.add_argument('--pretrained', default=None,
+                        help="universal weights of the real tasks: 'imagenet' (default) or a state-dict file")
     parser.add_argument('--source-root', default=os.path.join('checkpoints', 'synthetic'),
                         help="the offline source backbones' cache (the demo's)")
     parser.add_argument('--input-size', type=int, default=None, help='default: 224 (real tasks), 32 (synthetic)')
@@ -263,28 +270,61 @@ def get_args_parser():
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--workers', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--force', action='store_true', help='rerun finished runs')
+    parser.add_argument('--force', action='store_true', help='rerun finished runs under --model-root (not the '
+                        'shared offline source backbone: demo_synthetic.py --force retrains that one)')
     parser.add_argument('--smoke', action='store_true', help='every stage one epoch on a few images (tests)')
     return parser
 
 
-def main(args):
+FLAG_COMMANDS = {'task': ('ksweep', 'teacher', 'max-skip', 'backbone'), 'arch': ('ksweep', 'teacher', 'max-skip'),
+                 'archs': ('backbone',), 'max_skip': ('max-skip',)}
+
+
+def complete_args(args):
+    """Fill in the command's defaults; refuse, before anything trains, flags the command would ignore and settings
+    a later stage would refuse."""
+    for name, commands in FLAG_COMMANDS.items():
+        if getattr(args, name) is not None and args.command not in commands:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to {args.command}: it is for "
+                            f"{', '.join(commands)}")
     if args.k is None and args.command != 'difficulty':
         raise UserError("--k is required: the numbers of universal blocks to remove, e.g. --k 7 9 11 13")
     args.k = sorted(args.k or DIFFICULTY_K, reverse=True)
-    if not 0 <= args.tolerance < math.inf:
-        raise UserError(f"--tolerance must be a non-negative number, got {args.tolerance}")
     if args.k[-1] < 1:
         raise UserError(f"every --k must be at least 1, got {args.k[-1]}")
-    if args.command != 'difficulty' and args.task not in demo.RECIPES and args.task not in SYNTHETIC_TASKS:
-        raise UserError(f"no recipe for task {args.task!r}: choose {', '.join([*demo.RECIPES, *SYNTHETIC_TASKS])}")
+    if not 0 <= args.tolerance < math.inf:
+        raise UserError(f"--tolerance must be a non-negative number, got {args.tolerance}")
+    if args.command != 'difficulty':
+        args.task = args.task or 'synth-digits'
+        if args.task not in demo.RECIPES and args.task not in SYNTHETIC_TASKS:
+            raise UserError(f"no recipe for task {args.task!r}: choose "
+                            f"{', '.join([*demo.RECIPES, *SYNTHETIC_TASKS])}")
+        args.arch = args.arch or (demo_synthetic.ARCH if args.task in SYNTHETIC_TASKS else 'resnet34')
+    if args.pretrained is not None and (args.command == 'difficulty' or args.task in SYNTHETIC_TASKS):
+        raise UserError("--pretrained is for the real tasks: the synthetic ones use the offline source backbone "
+                        "(--source-root)")
+    args.pretrained = args.pretrained or 'imagenet'
+    archs = {'backbone': args.archs or ['resnet18', 'resnet34', 'resnet50'],
+             'difficulty': [demo_synthetic.ARCH]}.get(args.command, [args.arch])
+    for arch in archs:
+        if arch not in backbones.ARCHS:
+            raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(backbones.ARCHS)}")
+        if args.k[0] > backbones.num_blocks(arch):
+            raise UserError(f"--k {args.k[0]} is more universal blocks than {arch} has "
+                            f"({backbones.num_blocks(arch)})")
+    args.archs = archs
+    args.max_skip = args.max_skip or ['1', '2', '3', 'dense']
+    for value in args.max_skip:
+        if value != 'dense' and not (value.isdigit() and int(value) >= 1):
+            raise UserError(f"--max-skip takes integers >= 1 or 'dense', got {value!r}")
     if args.model_root is None:
         name = 'difficulty' if args.command == 'difficulty' else args.task
         args.model_root = os.path.join('checkpoints', 'experiments', name)
-    if args.arch is None:
-        args.arch = demo_synthetic.ARCH if args.task in SYNTHETIC_TASKS else 'resnet34'
-    return COMMANDS[args.command](args)
 
+
+def main(args):
+    complete_args(args)
+    return COMMANDS[args.command](args)
 
 if __name__ == '__main__':
     utils.run_cli(main, get_args_parser(), sys.argv[1:])

@@ -101,3 +101,36 @@ def test_experiments_refuse_what_cannot_run(roots):
         run(roots, 'ksweep', '--task', 'synth-digits', '--k', 0, 2)
     with pytest.raises(UserError, match='^--tolerance must be a non-negative number, got nan$'):
         run(roots, 'ksweep', '--task', 'synth-digits', '--k', 2, '--tolerance', 'nan')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['difficulty', '--task', 'synth-shapes'], '^--task does not apply to difficulty: it is for ksweep, teacher, '
+                                               'max-skip, backbone$'),
+    (['difficulty', '--arch', 'resnet50'], '^--arch does not apply to difficulty'),
+    (['backbone', '--k', 2, '--arch', 'resnet50'], '^--arch does not apply to backbone'),
+    (['ksweep', '--k', 2, '--archs', 'resnet50'], '^--archs does not apply to ksweep: it is for backbone$'),
+    (['ksweep', '--k', 2, '--max-skip', 1], '^--max-skip does not apply to ksweep: it is for max-skip$'),
+    (['ksweep', '--k', 9], r'^--k 9 is more universal blocks than resnet18 has \(8\)$'),
+    (['backbone', '--k', 9, '--archs', 'resnet50', 'resnet18'], 'than resnet18 has'),
+    (['backbone', '--k', 2, '--archs', 'resnet101'], "^unknown architecture 'resnet101'; choose one of resnet18"),
+    (['max-skip', '--k', 2, '--max-skip', 2, 'all'], "^--max-skip takes integers >= 1 or 'dense', got 'all'$"),
+    (['ksweep', '--k', 2, '--pretrained', 'imagenet'], '^--pretrained is for the real tasks'),
+])
+def test_experiments_refuse_ignored_flags_and_impossible_settings_before_training(roots, tmp_path, flags, message):
+    """Each of these used to be ignored silently or found only after the teacher (and students) had trained."""
+    model_root = tmp_path / 'runs'
+    args = experiments.get_args_parser().parse_args(
+        [*map(str, flags), '--smoke', '--device', 'cpu', '--source-root', str(roots), '--model-root', str(model_root)])
+    with pytest.raises(UserError, match=message):
+        experiments.main(args)
+    assert not model_root.exists()
+
+
+def test_force_reruns_the_experiment_runs_but_never_the_shared_source_backbone(roots):
+    """--force retraining the demo's cached source backbone would change every run's universal weights (their
+    students would then refuse it)."""
+    weights = roots / 'resnet18_synth-source.pth'
+    before = weights.read_bytes()
+    args = experiments.get_args_parser().parse_args(['ksweep', '--k', '1', '--force', '--source-root', str(roots)])
+    assert experiments.source_weights(args, 'resnet18') == str(weights)
+    assert weights.read_bytes() == before and not (roots / 'source').exists()
