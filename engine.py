@@ -470,7 +470,7 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None):
     if task is not None and saved['task'] != task:
         raise UserError(f"teacher {path} was trained on {saved['task']}, the student's task is {task}: "
                         "wrong --teacher-fn?")
-    utils.check_finite(checkpoint['model'], 'teacher checkpoint', path)
+    utils.check_finite(checkpoint['model'], f'teacher checkpoint {path}')
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])
     return frozen_teacher(model).to(device), checkpoint
@@ -526,7 +526,7 @@ def attach_run_state(student, pack, source, pretrained):
     (a universal weights file `pretrained` replaced since would silently change every result), then its task
     pack."""
     if 'universal' in pack:
-        utils.check_finite(pack['universal'], 'checkpoint', source)
+        utils.check_finite(pack['universal'], f'checkpoint {source}')
         student.backbone.load_state_dict(pack['universal'], strict=False)
     recorded = pack.get('universal_sha256')  # absent from checkpoints written before fingerprints
     if recorded is not None and recorded != universal_fingerprint(student):

@@ -406,36 +406,36 @@ class NetTailor(nn.Module):
         }
 
     # ----- task packs -----
-    def _task_prefixes(self):
-        return ('gate_logits', 'path_alive') + tuple(f'backbone.{p}' for p in self.backbone.head_prefixes)
-
-    def _task_statistics(self):
-        """State-dict names of the universal BatchNorm statistics the task owns: the stem's and those of the
-        universal blocks it still runs (none with shared statistics)."""
-        if not self.task_bn_stats:
-            return set()
-        alive_blocks = {id(b) for l, b in enumerate(self.backbone.blocks) if self.path_alive[l, 0]}
-        pruned_blocks = {id(b) for b in self.backbone.blocks} - alive_blocks
-        names, skip = set(), ()
-        for prefix, module in self.backbone.named_modules():
-            if id(module) in pruned_blocks:
-                skip += (prefix + '.',)
-            elif isinstance(module, nn.BatchNorm2d) and not prefix.startswith(skip + self.backbone.head_prefixes):
-                names |= {f'backbone.{prefix}.{buffer}' for buffer, _ in module.named_buffers()}
-        return names
-
-    def task_pack(self):
-        """The task-specific state: gates, pruning mask, surviving proxies, classifier head and, with task
-        statistics, the running BatchNorm statistics of the universal blocks it runs."""
-        state = {}
-        statistics = self._task_statistics()
-        for name, tensor in self.state_dict().items():
-            if name.startswith(self._task_prefixes()) or name in statistics:
-                state[name] = tensor.clone()
+    def _task_state_names(self, alive, names):
+        """Those of the state-dict names `names` that hold task-specific state when the paths `alive` are kept:
+        gates, pruning mask, classifier head, the kept proxies and, with task statistics, the running BatchNorm
+        statistics of the stem and of the kept universal blocks."""
+        task_prefixes = ('gate_logits', 'path_alive') + tuple(f'backbone.{p}' for p in self.backbone.head_prefixes)
+        alive = alive.tolist()
+        kept_blocks = {id(b) for l, b in enumerate(self.backbone.blocks) if alive[l][0]}
+        pruned_prefixes = tuple(f'{prefix}.' for prefix, module in self.backbone.named_modules()
+                                if module in self.backbone.blocks and id(module) not in kept_blocks)
+        statistics = set()
+        if self.task_bn_stats:
+            for prefix, module in self.backbone.named_modules():
+                if isinstance(module, nn.BatchNorm2d) and not prefix.startswith(pruned_prefixes +
+                                                                                 self.backbone.head_prefixes):
+                    statistics |= {f'backbone.{prefix}.{buffer}' for buffer, _ in module.named_buffers()}
+        task = set()
+        for name in names:
+            if name.startswith(task_prefixes) or name in statistics:
+                task.add(name)
             elif name.startswith('proxies.'):
                 l, j = (int(i) for i in name.split('.')[1:3])
-                if self.path_alive[l, j + 1]:
-                    state[name] = tensor.clone()
+                if alive[l][j + 1]:
+                    task.add(name)
+        return task
+
+    def task_pack(self):
+        """The task-specific state (`_task_state_names`) and what it was built for."""
+        own = self.state_dict()
+        names = self._task_state_names(self.path_alive, own)
+        state = {name: tensor.clone() for name, tensor in own.items() if name in names}
         return {'meta': self.pack_meta(), 'state': state}
 
     def pack_meta(self):
@@ -446,8 +446,10 @@ class NetTailor(nn.Module):
     def num_classes(self):
         return self.head_modules()[-1].out_features
 
-    def load_task_pack(self, pack, source='task pack'):
-        """Attach a task pack (from `task_pack()` or a file) to this student's universal blocks."""
+    def load_task_pack(self, pack, source='the task pack'):
+        """Attach a task pack (from `task_pack()` or a file) to this student's universal blocks.  A pack that does
+        not fit this student, holds non-finite values or prunes every way to the classifier is refused before
+        anything changes."""
         if not isinstance(pack, dict) or 'meta' not in pack or 'state' not in pack:
             raise UserError(f"{source} is not a NetTailor task pack")
         meta, mine = dict(pack['meta']), self.pack_meta()
@@ -455,8 +457,30 @@ class NetTailor(nn.Module):
         if meta != mine:
             diff = ', '.join(f"{k} {meta.get(k)!r} vs {mine[k]!r}" for k in mine if meta.get(k) != mine[k])
             raise UserError(f"{source} was built for another student ({diff} here)")
-        utils.check_finite(pack['state'], 'task pack', source)
-        self.load_state_dict(pack['state'], strict=False)
+        state = pack['state']
+        alive = state.get('path_alive')
+        if not torch.is_tensor(alive) or alive.dtype != torch.bool or alive.shape != self.path_alive.shape \
+                or (alive & ~self.path_exists).any():
+            raise UserError(f"{source} has no pruning mask (path_alive) for this student's paths "
+                            f"{tuple(self.path_alive.shape)}")
+        own = self.state_dict()
+        missing = sorted(self._task_state_names(alive, own) - set(state))
+        foreign = sorted(set(state) - self._task_state_names(self.path_exists, own))
+        wrong_shape = [k for k in state if k not in foreign and state[k].shape != own[k].shape]
+        if missing or foreign or wrong_shape:
+            raise UserError(f"{source} does not fit this student: " + (
+                f"it lacks {missing[0]}" if missing else f"{foreign[0]} is not task-specific state" if foreign else
+                f"{wrong_shape[0]} has shape {tuple(state[wrong_shape[0]].shape)}, "
+                f"here {tuple(own[wrong_shape[0]].shape)}"))
+        node_computed = torch.cat([alive.new_ones(1), alive.any(dim=1)])  # node 0: the stem's output
+        reads_nothing = alive & ~node_computed[self.path_source.clamp(min=0)]
+        if not node_computed[-1] or reads_nothing.any():
+            l, j = reads_nothing.nonzero()[0].tolist() if node_computed[-1] else (len(alive) - 1, None)
+            where = (f"prunes every path of layer {l}" if j is None else f"keeps path {j} of layer {l}, which reads "
+                     f"the output of layer {int(self.path_source[l, j]) - 1}, whose paths are all pruned")
+            raise UserError(f"{source} {where}: no network to run")
+        utils.check_finite(state, source, fix="the run that wrote it diverged, or the file is damaged")
+        self.load_state_dict(state, strict=False)
         self._refresh_alive_paths()
         self._fold()
 

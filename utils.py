@@ -140,12 +140,12 @@ def first_non_finite(state, prefix=''):
     return None
 
 
-def check_finite(state, what, path):
-    """A one-line error when `state` (a model's state dict or task pack) holds non-finite values."""
+def check_finite(state, source, fix="the run that wrote it diverged; train it again with a lower --lr"):
+    """A one-line error when `state` (a model's state dict or task pack, read from `source`) holds non-finite
+    values."""
     name = first_non_finite(state)
     if name is not None:
-        raise UserError(f"{what} {path} holds non-finite values ({name}): the run that wrote it diverged; "
-                        "train it again with a lower --lr")
+        raise UserError(f"{source} holds non-finite values ({name}): {fix}")
 
 
 def require_folder(path, flag):

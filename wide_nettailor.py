@@ -85,7 +85,9 @@ def pack_from_released(checkpoint, source='released checkpoint'):
     state['gate_logits'], state['path_alive'] = gate_logits, path_alive
     meta = {'arch': 'wide_resnet26', 'num_classes': state['backbone.linear.weight'].shape[0], 'max_skip': max_skip,
             'num_layers': NUM_LAYERS, 'task_bn_stats': True}
-    return {'meta': meta, 'state': state}
+    pack = {'meta': meta, 'state': state}
+    create_student(meta['num_classes'], max_skip).load_task_pack(pack, source)  # refuses shapes, NaNs, dead ends
+    return pack
 
 
 def released_task_checkpoints(folder):

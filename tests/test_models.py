@@ -543,6 +543,47 @@ def test_task_pack_for_another_student_is_refused():
         other.load_task_pack({'state_dict': {}})
 
 
+
+def test_task_pack_that_does_not_fit_or_cannot_run_is_refused_before_anything_changes():
+    """Used to fail later (a size-mismatch traceback, a crash inside the forward pass on a dead node) or to
+    overwrite the shared universal weights silently."""
+    source = tiny_student(seed=3)
+    randomize_task_state(source)
+    source.prune(num_universal=1, proxy_threshold=0.0)
+    good = source.task_pack()
+
+    def broken(change):
+        pack = {'meta': dict(good['meta']), 'state': {k: v.clone() for k, v in good['state'].items()}}
+        change(pack['state'])
+        return pack
+
+    def kill_layer(layer):
+        def change(state):
+            state['path_alive'][layer] = False
+        return change
+
+    cases = {
+        "does not fit this student: it lacks backbone.fc.bias$": lambda state: state.pop('backbone.fc.bias'),
+        r"does not fit this student: backbone.layer1.0.conv1.weight is not task-specific state$":
+            lambda state: state.update({'backbone.layer1.0.conv1.weight': torch.zeros(64, 64, 3, 3)}),
+        r"does not fit this student: backbone.fc.weight has shape \(5, 7\), here \(5, 512\)$":
+            lambda state: state.update({'backbone.fc.weight': torch.zeros(5, 7)}),
+        r"has no pruning mask \(path_alive\) for this student's paths \(8, 4\)$":
+            lambda state: state.update({'path_alive': torch.ones(8, 4, dtype=torch.bool)}),  # paths that do not exist
+        "prunes every path of layer 7: no network to run$": kill_layer(7),
+        "keeps path 0 of layer 4, which reads the output of layer 3, whose paths are all pruned": kill_layer(3),
+        r"holds non-finite values \(gate_logits\): the run that wrote it diverged, or the file is damaged$":
+            lambda state: state['gate_logits'].fill_(float('nan')),
+    }
+    student = tiny_student(seed=4)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    for message, change in cases.items():
+        with pytest.raises(UserError, match='^pack.pth ' + message):
+            student.load_task_pack(broken(change), 'pack.pth')
+        assert all(torch.equal(before[k], v) for k, v in student.state_dict().items()), message
+    student.load_task_pack(good, 'pack.pth')  # the intact pack still attaches
+    assert torch.equal(student.path_alive, source.path_alive)
+
 def test_proxies_start_as_released():
     """Task-specific convolutions ~ N(0, 0.01), BatchNorm weight 1 and bias 0, gates +2 / -2."""
     student = create_student('resnet50', 4, input_size=32)

@@ -185,8 +185,14 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
         logits = released_fixture_student(tmp_path, pack)(expected['input'])[0]
     assert torch.allclose(logits, expected['logits'], rtol=1e-5, atol=1e-5 * expected['logits'].abs().max())
 
+    disconnected = torch.load(released / 'svhn' / 'checkpoint.pth.tar', weights_only=True)
+    disconnected['keep_flags'][11] = [False] * len(disconnected['keep_flags'][11])
+    diverged = torch.load(released / 'svhn' / 'checkpoint.pth.tar', weights_only=True)
+    diverged['state_dict']['classifier.weight'][0, 0] = float('nan')
     bad = {'a teacher checkpoint': {'model': {}, 'args': {}},
-           'a truncated one': None}
+           'a truncated one': None,
+           'one pruned to nothing': disconnected,  # converted fine, then crashed inside the forward pass
+           'one with NaN weights': diverged}
     for what, content in bad.items():
         path = tmp_path / 'bad.pth.tar'
         if content is None:
@@ -217,4 +223,14 @@ def test_incomplete_released_checkpoint_is_refused():
         pack_from_released(checkpoint, 'x.pth.tar')
     checkpoint['keep_flags'] = checkpoint['keep_flags'][:-1]
     with pytest.raises(UserError, match='keep_flags do not describe a Wide ResNet-26 student'):
+        pack_from_released(checkpoint, 'x.pth.tar')
+    checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
+    checkpoint['keep_flags'][5] = [False] * len(checkpoint['keep_flags'][5])
+    with pytest.raises(UserError, match='^x.pth.tar keeps path 0 of layer 6, which reads the output of layer 5, '
+                                        'whose paths are all pruned: no network to run$'):
+        pack_from_released(checkpoint, 'x.pth.tar')
+    checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
+    checkpoint['state_dict']['layers.2.proxies.0.conv.weight'] = torch.zeros(3, 3, 1, 1)
+    with pytest.raises(UserError, match=r'^x.pth.tar does not fit this student: proxies.2.2.body.0.weight has shape '
+                                        r'\(3, 3, 1, 1\), here \(64, 64, 1, 1\)$'):
         pack_from_released(checkpoint, 'x.pth.tar')
