@@ -46,6 +46,10 @@ def _one_line(error):
     return ' '.join(str(error).split())
 
 
+def _corrupt(path, reason, task):
+    return UserError(f'corrupt dataset file {path}: {reason}; delete it and {_prepare_hint(task)}')
+
+
 def _load_mat(path, keys, dataset_name, task):
     """Reads the arrays `keys` of a MATLAB file, reporting a missing or damaged file as a UserError."""
     _require_file(path, dataset_name, task)
@@ -53,8 +57,16 @@ def _load_mat(path, keys, dataset_name, task):
         mat = scipy.io.loadmat(path)
         return [mat[key] for key in keys]
     except Exception as error:  # scipy raises many exception types for truncated or foreign files
-        reason = f'no array {error}' if isinstance(error, KeyError) else _one_line(error)
-        raise UserError(f'corrupt dataset file {path}: {reason}; delete it and {_prepare_hint(task)}') from error
+        raise _corrupt(path, f'no array {error}' if isinstance(error, KeyError) else _one_line(error), task) from error
+
+
+def _check_integers(array, low, high, what, path, task):
+    """`array` must hold integers in [low, high] (MATLAB files store them as any numeric type)."""
+    values = np.asarray(array).reshape(-1)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number) or not np.all(np.mod(values, 1) == 0) \
+            or values.min() < low or values.max() > high:
+        raise _corrupt(path, f'{what} must be integers from {low} to {high}', task)
+    return values.astype(np.int64)
 
 
 def load_rgb_image(path):
@@ -70,10 +82,15 @@ class SVHN(Dataset):
     """SVHN digits from torchvision's `<root>/svhn/{train,test}_32x32.mat`; yields (uint8 3x32x32 tensor, digit)."""
 
     def __init__(self, root, split):
-        images, labels = _load_mat(os.path.join(root, 'svhn', f'{split}_32x32.mat'), ('X', 'y'), 'SVHN', 'svhn')
-        # X is H x W x C x N; the label 10 stands for the digit 0.
+        path = os.path.join(root, 'svhn', f'{split}_32x32.mat')
+        images, labels = _load_mat(path, ('X', 'y'), 'SVHN', 'svhn')
+        # X is H x W x C x N uint8; y holds 1..10, the label 10 standing for the digit 0.
+        if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.dtype != np.uint8:
+            raise _corrupt(path, f'X is {images.dtype} of shape {images.shape}, not uint8 32 x 32 x 3 x N', 'svhn')
+        labels = _check_integers(labels, 1, 10, 'the labels y', path, 'svhn')
+        if len(labels) != images.shape[3]:
+            raise _corrupt(path, f'{len(labels)} labels for {images.shape[3]} images', 'svhn')
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1)))
-        labels = labels.reshape(-1).astype(np.int64)
         labels[labels == 10] = 0
         self.labels = labels.tolist()
 
@@ -93,10 +110,12 @@ class Flowers102(Dataset):
     def __init__(self, root, split):
         base = os.path.join(root, 'flowers-102')
         id_keys = ('trnid', 'valid') if split == 'train' else ('tstid',)
-        labels, = _load_mat(os.path.join(base, 'imagelabels.mat'), ('labels',), 'Flowers102', 'flowers')
-        set_ids = _load_mat(os.path.join(base, 'setid.mat'), id_keys, 'Flowers102', 'flowers')
-        labels = labels.reshape(-1)
-        image_ids = np.concatenate([ids.reshape(-1) for ids in set_ids]).tolist()
+        labels_path, ids_path = os.path.join(base, 'imagelabels.mat'), os.path.join(base, 'setid.mat')
+        labels, = _load_mat(labels_path, ('labels',), 'Flowers102', 'flowers')
+        set_ids = _load_mat(ids_path, id_keys, 'Flowers102', 'flowers')
+        labels = _check_integers(labels, 1, 102, 'the labels', labels_path, 'flowers')
+        image_ids = _check_integers(np.concatenate([ids.reshape(-1) for ids in set_ids]), 1, len(labels),
+                                    f"the image ids {' and '.join(id_keys)}", ids_path, 'flowers').tolist()
         self.image_paths = [os.path.join(base, 'jpg', f'image_{image_id:05d}.jpg') for image_id in image_ids]
         self.labels = [int(labels[image_id - 1]) - 1 for image_id in image_ids]
         for path in self.image_paths:

@@ -11,6 +11,7 @@ data/make_synthetic_decathlon.py):
 import contextlib
 import io
 import json
+import math
 import os
 
 import torch
@@ -120,7 +121,15 @@ def task_mean_std(task, data_dir='data'):
             raise UserError(f"corrupt mean/std file {path}: {error}; delete it or re-run "
                             "`python data/make_synthetic_decathlon.py --force`") from error
         if task in stats:
-            return tuple(stats[task]['mean']), tuple(stats[task]['std'])
+            entry = stats[task]
+            valid = isinstance(entry, dict) and all(
+                isinstance(entry.get(key), list) and len(entry[key]) == 3 and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) and (key == 'mean' or v > 0) for v in entry[key])
+                for key in ('mean', 'std'))
+            if not valid:
+                raise UserError(f"mean/std file {path}: {task} needs 'mean' and 'std', three numbers each (std "
+                                "positive); delete it or re-run `python data/make_synthetic_decathlon.py --force`")
+            return tuple(entry['mean']), tuple(entry['std'])
     return MEAN_STD[task]
 
 
@@ -163,6 +172,9 @@ def _load_annotations(path):
             return COCO(path)
     except (OSError, ValueError, AssertionError) as error:
         raise UserError(f"corrupt annotation file {path}: {error}; download or generate it again") from error
+    except (KeyError, TypeError) as error:  # an entry without a field pycocotools indexes by
+        raise UserError(f"corrupt annotation file {path}: an entry lacks {error}; download or generate it "
+                        "again") from error
 
 
 def _category_ids(task, categories, path):
@@ -212,6 +224,10 @@ class DecathlonDataset(Dataset):
         self.category_ids = _category_ids(task, categories or [], path)
         self.num_classes = len(self.category_ids)
         images = coco.dataset.get('images', [])
+        for image in images:
+            if not isinstance(image.get('file_name'), str):
+                raise UserError(f"corrupt annotation file {path}: image {image['id']} has no file_name; download or "
+                                "generate it again")
         self.image_ids = [image['id'] for image in images]
         self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
         if split == 'test_stripped':

@@ -158,6 +158,23 @@ def test_svhn_missing_and_corrupt_files(tmp_path):
     assert_one_line_user_error(excinfo, f'corrupt dataset file {path}', '--task svhn')
 
 
+
+@pytest.mark.parametrize('arrays, reason', [
+    ({'X': np.zeros((28, 28, 3, 4), np.uint8), 'y': np.ones((4, 1))}, r'X is uint8 of shape \(28, 28, 3, 4\), not '),
+    ({'X': np.zeros((32, 32, 3, 4), np.float32), 'y': np.ones((4, 1))}, 'X is float32 of shape'),
+    ({'X': np.zeros((32, 32, 3, 4), np.uint8), 'y': np.zeros((4, 1))}, 'the labels y must be integers from 1 to 10'),
+    ({'X': np.zeros((32, 32, 3, 4), np.uint8), 'y': np.full((4, 1), 2.5)}, 'the labels y must be integers'),
+    ({'X': np.zeros((32, 32, 3, 4), np.uint8), 'y': np.ones((3, 1))}, '3 labels for 4 images'),
+])
+def test_svhn_file_with_wrong_arrays_is_refused(tmp_path, arrays, reason):
+    """Used to load (wrong images, label 0 taken for a digit) or fail later with a traceback."""
+    path = tmp_path / 'svhn' / 'train_32x32.mat'
+    os.makedirs(path.parent)
+    scipy.io.savemat(path, arrays)
+    with pytest.raises(UserError, match=f'^corrupt dataset file {path}: {reason}'):
+        SVHN(tmp_path, 'train')
+
+
 # ---------------------------------------------------------------- Flowers102
 
 def test_flowers_splits_and_labels(tmp_path):
@@ -210,6 +227,21 @@ def test_flowers_missing_image_and_corrupt_jpeg(tmp_path):
     with pytest.raises(UserError) as excinfo:
         train_set[1]
     assert_one_line_user_error(excinfo, f'corrupt image file {corrupt}: cannot identify image file')
+
+
+
+def test_flowers_labels_or_ids_out_of_range_are_refused(tmp_path):
+    """An image id beyond imagelabels.mat used to raise IndexError; a label 0 became class -1."""
+    base = write_flowers(tmp_path)
+    scipy.io.savemat(os.path.join(base, 'setid.mat'), {'trnid': np.array([[1, 9]]), 'valid': np.array([[2]]),
+                                                       'tstid': np.array([[3]])})
+    with pytest.raises(UserError, match=f"^corrupt dataset file {os.path.join(base, 'setid.mat')}: the image ids "
+                                        "trnid and valid must be integers from 1 to 7; delete it and run"):
+        Flowers102(tmp_path, 'train')
+    Flowers102(tmp_path, 'test')  # its ids are valid
+    scipy.io.savemat(os.path.join(base, 'imagelabels.mat'), {'labels': np.array([[0, 1, 2, 3, 4, 5, 6]])})
+    with pytest.raises(UserError, match="imagelabels.mat: the labels must be integers from 1 to 102"):
+        Flowers102(tmp_path, 'test')
 
 
 # ---------------------------------------------------------------- VOC 2012

@@ -228,6 +228,34 @@ def test_mean_std_file_takes_precedence(decathlon):
     assert list(decathlon_transform('svhn', False).transforms[-2].mean) == list(MEAN_STD['svhn'][0])
 
 
+
+@pytest.mark.parametrize('entry', [{'mean': [0.1, 0.2, 0.3]}, {'mean': [0.1, 0.2], 'std': [0.4, 0.5]},
+                                   {'mean': [0.1, 0.2, 0.3], 'std': [0.4, 0.0, 0.6]}, [0.1, 0.2, 0.3],
+                                   {'mean': ['a', 0.2, 0.3], 'std': [0.4, 0.5, 0.6]}])
+def test_malformed_mean_std_entry_is_refused(decathlon, entry):
+    """Used to raise KeyError or TypeError, or to normalise by a zero std (every input infinite)."""
+    path = os.path.join(decathlon, 'decathlon-1.0', 'decathlon_mean_std.json')
+    with open(path, 'w') as f:
+        json.dump({'svhn': entry}, f)
+    with pytest.raises(UserError, match=f"^mean/std file {path}: svhn needs 'mean' and 'std', three numbers each "
+                                        r"\(std positive\); delete it or re-run"):
+        task_mean_std('svhn', decathlon)
+
+
+@pytest.mark.parametrize('field, where', [('file_name', 'images'), ('id', 'images'), ('image_id', 'annotations'),
+                                          ('id', 'categories')])
+def test_annotation_entry_without_a_field_is_refused(decathlon, field, where):
+    path = os.path.join(decathlon, 'decathlon-1.0', 'annotations', 'svhn_train.json')
+    with open(path) as f:
+        content = json.load(f)
+    del content[where][1][field]
+    with open(path, 'w') as f:
+        json.dump(content, f)
+    message = f"image {content['images'][1]['id']} has no file_name" if field == 'file_name' else f"an entry lacks '{field}'"
+    with pytest.raises(UserError, match=f'^corrupt annotation file {path}: {message}; download or generate it '
+                                        'again$'):
+        DecathlonDataset('svhn', 'train', decathlon)
+
 def test_missing_data_and_unknown_task_are_clear(tmp_path, decathlon):
     with pytest.raises(UserError) as error:
         get_decathlon_dataloaders('gtsrb', str(tmp_path / 'nowhere'), workers=0)
