@@ -28,15 +28,12 @@ def check_args(args):
         raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.batch_size == 1:
         raise UserError("--batch-size must be at least 2: BatchNorm cannot train on a batch of one")
-    for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size'):
-        if getattr(args, name) <= 0:
+    for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size', 'train_limit', 'test_limit'):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:  # None: the run's or a later default
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ('momentum', 'weight_decay', 'warmup_epochs'):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    for name in ('train_limit', 'test_limit'):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.workers < 0:
         raise UserError(f"--workers must be non-negative, got {args.workers}")
     if args.resume and args.force:
@@ -68,11 +65,17 @@ def build_loaders(args):
     return loaders
 
 
-def evaluation_loader(args, checkpoint, num_classes):
+def evaluation_loader(args, checkpoint, num_classes, network_settings):
     """The test loader of the run `checkpoint` records: its task and test subset (when --task and --test-limit
-    are not given) and input size, whatever the command line's defaults; a different --task is refused, as is
-    data whose class count is not the model's."""
+    are not given) and input size.  A different --task is refused, as are data whose class count is not the
+    model's and `network_settings` (with --input-size) given on the command line unlike the run's: --evaluate
+    rebuilds the network as recorded."""
     saved = checkpoint['args']
+    given = {name: getattr(args, name) for name in ('input_size', *network_settings) if getattr(args, name) is not None}
+    differences = setting_differences(saved, given, ignored=())
+    if differences:
+        raise UserError(f"{args.model_dir} was trained with {'; '.join(differences)}: drop those flags "
+                        "(--evaluate rebuilds the run as recorded)")
     if saved.get('decathlon') and not getattr(args, 'decathlon', False):
         raise UserError(f"{args.model_dir} is a decathlon run: evaluate it with main_teacher_decathlon.py or "
                         f"main_student_decathlon.py --task {saved['task']} --evaluate")

@@ -42,8 +42,8 @@ def get_args_parser(add_help=True):
                                      conflict_handler='resolve')
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
                         "train; --evaluate and --export take the run's, retraining that of --full-model-dir)")
-    parser.add_argument('--input-size', type=int, default=None,
-                        help='training/test crop size (default 224; when retraining, that of --full-model-dir)')
+    parser.add_argument('--input-size', type=int, default=None, help="training/test crop size (default 224; when "
+                        "retraining, that of --full-model-dir; --evaluate takes the run's)")
     parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '
                         '(default resnet34; when retraining, that of --full-model-dir)')
     parser.add_argument('--teacher-fn', default=None, help="the teacher's checkpoint.pth or run directory (needed when "
@@ -78,7 +78,7 @@ def get_args_parser(add_help=True):
 
 def check_student_args(args):
     full_args = {}
-    if args.full_model_dir and not args.evaluate:
+    if args.full_model_dir:
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
         if not isinstance(full.get('args'), dict) or 'meta' not in (full.get('model') or {}):
             raise UserError(f"{checkpoint_path(args.full_model_dir)} is not a student checkpoint written by "
@@ -106,7 +106,7 @@ def check_student_args(args):
         setattr(args, name, recorded if given is None else given)
 
     from_full_student('task', None, must_match=True)  # a student is pruned and retrained on its own task
-    if not args.task and not args.evaluate:
+    if not args.task:
         raise UserError("--task is required to train a student (--evaluate and --export take the run's)")
     from_full_student('input_size', 224)
     if full_args:
@@ -129,7 +129,7 @@ def check_student_args(args):
     if args.lr is None:
         args.lr = 0.01 if args.full_model_dir else 0.1
     check_args(args)
-    if args.n_pruning_universal and not args.full_model_dir and not args.evaluate:
+    if args.n_pruning_universal and not args.full_model_dir:
         raise UserError("--n-pruning-universal prunes a trained student: pass it with --full-model-dir")
     for name in ('complexity_coeff', 'teacher_coeff', 'n_pruning_universal'):
         if getattr(args, name) < 0:
@@ -143,7 +143,7 @@ def check_student_args(args):
             raise UserError(f"--max-skip must be an integer >= 1 or 'dense', got {args.max_skip!r}") from None
         if args.max_skip < 1:
             raise UserError(f"--max-skip must be an integer >= 1 or 'dense', got {args.max_skip}")
-    if args.teacher_coeff > 0 and not args.teacher_fn and not args.evaluate:
+    if args.teacher_coeff > 0 and not args.teacher_fn:
         raise UserError("--teacher-coeff > 0 needs the teacher's checkpoint: pass --teacher-fn "
                         "(or --teacher-coeff 0 to train without distillation)")
 
@@ -159,23 +159,30 @@ def export_run(args):
     return {'paths': paths, 'stats': stats}
 
 
+def evaluate_run(args):
+    """--evaluate: the student in --model-dir, rebuilt as its run recorded it, on its task's test data."""
+    check_args(args)
+    device = utils.init_distributed(args.device)
+    args.cuda_graph = use_cuda_graph(args, device)
+    student, checkpoint = load_student(args.model_dir, device)
+    loader = evaluation_loader(args, checkpoint, student.num_classes, ('backbone', 'max_skip', 'shared_bn_stats'))
+    accuracy = evaluate(student, loader, device, cuda_graph=args.cuda_graph)
+    stats = student.stats()
+    print(format_stats(stats))
+    print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
+    return {'accuracy': accuracy, 'stats': stats}
+
+
 def main(args):
     if args.export and args.evaluate:
         raise UserError("--evaluate and --export are separate commands: pass one of them")
     if args.export:
         return export_run(args)
+    if args.evaluate:
+        return evaluate_run(args)
     check_student_args(args)
     device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
-    if args.evaluate:
-        student, checkpoint = load_student(args.model_dir, device)
-        accuracy = evaluate(student, evaluation_loader(args, checkpoint, student.num_classes), device,
-                            cuda_graph=args.cuda_graph)
-        stats = student.stats()
-        print(format_stats(stats))
-        print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
-        return {'accuracy': accuracy, 'stats': stats}
-
     existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)

@@ -59,11 +59,10 @@ def train_or_evaluate(args):
         args.teacher_fn = checkpoint_path(os.path.join(task_dir, 'teacher'))
     if args.prune:
         args.full_model_dir = os.path.join(task_dir, 'student')
-    else:
+    elif not args.evaluate:
         args.backbone = args.backbone or 'wide_resnet26'
         args.pretrained = args.pretrained or DEFAULT_WEIGHTS
-        if not args.evaluate:
-            check_default_weights(args)
+        check_default_weights(args)
     result = main_student.main(args)
     if args.write_submission:
         write_run_submission(args, args.model_dir)

@@ -24,12 +24,14 @@ def get_args_parser(add_help=True):
                                      formatter_class=utils.HelpFormatter, add_help=add_help)
     parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
                         "train; --evaluate takes the run's)")
-    parser.add_argument('--arch', default='resnet34', help='resnet18, resnet34, resnet50, wide_resnet26')
+    parser.add_argument('--arch', default=None, help="resnet18, resnet34, resnet50, wide_resnet26 (default resnet34; "
+                        "--evaluate takes the run's)")
     parser.add_argument('--model-dir', required=True, help='run directory (checkpoints, logs, metrics)')
     parser.add_argument('--data-dir', default='data', help='where the datasets live')
     parser.add_argument('--pretrained', default='imagenet',
                         help="'imagenet' (torchvision's weights), a local state-dict file, or 'none'")
-    parser.add_argument('--input-size', type=int, default=224, help='training/test crop size')
+    parser.add_argument('--input-size', type=int, default=None,
+                        help="training/test crop size (default 224; --evaluate takes the run's)")
     parser.add_argument('--train-limit', type=int, default=None, help='use only the first N training images')
     parser.add_argument('--test-limit', type=int, default=None, help='use only the first N test images')
     parser.add_argument('--epochs', type=int, default=20, help='training epochs')
@@ -64,13 +66,15 @@ def main(args):
     args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
-        accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes']), device,
+        accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes'], ('arch',)), device,
                             cuda_graph=args.cuda_graph)
         print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
         return {'accuracy': accuracy}
 
     if not args.task:
         raise UserError("--task is required to train a teacher (--evaluate takes the run's)")
+    args.arch = args.arch or 'resnet34'
+    args.input_size = args.input_size or 224
     existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)

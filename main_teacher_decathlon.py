@@ -51,9 +51,10 @@ def get_args_parser(add_help=True):
     parser.add_argument('--pretrained', default=DEFAULT_WEIGHTS,
                         help="a state-dict file, 'imagenet' or 'none' (default: the released Wide ResNet-26, "
                         "checkpoints/wide_resnet26.pth.tar, which checkpoints/download_models.py fetches)")
+    parser.add_argument('--arch', default=None, help="the network (default wide_resnet26; --evaluate takes the run's)")
     parser.add_argument('--export-backbone', default=None,
                         help='after training, write the network as a universal weights file here (one --task)')
-    parser.set_defaults(arch='wide_resnet26', epochs=30, lr_decay_epochs=10)
+    parser.set_defaults(epochs=30, lr_decay_epochs=10)
     return parser
 
 
@@ -69,8 +70,8 @@ def task_runs(args):
         task_args = copy.copy(args)
         task_args.task = task
         task_args.train_splits = tuple(args.train_splits.split(','))
-        if not getattr(args, 'prune', False):  # a pruned student keeps its full student's crop
-            task_args.input_size = crop_size(task, args.input_size)
+        if not (getattr(args, 'prune', False) or args.evaluate):  # a pruned student keeps its full student's crop,
+            task_args.input_size = crop_size(task, args.input_size)  # an evaluated run its own
         task_args.model_dir = os.path.join(args.model_root, task, args.stage)
         yield task_args
 
@@ -91,6 +92,7 @@ def run_tasks(args, main):
 def train_or_evaluate(args):
     """main_teacher.main for one task, once the universal weights to train from are known to be there."""
     if not args.evaluate:
+        args.arch = args.arch or 'wide_resnet26'
         check_default_weights(args)
     return main_teacher.main(args)
 

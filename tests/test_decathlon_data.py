@@ -251,7 +251,8 @@ def test_annotation_entry_without_a_field_is_refused(decathlon, field, where):
     del content[where][1][field]
     with open(path, 'w') as f:
         json.dump(content, f)
-    message = f"image {content['images'][1]['id']} has no file_name" if field == 'file_name' else f"an entry lacks '{field}'"
+    message = (f"image {content['images'][1]['id']} has no file_name" if field == 'file_name' else
+               f"an entry lacks '{field}'")
     with pytest.raises(UserError, match=f'^corrupt annotation file {path}: {message}; download or generate it '
                                         'again$'):
         DecathlonDataset('svhn', 'train', decathlon)

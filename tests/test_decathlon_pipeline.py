@@ -137,6 +137,29 @@ def test_runs_are_finished_and_svhn_is_pruned(decathlon):
         "main_teacher_decathlon.py or main_student_decathlon.py --task svhn --evaluate"]
 
 
+
+def test_evaluate_takes_each_runs_own_crop_and_network(decathlon):
+    """The runs trained at 32 px are evaluated at 32 px (not the task's default crop) and reproduce their recorded
+    accuracy; an --input-size or --arch unlike the run's is refused."""
+    common = ['--task', 'svhn', '--data-dir', decathlon['data'], '--model-root', decathlon['models'], '--workers', '0',
+              '--device', 'cpu', '--evaluate']
+    teacher_out, student_out, pruned_out = run_commands(('main_teacher_decathlon.py', *common),
+                                                        ('main_student_decathlon.py', *common),
+                                                        ('main_student_decathlon.py', *common, '--prune'))
+    for stage, out in (('teacher', teacher_out), ('student', student_out), ('pruned', pruned_out)):
+        recorded = utils.load_checkpoint(checkpoint_path(decathlon['models'] / 'svhn' / stage))['accuracy']
+        assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005), stage
+    for script, flags, setting in (('main_teacher_decathlon.py', ['--input-size', '64'], '--input-size 32, not 64'),
+                                   ('main_teacher_decathlon.py', ['--arch', 'resnet18'],
+                                    '--arch wide_resnet26, not resnet18'),
+                                   ('main_student_decathlon.py', ['--input-size', '64'], '--input-size 32, not 64')):
+        result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, common), *flags], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        stage = 'teacher' if 'teacher' in script else 'student'
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+            f"error: {decathlon['models'] / 'svhn' / stage} was trained with {setting}: drop those flags (--evaluate "
+            "rebuilds the run as recorded)"]
+
 def test_summary_lists_both_tasks_the_score_and_a_valid_submission(decathlon):
     lines = decathlon['summary'].splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.split() and line.split()[0] in TASKS}
