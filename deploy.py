@@ -130,22 +130,31 @@ def export(student, out_dir):
 
 
 def export_network(network, input_size, out_dir, name):
-    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size."""
+    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size: both
+    files new, or (on any failure) neither."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise UserError("exporting to ONNX needs the onnx and onnxscript packages: "
                         "pip install -r requirements.txt") from None
+    paths = os.path.join(out_dir, f'{name}.pt2'), os.path.join(out_dir, f'{name}.onnx')
+    utils.require_folder(out_dir, '--export')
+    for path in paths:
+        if os.path.isdir(path):
+            raise UserError(f"--export {out_dir}: {path} is a folder; remove it or export elsewhere")
     network = network.cpu().float().eval()
     example = torch.randn(2, 3, input_size, input_size)
     dynamic = ({0: torch.export.Dim('batch', min=1, max=65536)},)
     program = torch.export.export(network, (example,), dynamic_shapes=dynamic)
     onnx_program = torch.onnx.export(program, dynamo=True, input_names=['images'], output_names=['logits'],
                                      verbose=False)
-    paths = os.path.join(out_dir, f'{name}.pt2'), os.path.join(out_dir, f'{name}.onnx')
-    try:
-        utils.atomic_write(paths[0], lambda tmp: torch.export.save(program, tmp), suffix='.pt2')
+
+    def write_both(pt2_tmp):  # the .onnx renamed into place once the .pt2 is written, the .pt2 right after
+        torch.export.save(program, pt2_tmp)
         utils.atomic_write(paths[1], onnx_program.save, suffix='.onnx')
+
+    try:
+        utils.atomic_write(paths[0], write_both, suffix='.pt2')
     except OSError as error:
         raise UserError(f"cannot write --export {out_dir}: {error.strerror or error}") from None
     return paths

@@ -65,17 +65,22 @@ def build_loaders(args):
     return loaders
 
 
+def check_recorded_settings(args, saved, names, command):
+    """`command` (--evaluate, --export) rebuilds the run in --model-dir as it recorded it (`saved`): a setting of
+    `names` given on the command line unlike the run's is refused, not ignored."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    differences = setting_differences(saved, given, ignored=())
+    if differences:
+        raise UserError(f"{args.model_dir} was trained with {'; '.join(differences)}: drop those flags ({command} "
+                        "rebuilds the run as recorded)")
+
+
 def evaluation_loader(args, checkpoint, num_classes, network_settings):
     """The test loader of the run `checkpoint` records: its task and test subset (when --task and --test-limit
     are not given) and input size.  A different --task is refused, as are data whose class count is not the
-    model's and `network_settings` (with --input-size) given on the command line unlike the run's: --evaluate
-    rebuilds the network as recorded."""
+    model's and `network_settings` (the input size among them) given on the command line unlike the run's."""
     saved = checkpoint['args']
-    given = {name: getattr(args, name) for name in ('input_size', *network_settings) if getattr(args, name) is not None}
-    differences = setting_differences(saved, given, ignored=())
-    if differences:
-        raise UserError(f"{args.model_dir} was trained with {'; '.join(differences)}: drop those flags "
-                        "(--evaluate rebuilds the run as recorded)")
+    check_recorded_settings(args, saved, network_settings, '--evaluate')
     if saved.get('decathlon') and not getattr(args, 'decathlon', False):
         raise UserError(f"{args.model_dir} is a decathlon run: evaluate it with main_teacher_decathlon.py or "
                         f"main_student_decathlon.py --task {saved['task']} --evaluate")

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import utils
 from deploy import export
 from figures import save_architecture
-from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_run_dir,
-                    checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student, load_teacher,
-                    make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note, universal_fingerprint,
-                    use_cuda_graph, weights_location)
+from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
+                    check_run_dir, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student,
+                    load_teacher, make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note,
+                    universal_fingerprint, use_cuda_graph, weights_location)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats
 from utils import UserError
@@ -148,9 +148,13 @@ def check_student_args(args):
                         "(or --teacher-coeff 0 to train without distillation)")
 
 
+STUDENT_NETWORK_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats')
+
+
 def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
     student, checkpoint = load_student(args.model_dir, torch.device('cpu'))
+    check_recorded_settings(args, checkpoint['args'], STUDENT_NETWORK_SETTINGS, '--export')
     paths = export(student, args.export)
     stats = student.stats()
     print(format_stats(stats))
@@ -165,7 +169,7 @@ def evaluate_run(args):
     device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
     student, checkpoint = load_student(args.model_dir, device)
-    loader = evaluation_loader(args, checkpoint, student.num_classes, ('backbone', 'max_skip', 'shared_bn_stats'))
+    loader = evaluation_loader(args, checkpoint, student.num_classes, STUDENT_NETWORK_SETTINGS)
     accuracy = evaluate(student, loader, device, cuda_graph=args.cuda_graph)
     stats = student.stats()
     print(format_stats(stats))
@@ -174,8 +178,13 @@ def evaluate_run(args):
 
 
 def main(args):
-    if args.export and args.evaluate:
+    if args.export is not None and args.evaluate:
         raise UserError("--evaluate and --export are separate commands: pass one of them")
+    if args.export == '':
+        raise UserError("--export needs the folder to write the tailored network to")
+    if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
+        raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "
+                        "prune it first (--full-model-dir RUN --n-pruning-universal K --model-dir NEW), then pass NEW")
     if args.export:
         return export_run(args)
     if args.evaluate:

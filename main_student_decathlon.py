@@ -57,7 +57,7 @@ def train_or_evaluate(args):
     task_dir = os.path.dirname(args.model_dir)
     if args.teacher_fn is None:
         args.teacher_fn = checkpoint_path(os.path.join(task_dir, 'teacher'))
-    if args.prune:
+    if args.prune and not args.evaluate:
         args.full_model_dir = os.path.join(task_dir, 'student')
     elif not args.evaluate:
         args.backbone = args.backbone or 'wide_resnet26'
@@ -150,6 +150,15 @@ def export_tasks(args):
 
 
 def main(args):
+    commands = [flag for flag, given in (('--summary', args.summary), ('--export', args.export is not None),
+                                         ('--evaluate', args.evaluate)) if given]
+    if len(commands) > 1:
+        raise UserError(f"{' and '.join(commands)} are separate commands: pass one of them")
+    if commands[:1] in (['--summary'], ['--export']) and args.prune:
+        raise UserError(f"--prune does not apply to {commands[0]}: it takes each task's final run (the pruned one "
+                        "when finished)")
+    if args.export is not None and args.write_submission:
+        raise UserError("--write-submission does not apply to --export: pass it with --summary or --evaluate")
     if args.full_model_dir:
         raise UserError("a decathlon student is pruned from <model-root>/<task>/student: pass --prune, "
                         "not --full-model-dir")

@@ -66,8 +66,8 @@ def main(args):
     args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
-        accuracy = evaluate(model, evaluation_loader(args, checkpoint, checkpoint['num_classes'], ('arch',)), device,
-                            cuda_graph=args.cuda_graph)
+        loader = evaluation_loader(args, checkpoint, checkpoint['num_classes'], ('arch', 'input_size'))
+        accuracy = evaluate(model, loader, device, cuda_graph=args.cuda_graph)
         print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
         return {'accuracy': accuracy}
 

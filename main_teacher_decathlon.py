@@ -100,6 +100,8 @@ def train_or_evaluate(args):
 def main(args):
     if args.export_backbone and args.task == 'all':
         raise UserError("--export-backbone writes one task's network: pass a single --task")
+    if args.export_backbone:
+        utils.require_file_path(args.export_backbone, '--export-backbone')
     results = run_tasks(args, train_or_evaluate)
     if args.export_backbone and utils.is_main_process():
         task_args = next(task_runs(args))

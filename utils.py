@@ -154,6 +154,17 @@ def require_folder(path, flag):
         raise UserError(f"{flag} {path} is a file: name a folder")
 
 
+def require_file_path(path, flag):
+    """A flag naming a file to write must name neither a folder nor a path under a file."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: name the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path} lies under {folder}, which is a file")
+
+
 def error_reason(error):
     """The first line of an exception's message, or its type when the message is empty."""
     text = str(error).strip()

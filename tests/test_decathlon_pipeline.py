@@ -298,6 +298,20 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
         with pytest.raises(utils.UserError, match=message):
             module.main(module.get_args_parser().parse_args(common + flags))
     assert not os.listdir(tmp_path)
+    (tmp_path / 'afile').write_text('')
+    for module, flags, message in (  # each flag after the first used to be ignored, or failed after training
+            (main_student_decathlon, ['--summary', '--export', 'out'], '^--summary and --export are separate commands'),
+            (main_student_decathlon, ['--evaluate', '--summary'], '^--summary and --evaluate are separate commands'),
+            (main_student_decathlon, ['--summary', '--prune'], "^--prune does not apply to --summary: it takes each"),
+            (main_student_decathlon, ['--export', 'out', '--write-submission'],
+             '^--write-submission does not apply to --export'),
+            (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path)],
+             f'^--export-backbone {tmp_path} is a folder: name the file to write$'),
+            (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path / 'afile' / 'w.pth')],
+             f"^--export-backbone {tmp_path / 'afile' / 'w.pth'} lies under {tmp_path / 'afile'}, which is a file$")):
+        with pytest.raises(utils.UserError, match=message):
+            module.main(module.get_args_parser().parse_args(common + flags))
+    assert os.listdir(tmp_path) == ['afile']
 
 
 def test_missing_released_weights_name_the_download_command(tmp_path, monkeypatch):

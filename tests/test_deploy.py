@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import deploy
 from nettailor import create_student
+from utils import UserError
 
 from test_models import randomize_task_state
 
@@ -101,3 +102,33 @@ def test_exported_files_run_without_this_repository(tmp_path, arch):
     errors = eval(result.stdout.strip().splitlines()[-1])
     assert set(errors) == {'pt2 1', 'pt2 5', 'onnx 1', 'onnx 5'}
     assert all(error <= 1e-5 for error in errors.values()), errors
+
+
+def test_a_failed_export_leaves_the_previous_pair_untouched(tmp_path, monkeypatch):
+    """Both files are new or neither: a failure while writing the ONNX file used to leave a new .pt2 beside an
+    old .onnx (or alone); a folder in the way is refused before the (slow) export."""
+    student = trained_looking_student('resnet18', prune=3)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'tailored.pt2').write_bytes(b'old pt2')
+    (out / 'tailored.onnx').write_bytes(b'old onnx')
+
+    def disk_full(self, path, *args, **kwargs):
+        with open(path, 'wb') as f:
+            f.write(b'half')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, 'save', disk_full)
+    with pytest.raises(UserError, match=f'^cannot write --export {out}: No space left on device$'):
+        deploy.export(student, str(out))
+    assert sorted(os.listdir(out)) == ['tailored.onnx', 'tailored.pt2']  # no temporary file left either
+    assert (out / 'tailored.pt2').read_bytes() == b'old pt2' and (out / 'tailored.onnx').read_bytes() == b'old onnx'
+    monkeypatch.undo()
+
+    (out / 'tailored.onnx').unlink()
+    (out / 'tailored.onnx').mkdir()
+    with pytest.raises(UserError, match=f'^--export {out}: {out / "tailored.onnx"} is a folder; remove it'):
+        deploy.export(student, str(out))
+    with pytest.raises(UserError, match=f'^--export {out / "tailored.pt2"} is a file: name a folder$'):
+        deploy.export(student, str(out / 'tailored.pt2'))
+    assert (out / 'tailored.pt2').read_bytes() == b'old pt2'

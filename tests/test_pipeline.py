@@ -127,6 +127,14 @@ def test_export_writes_the_tailored_network_of_a_run(pipeline, tmp_path):
     assert_one_line_error(result, 'checkpoint.pth')
     assert not (tmp_path / 'out').exists()
     assert_one_line_error(run('main_student.py', '--model-dir', pruned, expect_ok=False), '--task is required')
+    for flags, message in ((['--export', tmp_path / 'out', '--n-pruning-universal', 4],  # exported unpruned
+                            '--export takes the run in --model-dir as it is: prune it first'),
+                           (['--evaluate', '--full-model-dir', pipeline[1]], '--evaluate takes the run in --model-dir'),
+                           (['--export', tmp_path / 'out', '--input-size', 64],  # exported at the run's 32
+                            f'{pruned} was trained with --input-size 32, not 64: drop those flags (--export rebuilds'),
+                           (['--export', ''], '--export needs the folder to write the tailored network to')):
+        assert_one_line_error(run('main_student.py', '--model-dir', pruned, *flags, expect_ok=False), message)
+    assert not (tmp_path / 'out').exists()
 
 
 def test_loaded_teacher_is_frozen_and_computes_the_trained_network(pipeline):
