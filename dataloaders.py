@@ -46,8 +46,8 @@ def _one_line(error):
     return ' '.join(str(error).split())
 
 
-def _corrupt(path, reason, task):
-    return UserError(f'corrupt dataset file {path}: {reason}; delete it and {_prepare_hint(task)}')
+def _corrupt(path, reason, task, kind='dataset file'):
+    return UserError(f'corrupt {kind} {path}: {reason}; delete it and {_prepare_hint(task)}')
 
 
 def _load_mat(path, keys, dataset_name, task):
@@ -61,10 +61,10 @@ def _load_mat(path, keys, dataset_name, task):
 
 
 def _check_integers(array, low, high, what, path, task):
-    """`array` must hold integers in [low, high] (MATLAB files store them as any numeric type)."""
+    """`array` must hold integers in [low, high] (MATLAB files store them as any numeric type); it may be empty."""
     values = np.asarray(array).reshape(-1)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.number) or not np.all(np.mod(values, 1) == 0) \
-            or values.min() < low or values.max() > high:
+    if not np.issubdtype(values.dtype, np.number) or values.size > 0 and (
+            not np.all(np.mod(values, 1) == 0) or values.min() < low or values.max() > high):
         raise _corrupt(path, f'{what} must be integers from {low} to {high}', task)
     return values.astype(np.int64)
 
@@ -79,10 +79,11 @@ def load_rgb_image(path):
 
 
 class SVHN(Dataset):
-    """SVHN digits from torchvision's `<root>/svhn/{train,test}_32x32.mat`; yields (uint8 3x32x32 tensor, digit)."""
+    """SVHN digits from torchvision's `<root>/svhn/{train,test}_32x32.mat`; yields (uint8 3x32x32 tensor, digit).
+    `source` is the file read."""
 
     def __init__(self, root, split):
-        path = os.path.join(root, 'svhn', f'{split}_32x32.mat')
+        path = self.source = os.path.join(root, 'svhn', f'{split}_32x32.mat')
         images, labels = _load_mat(path, ('X', 'y'), 'SVHN', 'svhn')
         # X is H x W x C x N uint8; y holds 1..10, the label 10 standing for the digit 0.
         if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.dtype != np.uint8:
@@ -104,13 +105,15 @@ class SVHN(Dataset):
 class Flowers102(Dataset):
     """Oxford Flowers102 as torchvision lays it out under `<root>/flowers-102`; yields (PIL image, class).
 
-    The training split is the official train + val sets, the test split the official test set.
+    The training split is the official train + val sets, the test split the official test set; `source` is the
+    file listing them.
     """
 
     def __init__(self, root, split):
         base = os.path.join(root, 'flowers-102')
         id_keys = ('trnid', 'valid') if split == 'train' else ('tstid',)
         labels_path, ids_path = os.path.join(base, 'imagelabels.mat'), os.path.join(base, 'setid.mat')
+        self.source = ids_path
         labels, = _load_mat(labels_path, ('labels',), 'Flowers102', 'flowers')
         set_ids = _load_mat(ids_path, id_keys, 'Flowers102', 'flowers')
         labels = _check_integers(labels, 1, 102, 'the labels', labels_path, 'flowers')
@@ -141,21 +144,64 @@ def voc_crop_box(bndbox, image_width, image_height, margin=VOC_CROP_MARGIN):
             min(image_width, math.ceil(right + dx)), min(image_height, math.ceil(lower + dy)))
 
 
+def _positive_integer(text):
+    return int(text) if text.isdecimal() and int(text) > 0 else None
+
+
+def _finite_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _voc_corrupt(path, reason):
+    return _corrupt(path, reason, 'voc12', 'annotation file')
+
+
+def _voc_field(element, tag, where, parse, expected, path):
+    """`parse` applied to the text of `element`'s child `tag`; a missing child or a text `parse` maps to None
+    raises a UserError naming the annotation file `path`."""
+    node = element.find(tag)
+    if node is None:
+        raise _voc_corrupt(path, f'{where} has no <{tag}>')
+    text = (node.text or '').strip()
+    value = parse(text)
+    if value is None:
+        raise _voc_corrupt(path, f'{where} has <{tag}> {text!r}, not {expected}')
+    return value
+
+
 def read_voc_objects(annotation_path):
-    """(crop box, class index) for every non-difficult object of one VOC XML annotation file."""
+    """(crop box, class index) for every non-difficult object of one VOC XML annotation file.
+
+    A file without a positive integer image size, or with a used object lacking a VOC class name, a 0/1
+    difficult flag (absent means 0) or numeric box coordinates, or whose box clipped to the image is empty,
+    raises a UserError naming it.
+    """
     try:
         root = ET.parse(annotation_path).getroot()
-    except ET.ParseError as error:
-        raise UserError(f'corrupt annotation file {annotation_path}: {_one_line(error)}; delete it and '
-                        f'{_prepare_hint("voc12")}') from error
-    width, height = int(root.find('size/width').text), int(root.find('size/height').text)
+    except (ET.ParseError, OSError) as error:
+        raise _voc_corrupt(annotation_path, _one_line(error)) from error
+    width, height = (_voc_field(root, f'size/{key}', 'the annotation', _positive_integer, 'a positive integer',
+                                annotation_path) for key in ('width', 'height'))
     objects = []
-    for obj in root.findall('object'):
-        difficult = obj.find('difficult')
-        if difficult is not None and int(difficult.text) == 1:
+    for number, obj in enumerate(root.findall('object'), 1):
+        where = f'object {number}'
+        if obj.find('difficult') is not None and _voc_field(obj, 'difficult', where, {'0': False, '1': True}.get,
+                                                            '0 or 1', annotation_path):
             continue
-        bndbox = [float(obj.find(f'bndbox/{key}').text) for key in ('xmin', 'ymin', 'xmax', 'ymax')]
-        objects.append((voc_crop_box(bndbox, width, height), VOC_CLASSES.index(obj.find('name').text.strip())))
+        label = _voc_field(obj, 'name', where, {name: index for index, name in enumerate(VOC_CLASSES)}.get,
+                           'a VOC class', annotation_path)
+        bndbox = [_voc_field(obj, f'bndbox/{key}', where, _finite_number, 'a number', annotation_path)
+                  for key in ('xmin', 'ymin', 'xmax', 'ymax')]
+        left, upper, right, lower = voc_crop_box(bndbox, width, height, margin=0)
+        if not (left < right and upper < lower):
+            box = ', '.join(f'{value:g}' for value in bndbox)
+            raise _voc_corrupt(annotation_path, f'{where} has the box (xmin, ymin, xmax, ymax) = ({box}), empty or '
+                                                f'outside the {width} x {height} image')
+        objects.append((voc_crop_box(bndbox, width, height), label))
     return objects
 
 
@@ -165,12 +211,13 @@ class VOCObjectCrops(Dataset):
     The train split lists images of `ImageSets/Main/train.txt`, the test split those of `val.txt`. The training
     split is re-sampled to `crops_per_class` crops of every class (without replacement when a class has more,
     with replacement when fewer), deterministically from `seed`. `samples` holds (image path, crop box, class)
-    triples; items are (PIL crop, class).
+    triples; items are (PIL crop, class); `source` is the image list read.
     """
 
     def __init__(self, root, split, crops_per_class=1000, seed=0):
         voc_dir = os.path.join(root, 'VOCdevkit', 'VOC2012')
-        list_path = os.path.join(voc_dir, 'ImageSets', 'Main', 'train.txt' if split == 'train' else 'val.txt')
+        list_path = self.source = os.path.join(voc_dir, 'ImageSets', 'Main',
+                                               'train.txt' if split == 'train' else 'val.txt')
         _require_file(list_path, 'VOC 2012', 'voc12')
         with open(list_path) as f:
             image_ids = f.read().split()
@@ -340,6 +387,9 @@ def get_datasets(task, data_dir='data', input_size=224, seed=0):
             raw_train, raw_test = Flowers102(data_dir, 'train'), Flowers102(data_dir, 'test')
         else:
             raw_train, raw_test = VOCObjectCrops(data_dir, 'train', seed=seed), VOCObjectCrops(data_dir, 'test')
+        for split, dataset in (('train', raw_train), ('test', raw_test)):
+            if len(dataset) == 0:
+                raise UserError(f'the {split} split of {task} has no images ({dataset.source}); {_prepare_hint(task)}')
         train_transform = image_transform(task, True, input_size)
         test_transform = image_transform(task, False, input_size)
     else:

@@ -165,16 +165,45 @@ def decathlon_transform(task, train, input_size=None, data_dir='data'):
     return v2.Compose(steps)
 
 
+# The lists of an annotation file and the (field, type) pairs every entry of each needs; 'images' is required.
+ENTRY_FIELDS = {'images': (('id', int), ('file_name', str)),
+                'annotations': (('id', int), ('image_id', int), ('category_id', int)),
+                'categories': (('id', int),)}
+
+
+def _corrupt_annotations(path, reason):
+    return UserError(f"corrupt annotation file {path}: {reason}; download or generate it again")
+
+
 def _load_annotations(path):
-    """The annotation file as a pycocotools COCO index (its progress prints silenced)."""
+    """The annotation file as a pycocotools COCO index (its progress prints silenced), once its lists, their
+    entries' fields and the uniqueness of image ids are checked."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(path)
-    except (OSError, ValueError, AssertionError) as error:
-        raise UserError(f"corrupt annotation file {path}: {error}; download or generate it again") from error
-    except (KeyError, TypeError) as error:  # an entry without a field pycocotools indexes by
-        raise UserError(f"corrupt annotation file {path}: an entry lacks {error}; download or generate it "
-                        "again") from error
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError) as error:
+        raise _corrupt_annotations(path, ' '.join(str(error).split())) from error
+    if not isinstance(content, dict) or not isinstance(content.get('images'), list):
+        raise _corrupt_annotations(path, "no 'images' list")
+    for key, fields in ENTRY_FIELDS.items():
+        entries = content.get(key, [])
+        if not isinstance(entries, list):
+            raise _corrupt_annotations(path, f"'{key}' is not a list")
+        for number, entry in enumerate(entries, 1):
+            for field, kind in fields:
+                if not isinstance(entry, dict) or type(entry.get(field)) is not kind:
+                    raise _corrupt_annotations(path, f"{key} entry {number} has no "
+                                                     f"{'integer' if kind is int else 'string'} {field}")
+    image_ids = set()
+    for image in content['images']:
+        if image['id'] in image_ids:
+            raise _corrupt_annotations(path, f"image id {image['id']} is listed twice")
+        image_ids.add(image['id'])
+    coco = COCO()
+    coco.dataset = content
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def _category_ids(task, categories, path):
@@ -201,21 +230,21 @@ class DecathlonDataset(Dataset):
     """One split of one decathlon task: yields (transformed image, class label); label -1 for test_stripped.
 
     image_ids[i] is the image id of sample i and category_ids[label] the real category id of a label,
-    which is what a submission to the evaluation server needs.
+    which is what a submission to the evaluation server needs; `path` is the annotation file read.
     """
 
     def __init__(self, task, split, data_dir='data', transform=None):
         check_task(task)
         if split not in SPLITS:
             raise UserError(f"unknown decathlon split '{split}'; valid splits: {', '.join(SPLITS)}")
-        path = annotation_path(data_dir, task, split)
-        if not os.path.isfile(path):
+        path = self.path = annotation_path(data_dir, task, split)
+        if not os.path.exists(path):
             raise UserError(f"Visual Decathlon task {task} not found: {path} is missing; {DOWNLOAD_HINT}")
         coco = _load_annotations(path)
         categories = coco.dataset.get('categories')
         if not categories and split == 'test_stripped':
             train_path = annotation_path(data_dir, task, 'train')
-            if not os.path.isfile(train_path):
+            if not os.path.exists(train_path):
                 raise UserError(f"{path} lists no categories and {train_path} is missing; {DOWNLOAD_HINT}")
             categories = _load_annotations(train_path).dataset.get('categories')
         self.task = task
@@ -223,11 +252,9 @@ class DecathlonDataset(Dataset):
         self.transform = transform
         self.category_ids = _category_ids(task, categories or [], path)
         self.num_classes = len(self.category_ids)
-        images = coco.dataset.get('images', [])
-        for image in images:
-            if not isinstance(image.get('file_name'), str):
-                raise UserError(f"corrupt annotation file {path}: image {image['id']} has no file_name; download or "
-                                "generate it again")
+        images = coco.dataset['images']
+        if not images:
+            raise UserError(f"the {split} split of {task} has no images ({path}); {DOWNLOAD_HINT}")
         self.image_ids = [image['id'] for image in images]
         self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
         if split == 'test_stripped':
@@ -313,13 +340,16 @@ def decathlon_score(accuracies):
 
 
 def submission_entries(predictions, dataset):
-    """Evaluation-server entries {"image_id", "category_id"} for predicted labels over a test_stripped set."""
+    """Evaluation-server entries {"image_id", "category_id"} for predicted class indices over a test_stripped set;
+    a class beyond the set's categories (a model trained on other data) raises a UserError."""
     predictions = [int(label) for label in predictions]
     if len(predictions) != len(dataset.image_ids):
         raise ValueError(f"{len(predictions)} predictions for {len(dataset.image_ids)} images of {dataset.task}")
-    for label in predictions:
-        if not 0 <= label < dataset.num_classes:
-            raise ValueError(f"predicted label {label} outside 0..{dataset.num_classes - 1} for {dataset.task}")
+    top = max(predictions)
+    if top >= dataset.num_classes:
+        raise UserError(f"annotation file {dataset.path} lists {dataset.num_classes} {dataset.task} categories but "
+                        f"the model predicts class {top}, so it has at least {top + 1}: download or generate the "
+                        "annotation files again, or use a model trained on them")
     return [{'image_id': image_id, 'category_id': dataset.category_ids[label]}
             for image_id, label in zip(dataset.image_ids, predictions)]
 

@@ -75,6 +75,9 @@ def write_run_submission(args, run_dir):
     input_size = checkpoint['args']['input_size']
     dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
                                decathlon_transform(args.task, False, input_size, args.data_dir))
+    if dataset.num_classes != student.num_classes:
+        raise UserError(f"{dataset.path} lists {dataset.num_classes} {args.task} categories, the model in {run_dir} "
+                        f"predicts {student.num_classes}: the annotation files and the run do not belong together")
     loader = DataLoader(dataset, batch_size=args.batch_size, **loader_options(args.workers))
     write_submission(submission_entries(predict(student, loader, next(student.parameters()).device), dataset),
                      os.path.join(run_dir, 'submission.json'))

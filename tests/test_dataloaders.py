@@ -2,6 +2,7 @@
 import hashlib
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -317,6 +318,107 @@ def test_voc_corrupt_annotation_names_the_fix(tmp_path):
         get_datasets('voc12', tmp_path)
     assert_one_line_user_error(excinfo, f'corrupt annotation file {path}', 'delete it and run',
                                'python data/prepare_data.py --task voc12')
+    os.remove(path)
+    os.mkdir(path)  # used to raise IsADirectoryError
+    with pytest.raises(UserError, match=f"^corrupt annotation file {path}: .*Is a directory.*; delete it and run"):
+        get_datasets('voc12', tmp_path)
+
+
+def voc_edit(parent, tag, text=None):
+    """An edit of a VOC annotation tree: set the text of `parent`'s child `tag`, or remove that child."""
+    def edit(root):
+        element = root.find(parent)
+        if text is None:
+            element.remove(element.find(tag))
+        else:
+            element.find(tag).text = text
+    return edit
+
+
+# Edits of the test image's annotation (objects: person, a difficult cat, dog, car) and the reasons given.
+VOC_ANNOTATION_FAULTS = {
+    'no size': (voc_edit('.', 'size'), 'the annotation has no <size/width>'),
+    'float width': (voc_edit('size', 'width', '100.0'), "the annotation has <size/width> '100.0', not a positive "
+                                                        'integer'),
+    'zero height': (voc_edit('size', 'height', '0'), "the annotation has <size/height> '0', not a positive integer"),
+    'no name': (voc_edit('object[1]', 'name'), 'object 1 has no <name>'),
+    'not a class': (voc_edit('object[1]', 'name', 'Person'), "object 1 has <name> 'Person', not a VOC class"),
+    'empty difficult': (voc_edit('object[1]', 'difficult', ''), "object 1 has <difficult> '', not 0 or 1"),
+    'no ymax': (voc_edit('object[3]/bndbox', 'ymax'), 'object 3 has no <bndbox/ymax>'),
+    'text xmin': (voc_edit('object[3]/bndbox', 'xmin', 'abc'), "object 3 has <bndbox/xmin> 'abc', not a number"),
+    'infinite xmax': (voc_edit('object[3]/bndbox', 'xmax', 'inf'), "object 3 has <bndbox/xmax> 'inf', not a number"),
+    'xmax below xmin': (voc_edit('object[1]/bndbox', 'xmax', '10'),
+                        r'object 1 has the box \(xmin, ymin, xmax, ymax\) = \(21, 11, 10, 50\), empty or outside the '
+                        '100 x 80 image'),
+    'outside the image': (voc_edit('object[4]/bndbox', 'xmin', '101'),
+                          r'object 4 has the box .* = \(101, 41, 100, 80\), empty or outside the 100 x 80 image'),
+}
+
+
+@pytest.mark.parametrize('fault', VOC_ANNOTATION_FAULTS)
+def test_voc_malformed_annotation_is_refused_when_read(tmp_path, fault):
+    """Used to raise AttributeError, ValueError or TypeError, or PIL's ValueError mid-epoch for a bad box."""
+    edit, reason = VOC_ANNOTATION_FAULTS[fault]
+    voc_dir = write_voc(tmp_path)
+    path = os.path.join(voc_dir, 'Annotations', '2008_000004.xml')
+    tree = ET.parse(path)
+    edit(tree.getroot())
+    tree.write(path)
+    with pytest.raises(UserError, match=f'^corrupt annotation file {path}: {reason}; delete it and run '
+                                        '`python data/prepare_data.py --task voc12` or pass --data-dir$'):
+        VOCObjectCrops(tmp_path, 'test')
+
+
+def test_voc_difficult_object_and_partly_outside_box_are_accepted(tmp_path):
+    """Only used objects are checked; a box reaching beyond the image is clipped to it."""
+    voc_dir = write_voc(tmp_path)
+    path = os.path.join(voc_dir, 'Annotations', '2008_000004.xml')
+    tree = ET.parse(path)
+    voc_edit('object[2]', 'name', 'Kitten')(tree.getroot())  # the difficult cat
+    voc_edit('object[4]/bndbox', 'xmax', '130.5')(tree.getroot())
+    tree.write(path)
+    # the car (71, 41, 130.5, 80): 60.5 px wide, so a 12.1 px margin; cut at the image's right edge
+    assert [box for _, box, _ in VOCObjectCrops(tmp_path, 'test').samples][2] == (57, 32, 100, 80)
+
+
+def empty_svhn(root, split):
+    write_svhn(root)
+    path = os.path.join(root, 'svhn', f'{split}_32x32.mat')
+    scipy.io.savemat(path, {'X': np.zeros((32, 32, 3, 0), np.uint8), 'y': np.zeros((0, 1), np.uint8)})
+    return path
+
+
+def empty_flowers(root, split):
+    path = os.path.join(write_flowers(root), 'setid.mat')
+    emptied = ('tstid',) if split == 'test' else ('trnid', 'valid')
+    scipy.io.savemat(path, {key: np.array([[] if key in emptied else ids], dtype=np.uint16)
+                            for key, ids in FLOWER_SPLITS.items()})
+    return path
+
+
+def empty_voc_list(root, split):
+    path = os.path.join(write_voc(root), 'ImageSets', 'Main', 'val.txt')
+    open(path, 'w').close()
+    return path
+
+
+def voc_without_used_objects(root, split):
+    voc_dir = write_voc(root)
+    with open(os.path.join(voc_dir, 'Annotations', '2008_000004.xml'), 'w') as f:
+        f.write(voc_annotation('2008_000004.jpg', 100, 80, [('cat', (30, 30, 70, 70), True)]))
+    return os.path.join(voc_dir, 'ImageSets', 'Main', 'val.txt')
+
+
+@pytest.mark.parametrize('task, split, empty', [('svhn', 'test', empty_svhn), ('svhn', 'train', empty_svhn),
+                                                ('flowers', 'test', empty_flowers), ('flowers', 'train', empty_flowers),
+                                                ('voc12', 'test', empty_voc_list),
+                                                ('voc12', 'test', voc_without_used_objects)])
+def test_split_without_images_is_refused(tmp_path, task, split, empty):
+    """An empty test split used to train and report a top-1 accuracy of 0.00% with exit status 0."""
+    source = empty(tmp_path, split)
+    with pytest.raises(UserError, match=f'^the {split} split of {task} has no images \\({re.escape(source)}\\); run '
+                                        f'`python data/prepare_data.py --task {task}` or pass --data-dir$'):
+        get_dataloaders(task, tmp_path, workers=0)
 
 
 # ---------------------------------------------------------------- synthetic tasks and task names

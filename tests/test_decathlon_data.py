@@ -3,6 +3,7 @@ fixtures written in the decathlon-1.0 on-disk format."""
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from decathlon_dataloaders import (BASELINE_ACC, CATEGORY_BASE, DECATHLON_TASKS, MEAN_STD, DecathlonDataset,
+from decathlon_dataloaders import (BASELINE_ACC, CATEGORY_BASE, DECATHLON_TASKS, MEAN_STD, SPLITS, DecathlonDataset,
                                    annotation_path, available_tasks, crop_size, decathlon_score, decathlon_transform,
                                    get_decathlon_dataloaders,
                                    get_decathlon_datasets, submission_entries, task_mean_std, write_submission)
@@ -242,20 +243,75 @@ def test_malformed_mean_std_entry_is_refused(decathlon, entry):
         task_mean_std('svhn', decathlon)
 
 
-@pytest.mark.parametrize('field, where', [('file_name', 'images'), ('id', 'images'), ('image_id', 'annotations'),
-                                          ('id', 'categories')])
-def test_annotation_entry_without_a_field_is_refused(decathlon, field, where):
-    path = os.path.join(decathlon, 'decathlon-1.0', 'annotations', 'svhn_train.json')
+def edit_annotations(data_dir, task, split, edit):
+    """Rewrites the annotation file of `task` and `split` as `edit` returns its content; returns its path."""
+    path = annotation_path(data_dir, task, split)
     with open(path) as f:
         content = json.load(f)
-    del content[where][1][field]
     with open(path, 'w') as f:
-        json.dump(content, f)
-    message = (f"image {content['images'][1]['id']} has no file_name" if field == 'file_name' else
-               f"an entry lacks '{field}'")
-    with pytest.raises(UserError, match=f'^corrupt annotation file {path}: {message}; download or generate it '
-                                        'again$'):
+        json.dump(edit(content), f)
+    return path
+
+
+def set_field(key, index, field, value=None):
+    """An annotation edit setting field `field` of entry `index` of list `key` to `value`, or deleting it."""
+    def edit(content):
+        if value is None:
+            del content[key][index][field]
+        else:
+            content[key][index][field] = value
+        return content
+    return edit
+
+
+# Edits of svhn_train.json and the reasons given.
+ANNOTATION_FAULTS = {
+    'no file_name': (set_field('images', 1, 'file_name'), 'images entry 2 has no string file_name'),
+    'no image id': (set_field('images', 1, 'id'), 'images entry 2 has no integer id'),
+    'no image_id': (set_field('annotations', 1, 'image_id'), 'annotations entry 2 has no integer image_id'),
+    'no category id': (set_field('categories', 1, 'id'), 'categories entry 2 has no integer id'),
+    'string category id': (set_field('categories', 0, 'id', '80000001'), 'categories entry 1 has no integer id'),
+    'string category_id': (set_field('annotations', 0, 'category_id', '80000001'),
+                           'annotations entry 1 has no integer category_id'),
+    'shared image id': (set_field('images', 1, 'id', 80000001), 'image id 80000001 is listed twice'),
+    'image not an object': (lambda content: {**content, 'images': content['images'] + ['x.jpg']},
+                            'images entry 7 has no integer id'),
+    'images a dict': (lambda content: {**content, 'images': {image['file_name']: image for image in content['images']}},
+                      "no 'images' list"),
+    'no images': (lambda content: {key: value for key, value in content.items() if key != 'images'},
+                  "no 'images' list"),
+    'a list': (lambda content: [content], "no 'images' list"),
+    'annotations a dict': (lambda content: {**content, 'annotations': {}}, "'annotations' is not a list"),
+}
+
+
+@pytest.mark.parametrize('fault', ANNOTATION_FAULTS)
+def test_malformed_annotation_file_is_refused(decathlon, fault):
+    """Used to raise TypeError or KeyError, to report a missing 'images' as too few training images, or to give a
+    second image with the same id the first one's label."""
+    edit, reason = ANNOTATION_FAULTS[fault]
+    path = edit_annotations(decathlon, 'svhn', 'train', edit)
+    with pytest.raises(UserError, match=f'^corrupt annotation file {path}: {reason}; download or generate it again$'):
         DecathlonDataset('svhn', 'train', decathlon)
+
+
+def test_annotation_path_that_is_a_folder_is_not_called_missing(decathlon):
+    path = annotation_path(decathlon, 'svhn', 'val')
+    os.remove(path)
+    os.mkdir(path)
+    with pytest.raises(UserError, match=f'^corrupt annotation file {path}: .*Is a directory.*; download or generate'):
+        DecathlonDataset('svhn', 'val', decathlon)
+
+
+@pytest.mark.parametrize('split', SPLITS)
+def test_split_without_images_is_refused(decathlon, split):
+    """An empty val split used to train and report a top-1 accuracy of 0.00%; an empty test_stripped split failed
+    in torch.cat when writing a submission."""
+    path = edit_annotations(decathlon, 'svhn', split, lambda content: {**content, 'images': [], 'annotations': []})
+    with pytest.raises(UserError, match=f'^the {split} split of svhn has no images \\({re.escape(path)}\\); run '
+                                        '`python data/download_decathlon.py`'):
+        get_decathlon_dataloaders('svhn', decathlon, train_splits=('train',), eval_split=split, workers=0)
+
 
 def test_missing_data_and_unknown_task_are_clear(tmp_path, decathlon):
     with pytest.raises(UserError) as error:
@@ -322,8 +378,16 @@ def test_submission_lists_every_test_image(decathlon, tmp_path):
     assert [e['category_id'] for e in written[4:]] == [40000002, 40000002]
     assert len({e['image_id'] for e in written}) == 6
     assert os.listdir(tmp_path / 'out') == ['results.json']  # no temporary file left behind
-    with pytest.raises(ValueError):
-        submission_entries([0, 1, 3, 0], test_set)  # label 3 does not exist
+
+
+def test_submission_of_a_model_with_more_classes_than_the_test_file_is_refused(decathlon):
+    """A test_stripped file cut to 2 categories under a 3-class model used to raise a ValueError traceback."""
+    path = edit_annotations(decathlon, 'svhn', 'test_stripped',
+                            lambda content: {**content, 'categories': content['categories'][:2]})
+    with pytest.raises(UserError, match=f'^annotation file {path} lists 2 svhn categories but the model predicts '
+                                        'class 2, so it has at least 3: download or generate the annotation files '
+                                        'again, or use a model trained on them$'):
+        submission_entries([1, 0, 2, 1], DecathlonDataset('svhn', 'test_stripped', decathlon))
 
 
 # ---------------------------------------------------------------- the miniature decathlon

@@ -185,6 +185,25 @@ def test_summary_lists_both_tasks_the_score_and_a_valid_submission(decathlon):
         assert entry['category_id'] in categories[task_of_image[entry['image_id']]]
 
 
+
+def test_submission_for_test_annotations_of_another_class_count_is_refused(decathlon, tmp_path):
+    import main_student_decathlon
+    data = tmp_path / 'data'
+    shutil.copytree(decathlon['data'], data)
+    path = annotation_path(data, 'svhn', 'test_stripped')
+    with open(path) as f:
+        annotations = json.load(f)
+    annotations['categories'] = annotations['categories'][:2]
+    with open(path, 'w') as f:
+        json.dump(annotations, f)
+    run_dir = decathlon['models'] / 'svhn' / 'student'
+    before = (run_dir / 'submission.json').read_bytes()
+    args = main_student_decathlon.get_args_parser().parse_args(['--task', 'svhn', '--data-dir', str(data),
+                                                                '--workers', '0', '--device', 'cpu'])
+    with pytest.raises(utils.UserError, match=f'^{path} lists 2 svhn categories, the model in {run_dir} predicts 10'):
+        main_student_decathlon.write_run_submission(args, run_dir)
+    assert (run_dir / 'submission.json').read_bytes() == before
+
 def test_notebook_is_stored_without_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
