@@ -37,7 +37,6 @@ what each path is worth on this machine, as the ratio of the time without it to 
 import argparse
 import contextlib
 import functools
-import json
 import statistics
 import sys
 import time
@@ -50,22 +49,40 @@ from nettailor import create_student, distillation_loss, two_pass_loss
 import deploy
 import fast
 from backbones import create_teacher
-from utils import HelpFormatter, UserError, resolve_device, run_cli
+from utils import HelpFormatter, UserError, atomic_write_json, require_file_path, resolve_device, run_cli
+
+
+DEFAULT_RUN = 'the default run'
+MODE_FLAGS = {  # flag: (its default, the modes that use it); the other modes refuse it when given
+    'arch': ('resnet34', (DEFAULT_RUN, '--paths', '--latency')),
+    'max_skip': ('3', (DEFAULT_RUN, '--paths', '--latency')),
+    'batch_size': (32, (DEFAULT_RUN, '--paths')),
+    'input_size': (64, (DEFAULT_RUN, '--paths', '--latency')),
+    'repeats': (10, (DEFAULT_RUN, '--paths', '--latency')),
+    'prune_universal': (8, (DEFAULT_RUN, '--latency')),
+    'device': ('cpu', (DEFAULT_RUN, '--paths', '--latency')),
+    'channels_last': (False, (DEFAULT_RUN, '--paths')),
+    'amp': (False, (DEFAULT_RUN, '--paths')),
+}
 
 
 def get_args_parser():
+    def default(name):
+        return f'default: {MODE_FLAGS[name][0]}'
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument('--arch', default='resnet34')
-    parser.add_argument('--max-skip', default='3')
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--input-size', type=int, default=64)
-    parser.add_argument('--repeats', type=int, default=10, help='timed rounds (after 2 warm-up rounds)')
-    parser.add_argument('--prune-universal', type=int, default=8)
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--arch', default=None, help=default('arch'))
+    parser.add_argument('--max-skip', default=None, help=default('max_skip'))
+    parser.add_argument('--batch-size', type=int, default=None, help=default('batch_size'))
+    parser.add_argument('--input-size', type=int, default=None, help=default('input_size'))
+    parser.add_argument('--repeats', type=int, default=None,
+                        help=f"timed rounds (after 2 warm-up rounds; {default('repeats')})")
+    parser.add_argument('--prune-universal', type=int, default=None, help=default('prune_universal'))
+    parser.add_argument('--device', default=None, help=default('device'))
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
-    parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for models and inputs')
-    parser.add_argument('--amp', action='store_true',
+    parser.add_argument('--channels-last', action='store_true', default=None,
+                        help='NHWC memory format for models and inputs')
+    parser.add_argument('--amp', action='store_true', default=None,
                         help='every case under torch.autocast, steps through a GradScaler (as main_*.py --amp)')
     parser.add_argument('--demo', action='store_true',
                         help='instead, time demo_synthetic.py end to end with an empty cache (a temporary folder)')
@@ -76,6 +93,27 @@ def get_args_parser():
                         "with it and with the plain layers it stands for, interleaved")
     parser.add_argument('--json', default=None, help='also write the results to this file')
     return parser
+
+
+def complete_args(args):
+    """Fill in the mode's defaults; refuse, before anything runs, flags the mode would ignore and values that
+    cannot work."""
+    modes = [flag for flag in ('--demo', '--latency', '--paths') if getattr(args, flag[2:])]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are separate measurements: pass one of them per run")
+    mode = modes[0] if modes else DEFAULT_RUN
+    for name, (default, used_by) in MODE_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif mode not in used_by:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to {mode}: it is for {', '.join(used_by)}")
+    for name in ('repeats', 'batch_size', 'input_size', 'threads'):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size == 1:  # every mode that uses --batch-size times a training step
+        raise UserError("--batch-size must be at least 2: BatchNorm cannot train on a batch of one")
+    if args.json:
+        require_file_path(args.json, '--json')
 
 
 def plain_gated_proxy(proxy, pooled, gate):
@@ -142,12 +180,7 @@ def time_demo():
 
 
 def main(args):
-    for name in ('repeats', 'batch_size', 'input_size', 'threads'):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    modes = [flag for flag in ('--demo', '--latency', '--paths') if getattr(args, flag[2:])]
-    if len(modes) > 1:
-        raise UserError(f"{' and '.join(modes)} are separate measurements: pass one of them per run")
+    complete_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.demo:
@@ -333,10 +366,9 @@ def measure_paths(args, device):
 
 
 def save_json(args, results):
-    """--json: the results, also as a file."""
+    """--json: the results, also as a file (written atomically)."""
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
+        atomic_write_json(results, args.json)
 
 
 class Logits(torch.nn.Module):

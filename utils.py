@@ -156,8 +156,8 @@ def require_folder(path, flag):
 
 def require_file_path(path, flag):
     """A flag naming a file to write must name neither a folder nor a path under a file."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder: name the file to write")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UserError(f"{flag} {path} names a folder: name the file to write")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)

@@ -325,7 +325,7 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
             (main_student_decathlon, ['--export', 'out', '--write-submission'],
              '^--write-submission does not apply to --export'),
             (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path)],
-             f'^--export-backbone {tmp_path} is a folder: name the file to write$'),
+             f'^--export-backbone {tmp_path} names a folder: name the file to write$'),
             (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path / 'afile' / 'w.pth')],
              f"^--export-backbone {tmp_path / 'afile' / 'w.pth'} lies under {tmp_path / 'afile'}, which is a file$")):
         with pytest.raises(utils.UserError, match=message):
