@@ -62,6 +62,8 @@ def task_runs(args):
     """One argument namespace per task, with its run directory and crop size resolved."""
     if args.model_dir is not None:
         raise UserError("decathlon runs go to <model-root>/<task>/<stage>: pass --model-root, not --model-dir")
+    if args.train_splits not in ('train', 'train,val'):  # val alone, or twice, would inflate the val accuracy
+        raise UserError(f"--train-splits takes 'train' or 'train,val', got {args.train_splits!r}")
     tasks = available_tasks(args.data_dir) if args.task == 'all' else [args.task]
     if not tasks:
         raise UserError(f"no decathlon task found under {args.data_dir}/decathlon-1.0; run "

@@ -116,6 +116,11 @@ def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(obj), path)
 
 
+def require_http_url(url, flag):
+    if not url.startswith(('http://', 'https://')):
+        raise UserError(f"{flag} must be an http(s) URL, got {url!r}")
+
+
 def check_reachable(url, hint, timeout=5):
     """Fail at once, with one line ending in `hint`, when the host of `url` cannot be reached (offline)."""
     import socket

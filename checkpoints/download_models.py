@@ -121,6 +121,8 @@ def fetch_task_models(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.require_http_url(args.url, '--url')
+    utils.require_http_url(args.models_url, '--models-url')
     fetch_universal(args)
     fetch_task_models(args)
 

@@ -102,8 +102,7 @@ def main(argv=None):
     root = decathlon_root(args.data_dir)
     image_folder = os.path.join(root, 'data')
     utils.require_folder(args.data_dir, '--data-dir')
-    if not args.mirror.startswith(('http://', 'https://')):
-        raise UserError(f"--mirror must be an http(s) URL, got {args.mirror!r}")
+    utils.require_http_url(args.mirror, '--mirror')
     mirror = args.mirror if args.mirror.endswith('/') else args.mirror + '/'
     if annotations_present(args.data_dir):
         print(f'annotations: all present in {os.path.join(root, "annotations")}')

@@ -464,6 +464,11 @@ def test_download_models_fails_fast_and_clearly_offline(tmp_path):
         downloader.main(['--output', str(output), '--models-url', closed_local_url('m.tar.gz'),
                          '--models-dir', str(models)])
     assert sorted(os.listdir(tmp_path)) == ['wide_resnet26.pth.tar']  # nothing half-written left behind
+    for flags, message in ((['--url', 'file:///x'], "--url must be an http(s) URL, got 'file:///x'"),
+                           (['--models-url', 'notaurl'], "--models-url must be an http(s) URL, got 'notaurl'")):
+        with pytest.raises(UserError, match=f'^{re.escape(message)}$'):  # was 'cannot reach None'
+            downloader.main([*flags, '--output', str(tmp_path / 'w.pth'), '--models-dir', str(models)])
+    assert sorted(os.listdir(tmp_path)) == ['wide_resnet26.pth.tar']
 
 
 def refuse_network(*args, **kwargs):
