@@ -52,8 +52,9 @@ def get_args_parser(add_help=True):
     return parser
 
 
-def train_or_evaluate(args):
-    """main_student.main for one task, its teacher and (with --prune) its full student found by convention."""
+def complete_task_args(args):
+    """A task's student run: its teacher and (with --prune) its full student found by convention; for a new
+    student, the default network and the universal weights known to be there."""
     task_dir = os.path.dirname(args.model_dir)
     if args.teacher_fn is None:
         args.teacher_fn = checkpoint_path(os.path.join(task_dir, 'teacher'))
@@ -63,6 +64,11 @@ def train_or_evaluate(args):
         args.backbone = args.backbone or 'wide_resnet26'
         args.pretrained = args.pretrained or DEFAULT_WEIGHTS
         check_default_weights(args)
+
+
+def train_or_evaluate(args):
+    """main_student.main for one task."""
+    complete_task_args(args)
     result = main_student.main(args)
     if args.write_submission:
         write_run_submission(args, args.model_dir)

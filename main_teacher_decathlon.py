@@ -91,11 +91,16 @@ def run_tasks(args, main):
     return results
 
 
-def train_or_evaluate(args):
-    """main_teacher.main for one task, once the universal weights to train from are known to be there."""
+def complete_task_args(args):
+    """A task's teacher to train: the default network, and the universal weights known to be there."""
     if not args.evaluate:
         args.arch = args.arch or 'wide_resnet26'
         check_default_weights(args)
+
+
+def train_or_evaluate(args):
+    """main_teacher.main for one task."""
+    complete_task_args(args)
     return main_teacher.main(args)
 
 

@@ -10,11 +10,13 @@ as a job array, one of the scripts' runs per job, then their summary.
     # the same on this machine, each job a local process
     python submit.py --local --gpus-per-job 0 sweep ...
 
-Flags after `--` go to every run's script (main_*_decathlon.py, main_student.py).  Finished runs are not
-submitted again (one trained with other values of the flags given is refused, before anything is submitted); a
-job preempted or reaching its time limit is requeued and continues its run with --resume (submitit's
-checkpointing); once every job has ended the summary is printed (the decathlon table and score, or the sweep's
-table).  Job logs go to --log-dir.
+Flags after `--` go to every run's script (main_*_decathlon.py, main_student.py).  Before anything is submitted,
+each job is checked as its script would check it (its flags and values, the runs it needs: a decathlon task's
+teacher and student, the universal blocks left to prune), so that no job is submitted only to fail.  Finished
+runs are not submitted again (one trained with other values of the flags given is refused); a job preempted or
+reaching its time limit is requeued and continues its run with --resume (submitit's checkpointing); once every
+job has ended the summary is printed (the decathlon table and score, or the sweep's table).  Job logs go to
+--log-dir.
 """
 import argparse
 import importlib
@@ -22,8 +24,12 @@ import os
 import sys
 
 import demo
+import main_student
+import main_student_decathlon
+import main_teacher_decathlon
 import utils
-from engine import checkpoint_path, finished_run_differences, run_status
+from engine import check_args, check_run_dir, checkpoint_path, finished_run_differences, run_status
+from main_teacher_decathlon import task_runs
 from utils import UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -44,11 +50,10 @@ class Job:
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        state = run_status(self.run_dir)
-        if state == 'finished':  # requeued after its last checkpoint
+        if run_status(self.run_dir) == 'finished':  # requeued after its last checkpoint
             return None
+        argv = self.current_argv()
         module = importlib.import_module(self.script)
-        argv = self.argv + (['--resume'] if state == 'unfinished' else [])
         args = module.get_args_parser().parse_args(argv)
         try:
             module.main(args)
@@ -56,49 +61,149 @@ class Job:
             raise RuntimeError(f"{self.script} {' '.join(argv)}: {utils.user_error_line(error)}") from None
         return self.run_dir
 
+    def current_argv(self):
+        """The job's flags as it runs now: with --resume once its run has a checkpoint to continue."""
+        return self.argv + (['--resume'] if run_status(self.run_dir) == 'unfinished' else [])
+
     def checkpoint(self, *args, **kwargs):
         import submitit
         return submitit.helpers.DelayedSubmission(self)
 
 
 def decathlon_jobs(args, script_flags):
-    """One job per decathlon task found under --data-dir for --stage (teacher, student or pruned)."""
-    from decathlon_dataloaders import available_tasks
-    tasks = args.tasks or available_tasks(args.data_dir)
-    if not tasks:
-        raise UserError(f"no decathlon task found under {args.data_dir}/decathlon-1.0; run "
-                        "`python data/download_decathlon.py` or `python data/make_synthetic_decathlon.py`")
+    """One job per decathlon task for --stage (teacher, student or pruned): --tasks, or every task found under
+    --data-dir; a task unknown or without data there is refused."""
+    from decathlon_dataloaders import available_tasks, check_task
+    available = available_tasks(args.data_dir)
+    tasks = args.tasks or available
+    for task in tasks:
+        check_task(task)
+    missing = [task for task in tasks if task not in available]
+    if not tasks or missing:
+        raise UserError(f"{f'no data for {missing[0]}' if missing else 'no decathlon task found'} under "
+                        f"{args.data_dir}/decathlon-1.0; run `python data/download_decathlon.py` or "
+                        "`python data/make_synthetic_decathlon.py`")
     script = 'main_teacher_decathlon' if args.stage == 'teacher' else 'main_student_decathlon'
     stage_flags = ['--prune'] if args.stage == 'pruned' else []
-    return [Job(script, ['--task', task, '--model-root', args.model_root, '--data-dir', args.data_dir, *stage_flags,
-                         *script_flags], os.path.join(args.model_root, task, args.stage)) for task in tasks]
+    return [make_job(script, ['--task', task, '--model-root', args.model_root, '--data-dir', args.data_dir,
+                              *stage_flags], script_flags, os.path.join(args.model_root, task, args.stage),
+                     JOB_SETTINGS['decathlon']) for task in tasks]
 
 
 def sweep_jobs(args, script_flags):
     """One job per k: the student in --full-model-dir with k universal blocks pruned, retrained."""
+    if min(args.k) < 1:
+        raise UserError(f"every --k must be at least 1, got {min(args.k)}: a sweep prunes universal blocks (to "
+                        "retrain with proxies pruned only, run main_student.py --n-pruning-universal 0)")
     if run_status(args.full_model_dir) != 'finished':
         raise UserError(f"--full-model-dir {args.full_model_dir} holds no finished student: train it first "
                         "(main_student.py)")
     root = args.model_root or os.path.dirname(os.path.abspath(args.full_model_dir))
-    return [Job('main_student', [*script_flags, '--full-model-dir', args.full_model_dir, '--n-pruning-universal',
-                                 str(k), '--model-dir', os.path.join(root, f'pruned-k{k}')],
-                os.path.join(root, f'pruned-k{k}')) for k in args.k]
+    return [make_job('main_student', ['--full-model-dir', args.full_model_dir, '--n-pruning-universal', str(k),
+                                      '--model-dir', os.path.join(root, f'pruned-k{k}')], script_flags,
+                     os.path.join(root, f'pruned-k{k}'), JOB_SETTINGS['sweep']) for k in args.k]
 
 
-def check_flags(job):
-    """Flags the job's script does not take are refused here, before anything is submitted."""
-    _, unknown = importlib.import_module(job.script).get_args_parser().parse_known_args(job.argv)
+# the scripts' settings submit.py gives each job (from its own flags: --tasks, --stage, --k, ...)
+JOB_SETTINGS = {'decathlon': ('task', 'model_root', 'data_dir', 'model_dir', 'prune', 'full_model_dir'),
+                'sweep': ('full_model_dir', 'n_pruning_universal', 'model_dir')}
+
+
+def make_job(script, job_flags, script_flags, run_dir, owned):
+    """A Job of `script` with `job_flags` (what submit.py sets) followed by `script_flags` (the flags after --),
+    which must not change the `owned` settings."""
+    argv = [*job_flags, *script_flags]
+    ours, combined = given_settings(script, job_flags), given_settings(script, argv)
+    for name in owned:
+        if ours.get(name) != combined.get(name):
+            raise UserError(f"flags after -- must not set --{name.replace('_', '-')}: submit.py sets it for each "
+                            "job from its own flags (python submit.py --help)")
+    return Job(script, argv, run_dir)
+
+
+def parse_script_flags(script, argv, namespace=None):
+    """(args, flags it does not take): `argv` parsed by `script`'s parser; a value it cannot parse is refused in
+    one line, not with its usage."""
+    parser = importlib.import_module(script).get_args_parser()
+
+    def refuse(message):
+        raise UserError(f"flags after --: {message} (python {script}.py --help lists its flags)")
+    parser.error = refuse
+    return parser.parse_known_args(argv, namespace)
+
+
+def check_job(job):
+    """Refuse, before anything is submitted, a job that would fail or pass a run off as another: flags its script
+    does not take, cannot parse or would not train with; a finished run trained otherwise (`trained_otherwise`);
+    for a run to train, whatever its script would refuse (`check_script_args`)."""
+    args, unknown = parse_script_flags(job.script, job.current_argv())
     if unknown:
         raise UserError(f"{job.script}.py does not take {' '.join(unknown)} (python {job.script}.py --help lists "
                         "its flags)")
+    for name in ('evaluate', 'export', 'summary'):
+        if getattr(args, name, None) not in (None, False):  # --export '' included
+            raise UserError(f"flags after --: --{name} trains no run, and submit.py submits runs to train: run "
+                            f"python {job.script}.py --{name} directly")
+    if run_status(job.run_dir) != 'finished':
+        check_script_args(job, args)
+        return
+    differences = trained_otherwise(job)
+    if differences:
+        raise UserError(f"{job.run_dir} holds a finished run trained with {'; '.join(differences)}: "
+                        "move it away or pass another --model-root")
+
+
+def check_script_args(job, args):
+    """What the job's script refuses before it writes anything, refused here on the job's parsed `args` (writing
+    nothing): the decathlon scripts' run of their task, completed by their complete_task_args, and
+    the runs it needs (the student it prunes, the teacher it distils from); engine.check_args or
+    main_student.check_student_args; the universal blocks left to prune; engine.check_run_dir."""
+    if job.script == 'main_teacher_decathlon':
+        [args] = task_runs(args)
+        main_teacher_decathlon.complete_task_args(args)
+        check_args(args)
+        check_run_dir(args)
+        return
+    default_teacher = False
+    if job.script == 'main_student_decathlon':
+        [args] = task_runs(args)
+        default_teacher = args.teacher_fn is None
+        main_student_decathlon.complete_task_args(args)
+        if args.prune:
+            require_finished(args, args.full_model_dir, 'to prune')
+    main_student.check_student_args(args)
+    if default_teacher and args.teacher_coeff > 0:
+        require_finished(args, os.path.dirname(args.teacher_fn), 'to distil from',
+                         ', or pass --teacher-coeff 0 after --')
+    if args.full_model_dir:
+        alive = utils.load_checkpoint(checkpoint_path(args.full_model_dir))['model']['state']['path_alive']
+        left = int(alive[:, 0].sum())
+        if args.n_pruning_universal > left:
+            raise UserError(f"cannot prune {args.n_pruning_universal} universal blocks of the student in "
+                            f"{args.full_model_dir}: it has {left} left; prune at most {left}")
+    check_run_dir(args)
+
+
+def require_finished(args, run_dir, purpose, alternative=''):
+    """A run a decathlon job needs (<model-root>/<task>/<stage>), refused unless finished, with its command."""
+    stage = os.path.basename(run_dir)
+    if run_status(run_dir) != 'finished':
+        raise UserError(f"{args.task}: no finished {stage} in {run_dir} {purpose}: train it first (python submit.py "
+                        f"decathlon --stage {stage} --tasks {args.task} --model-root {args.model_root} --data-dir "
+                        f"{args.data_dir}){alternative}")
+
+
+def given_settings(script, argv):
+    """The settings `argv` gives `script` explicitly (not its defaults)."""
+    args, _ = parse_script_flags(script, argv)
+    unset = argparse.Namespace(**dict.fromkeys(vars(args)))  # argparse fills no defaults in
+    return {key: value for key, value in vars(parse_script_flags(script, argv, unset)[0]).items() if value is not None}
 
 
 def trained_otherwise(job):
     """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage)."""
-    parser = importlib.import_module(job.script).get_args_parser()
-    unset = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(job.argv))))  # argparse fills no defaults in
-    given = vars(parser.parse_args(job.argv, unset))
-    return finished_run_differences(job.run_dir, {key: value for key, value in given.items() if value is not None})
+    return finished_run_differences(job.run_dir, given_settings(job.script, job.argv))
+
 
 
 def summary(args, jobs):
@@ -167,18 +272,33 @@ def get_args_parser():
     return parser
 
 
+def check_submit_flags(args):
+    """submit.py's own flags: counts that must be positive (--gpus-per-job non-negative), no SLURM settings with
+    --local."""
+    for name in ('processes_per_job', 'cpus_per_task', 'timeout_min', 'array_parallelism'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.gpus_per_job < 0:
+        raise UserError(f"--gpus-per-job must be non-negative, got {args.gpus_per_job}")
+    for name in ('partition', 'account'):
+        if args.local and getattr(args, name):
+            raise UserError(f"--{name} is a SLURM setting, which --local jobs (processes on this machine) do not "
+                            f"use: drop --{name} or --local")
+
+
 def main(args, script_flags):
     """Submit the jobs whose runs are not finished, wait for all, print the summary; returns it (or the jobs)."""
-    if args.gpus_per_job < 0 or args.timeout_min <= 0 or (args.processes_per_job or 1) < 1:
-        raise UserError("--gpus-per-job must be non-negative, --processes-per-job and --timeout-min positive")
+    check_submit_flags(args)
     jobs = decathlon_jobs(args, script_flags) if args.command == 'decathlon' else sweep_jobs(args, script_flags)
-    pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
+    run_dirs = [job.run_dir for job in jobs]
+    for i, job in enumerate(jobs):
+        if job.run_dir in run_dirs[:i]:
+            raise UserError(f"{'--tasks' if args.command == 'decathlon' else '--k'} repeats a value: two jobs would "
+                            f"write {job.run_dir}; give each value once")
     for job in jobs:
-        check_flags(job)
-        differences = trained_otherwise(job) if job not in pending else None
-        if differences:
-            raise UserError(f"{job.run_dir} holds a finished run trained with {'; '.join(differences)}: "
-                            "move it away or pass another --model-root")
+        check_job(job)
+    pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
     for job in jobs:
         if job not in pending:
             print(f"{job.run_dir}: finished, not submitted again")

@@ -1,5 +1,6 @@
 """submit.py with submitit's local executor: two runs of a k sweep as parallel jobs, one of them preempted and
-requeued, which resumes its run; finished runs are not submitted again, and refused when trained otherwise."""
+requeued, which resumes its run; finished runs are not submitted again, and refused when trained otherwise; bad
+flags, missing runs and anything a job's script would refuse are refused before anything is submitted."""
 import glob
 import os
 import signal
@@ -14,15 +15,44 @@ from engine import checkpoint_path
 from utils import UserError
 
 from test_distributed import descendants
-from test_pipeline import TINY, run, workdir  # noqa: F401  (a module-scoped fixture)
+from test_pipeline import TINY, assert_one_line_error, run, workdir  # noqa: F401  (a module-scoped fixture)
 
 
-def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, tmp_path, monkeypatch, capsys):  # noqa: F811
-    common = [*TINY, '--pretrained', workdir / 'backbone.pth', '--backbone', 'resnet18', '--teacher-coeff', 0]
-    run('main_student.py', *common, '--model-dir', tmp_path / 'student', '--epochs', 1, '--lr', 0.01)
+def student_flags(workdir):  # noqa: F811
+    return [*TINY, '--pretrained', workdir / 'backbone.pth', '--backbone', 'resnet18', '--teacher-coeff', 0]
+
+
+@pytest.fixture(scope='module')
+def student(workdir):  # noqa: F811
+    """A trained tiny student, shared: the tests prune it into runs of their own (--model-root)."""
+    run('main_student.py', *student_flags(workdir), '--model-dir', workdir / 'student', '--epochs', 1, '--lr', 0.01)
+    return workdir / 'student'
+
+
+def refused(tmp_path, argv, flags, match):
+    """submit.main with --local --no-wait refuses `argv` -- `flags` with `match`, nothing submitted or written."""
+    before = sorted(tmp_path.rglob('*'))
+    args = submit.get_args_parser().parse_args(['--local', '--no-wait', '--log-dir', str(tmp_path / 'jobs'),
+                                                *map(str, argv)])
+    with pytest.raises(UserError, match=match):
+        submit.main(args, list(map(str, flags)))
+    assert sorted(tmp_path.rglob('*')) == before  # no job folder, no run directory
+
+
+def not_a_student(path):
+    """A finished run that is not a student's (a teacher's fields)."""
+    os.makedirs(path)
+    torch.save({'finished': True, 'args': {'task': 'synth-digits'}, 'model': {}, 'num_classes': 10},
+               checkpoint_path(path))
+    return path
+
+
+def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, student, tmp_path, capsys):  # noqa: F811
+    common = student_flags(workdir)
     args = submit.get_args_parser().parse_args(
         ['--local', '--gpus-per-job', '0', '--cpus-per-task', '1', '--timeout-min', '10', '--log-dir',
-         str(tmp_path / 'jobs'), '--no-wait', 'sweep', '--full-model-dir', str(tmp_path / 'student'), '--k', '1', '2'])
+         str(tmp_path / 'jobs'), '--no-wait', 'sweep', '--full-model-dir', str(student), '--k', '1', '2',
+         '--model-root', str(tmp_path)])
     flags = [str(flag) for flag in common] + ['--epochs', '4', '--lr', '0.01', '--thr-pruning-proxy', '0']
     jobs = submit.main(args, flags)
     assert len(jobs) == 2
@@ -58,27 +88,113 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, tmp_pat
     assert os.listdir(tmp_path / 'jobs') == submitted
 
 
-def test_failed_jobs_are_reported_in_one_line(tmp_path):
+def test_failed_jobs_are_reported_in_one_line(student, tmp_path):
     args = submit.get_args_parser().parse_args(
-        ['--local', '--gpus-per-job', '0', '--timeout-min', '5', '--log-dir', str(tmp_path / 'jobs'), 'sweep',
-         '--full-model-dir', str(tmp_path / 'student'), '--k', '3'])
-    with pytest.raises(UserError, match=r"--full-model-dir .*student holds no finished student: train it first"):
+        ['--local', '--gpus-per-job', '0', '--cpus-per-task', '1', '--timeout-min', '5', '--log-dir',
+         str(tmp_path / 'jobs'), 'sweep', '--full-model-dir', str(tmp_path / 'none'), '--k', '1'])
+    with pytest.raises(UserError, match=r"--full-model-dir .*none holds no finished student: train it first"):
         submit.main(args, ['--device', 'cpu'])  # refused before anything is submitted
-    os.makedirs(tmp_path / 'student')
-    torch.save({'finished': True}, checkpoint_path(tmp_path / 'student'))  # finished, but not a student's
+    args.full_model_dir, args.model_root = str(student), str(tmp_path)
     with pytest.raises(UserError, match=r"main_student.py does not take --bogus-flag"):
         submit.main(args, ['--device', 'cpu', '--bogus-flag'])
     assert not os.path.exists(tmp_path / 'jobs')
-    with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k3 .*not a student checkpoint"):
-        submit.main(args, ['--device', 'cpu'])  # a failure inside the job
+    with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k1 .*fewer than 2 images"):
+        submit.main(args, ['--device', 'cpu', '--workers', '0', '--train-limit', '1'])  # a failure inside the job
 
 
-def test_a_job_with_two_processes_runs_them_as_one_run(workdir, tmp_path):  # noqa: F811
-    common = [*TINY, '--pretrained', workdir / 'backbone.pth', '--backbone', 'resnet18', '--teacher-coeff', 0]
-    run('main_student.py', *common, '--model-dir', tmp_path / 'student', '--epochs', 1, '--lr', 0.01)
+def test_submit_flags_are_checked(tmp_path):
+    sweep = ['sweep', '--full-model-dir', tmp_path / 'none', '--k', 1]
+    refused(tmp_path, ['--cpus-per-task', 0, *sweep], [], r"^--cpus-per-task must be positive, got 0$")
+    refused(tmp_path, ['--array-parallelism', 0, *sweep], [], r"^--array-parallelism must be positive, got 0$")
+    refused(tmp_path, ['--timeout-min', 0, *sweep], [], r"^--timeout-min must be positive, got 0$")
+    refused(tmp_path, ['--gpus-per-job', -1, *sweep], [], r"^--gpus-per-job must be non-negative, got -1$")
+    for flag in ('--partition', '--account'):
+        refused(tmp_path, [flag, 'x', *sweep], [], rf"^{flag} is a SLURM setting, which --local jobs .* do not use: "
+                rf"drop {flag} or --local$")
+
+
+def test_decathlon_tasks_are_checked(tmp_path):
+    data = tmp_path / 'data'
+    os.makedirs(data / 'decathlon-1.0' / 'annotations')
+    open(data / 'decathlon-1.0' / 'annotations' / 'svhn_train.json', 'w').close()  # svhn's data, as found
+    decathlon = ['decathlon', '--stage', 'teacher', '--data-dir', data, '--model-root', tmp_path / 'models', '--tasks']
+    refused(tmp_path, [*decathlon, 'foo', 'bar'], [], r"^unknown decathlon task 'foo'; valid tasks: imagenet12, ")
+    refused(tmp_path, [*decathlon, 'svhn', 'dtd'], [], r"^no data for dtd under .*data/decathlon-1.0; run `python "
+            r"data/download_decathlon.py`")
+    refused(tmp_path, [*decathlon, 'svhn', 'svhn'], [], r"^--tasks repeats a value: two jobs would write "
+            r".*models/svhn/teacher; give each value once$")
+    refused(tmp_path, [*decathlon, 'svhn'], ['--pretrained', 'none', '--lr', 0], r"^--lr must be positive, got 0.0$")
+    refused(tmp_path, [*decathlon, 'svhn'], ['--task', 'dtd'], r"^flags after -- must not set --task: submit.py sets "
+            r"it for each job")  # every job used to train dtd
+
+
+def test_decathlon_stages_need_their_runs(tmp_path):
+    data = tmp_path / 'data'
+    os.makedirs(data / 'decathlon-1.0' / 'annotations')
+    open(data / 'decathlon-1.0' / 'annotations' / 'svhn_train.json', 'w').close()
+    decathlon = ['decathlon', '--tasks', 'svhn', '--data-dir', data, '--model-root', tmp_path / 'models', '--stage']
+    refused(tmp_path, [*decathlon, 'pruned'], [], r"^svhn: no finished student in .*models/svhn/student to prune: "
+            r"train it first \(python submit.py decathlon --stage student --tasks svhn --model-root .*models "
+            r"--data-dir .*data\)$")
+    student = [*decathlon, 'student']
+    refused(tmp_path, student, ['--pretrained', 'none'], r"^svhn: no finished teacher in .*models/svhn/teacher to "
+            r"distil from: train it first \(python submit.py decathlon --stage teacher --tasks svhn .*\), or pass "
+            r"--teacher-coeff 0 after --$")
+    os.makedirs(tmp_path / 'models' / 'svhn' / 'student')  # an unfinished run of other flags, which the job
+    torch.save({'finished': False, 'args': {}, 'epoch': 0},  # would resume: refused once the teacher is not needed
+               checkpoint_path(tmp_path / 'models' / 'svhn' / 'student'))
+    for without_teacher in (['--teacher-coeff', 0], ['--teacher-fn', tmp_path / 'elsewhere.pth']):
+        refused(tmp_path, student, ['--pretrained', 'none', *without_teacher],
+                r"^--resume: the run in .*models/svhn/student was trained with --")
+    refused(tmp_path, student, ['--pretrained', 'none', '--teacher-coeff', 0, '--epochs', -1],
+            r"^--epochs must be positive, got -1$")
+
+
+def test_sweep_k_and_full_model_dir_are_checked(student, tmp_path):
+    sweep = ['sweep', '--full-model-dir', student, '--model-root', tmp_path / 'runs', '--k']
+    for k in (0, -2):
+        refused(tmp_path, [*sweep, 3, k], [], rf"^every --k must be at least 1, got {k}: a sweep prunes universal "
+                r"blocks \(to retrain with proxies pruned only, run main_student.py --n-pruning-universal 0\)$")
+    refused(tmp_path, [*sweep, 2, 3, 2], [], r"^--k repeats a value: two jobs would write .*runs/pruned-k2; give "
+            r"each value once$")
+    refused(tmp_path, [*sweep, 2, 9], [], r"^cannot prune 9 universal blocks of the student in .*student: it has 8 "
+            r"left; prune at most 8$")
+    teacher = not_a_student(tmp_path / 'teacher')
+    refused(tmp_path, ['sweep', '--full-model-dir', teacher, '--k', 1], [], r"teacher/checkpoint.pth is not a student "
+            r"checkpoint written by main_student.py: --full-model-dir takes a trained student's run directory$")
+
+
+def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
+    sweep = ['sweep', '--full-model-dir', student, '--model-root', tmp_path / 'runs', '--k', 1]
+    refused(tmp_path, sweep, ['--epochs', -1], r"^--epochs must be positive, got -1$")
+    refused(tmp_path, sweep, ['--thr-pruning-proxy', 1], r"^--thr-pruning-proxy must be in \[0, 1\), got 1.0$")
+    refused(tmp_path, sweep, ['--backbone', 'resnet34'], r"was trained with --backbone resnet18, not resnet34: drop "
+            r"--backbone$")
+    refused(tmp_path, sweep, ['--evaluate'], r"^flags after --: --evaluate trains no run, and submit.py submits runs "
+            r"to train: run python main_student.py --evaluate directly$")
+    for flags in (['--model-dir', tmp_path / 'x'], ['--n-pruning-universal', 2], ['--model-d', tmp_path / 'x']):
+        refused(tmp_path, sweep, flags, r"^flags after -- must not set --(model-dir|n-pruning-universal): submit.py "
+                r"sets it for each job from its own flags \(python submit.py --help\)$")
+    unfinished = torch.load(checkpoint_path(student), weights_only=False)  # an unfinished run of other flags: the
+    unfinished['finished'] = False  # job would resume it
+    os.makedirs(tmp_path / 'runs' / 'pruned-k1')
+    torch.save(unfinished, checkpoint_path(tmp_path / 'runs' / 'pruned-k1'))
+    refused(tmp_path, sweep, [], r"^--resume: the run in .*pruned-k1 was trained with --")
+
+
+def test_a_script_flag_it_cannot_parse_is_one_line(tmp_path):
+    result = run('submit.py', '--local', '--no-wait', '--log-dir', tmp_path / 'jobs', 'sweep', '--full-model-dir',
+                 not_a_student(tmp_path / 'teacher'), '--k', 1, '--', '--epochs', 'abc', expect_ok=False)
+    assert_one_line_error(result, "error: flags after --: argument --epochs: invalid int value: 'abc' (python "
+                          "main_student.py --help lists its flags)")
+    assert not os.path.exists(tmp_path / 'jobs')
+
+
+def test_a_job_with_two_processes_runs_them_as_one_run(workdir, student, tmp_path):  # noqa: F811
+    common = student_flags(workdir)
     args = submit.get_args_parser().parse_args(
         ['--local', '--gpus-per-job', '0', '--processes-per-job', '2', '--timeout-min', '10', '--log-dir',
-         str(tmp_path / 'jobs'), 'sweep', '--full-model-dir', str(tmp_path / 'student'), '--k', '1'])
+         str(tmp_path / 'jobs'), 'sweep', '--full-model-dir', str(student), '--k', '1', '--model-root', str(tmp_path)])
     flags = [str(flag) for flag in common] + ['--epochs', '2', '--lr', '0.01', '--thr-pruning-proxy', '0',
                                               '--batch-size', '16']
     table = submit.main(args, flags)
