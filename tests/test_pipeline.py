@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -127,13 +128,15 @@ def test_export_writes_the_tailored_network_of_a_run(pipeline, tmp_path):
     assert_one_line_error(result, 'checkpoint.pth')
     assert not (tmp_path / 'out').exists()
     assert_one_line_error(run('main_student.py', '--model-dir', pruned, expect_ok=False), '--task is required')
+    import main_student
     for flags, message in ((['--export', tmp_path / 'out', '--n-pruning-universal', 4],  # exported unpruned
                             '--export takes the run in --model-dir as it is: prune it first'),
                            (['--evaluate', '--full-model-dir', pipeline[1]], '--evaluate takes the run in --model-dir'),
                            (['--export', tmp_path / 'out', '--input-size', 64],  # exported at the run's 32
                             f'{pruned} was trained with --input-size 32, not 64: drop those flags (--export rebuilds'),
                            (['--export', ''], '--export needs the folder to write the tailored network to')):
-        assert_one_line_error(run('main_student.py', '--model-dir', pruned, *flags, expect_ok=False), message)
+        with pytest.raises(UserError, match=f'^{re.escape(message)}'):
+            main_student.main(main_student.get_args_parser().parse_args(['--model-dir', str(pruned), *map(str, flags)]))
     assert not (tmp_path / 'out').exists()
 
 
@@ -520,16 +523,20 @@ def test_non_finite_checkpoints_are_refused_with_their_file(pipeline, workdir, t
 def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
     """The run's own task, input size and network; a flag given unlike the run's is refused, not ignored (the
     accuracy printed would not be that of the network the flags describe)."""
+    import main_student
+    import main_teacher
     teacher, student, _ = pipeline
     at_224 = [a if a != '32' else '224' for a in TINY]
+    result = run('main_student.py', *at_224, '--model-dir', student, '--evaluate', expect_ok=False)
+    assert_one_line_error(result, f'{student} was trained with --input-size 32, not 224: drop those flags')
     for script, run_dir, flags, setting in (
-            ('main_student.py', student, at_224, '--input-size 32, not 224'),
-            ('main_student.py', student, [*TINY, '--max-skip', 'dense'], '--max-skip 3, not dense'),
-            ('main_student.py', student, [*TINY, '--backbone', 'resnet34'], '--backbone resnet18, not resnet34'),
-            ('main_student.py', student, [*TINY, '--shared-bn-stats'], '--shared-bn-stats False, not True'),
-            ('main_teacher.py', teacher, [*TINY, '--arch', 'resnet34'], '--arch resnet18, not resnet34')):
-        result = run(script, *flags, '--model-dir', run_dir, '--evaluate', expect_ok=False)
-        assert_one_line_error(result, f'{run_dir} was trained with {setting}: drop those flags')
+            (main_student, student, ['--max-skip', 'dense'], '--max-skip 3, not dense'),
+            (main_student, student, ['--backbone', 'resnet34'], '--backbone resnet18, not resnet34'),
+            (main_student, student, ['--shared-bn-stats'], '--shared-bn-stats False, not True'),
+            (main_teacher, teacher, ['--arch', 'resnet34'], '--arch resnet18, not resnet34')):
+        args = script.get_args_parser().parse_args([*TINY, *flags, '--model-dir', str(run_dir), '--evaluate'])
+        with pytest.raises(UserError, match=f'^{run_dir} was trained with {setting}: drop those flags'):
+            script.main(args)
     other_task = [a if a != 'synth-digits' else 'synth-textures' for a in TINY]
     no_task = ['--workers', '0', '--device', 'cpu']  # no --task, --input-size or --test-limit: the run's own
     for script, run_dir in (('main_student.py', student), ('main_teacher.py', teacher)):
