@@ -459,8 +459,10 @@ class NetTailor(nn.Module):
             raise UserError(f"{source} was built for another student ({diff} here)")
         state = pack['state']
         alive = state.get('path_alive')
-        if not torch.is_tensor(alive) or alive.dtype != torch.bool or alive.shape != self.path_alive.shape \
-                or (alive & ~self.path_exists).any():
+        fits = torch.is_tensor(alive) and alive.dtype == torch.bool and alive.shape == self.path_alive.shape
+        if fits:
+            alive = alive.to(self.path_exists.device)  # a pack read to the CPU, a student on the GPU
+        if not fits or (alive & ~self.path_exists).any():
             raise UserError(f"{source} has no pruning mask (path_alive) for this student's paths "
                             f"{tuple(self.path_alive.shape)}")
         own = self.state_dict()

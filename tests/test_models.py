@@ -592,6 +592,21 @@ def test_task_pack_that_does_not_fit_or_cannot_run_is_refused_before_anything_ch
     student.load_task_pack(good, 'pack.pth')  # the intact pack still attaches
     assert torch.equal(student.path_alive, source.path_alive)
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU (pytest --device cuda)')
+def test_a_pack_read_to_the_cpu_attaches_to_a_student_on_the_gpu():
+    """As on --resume and in the decathlon notebook: checkpoints are read to the CPU, the student may be on CUDA."""
+    source = tiny_student(seed=3).cpu()
+    randomize_task_state(source)
+    source.prune(num_universal=2, proxy_threshold=0.1)
+    student = tiny_student(seed=3).cuda()
+    student.load_task_pack(source.task_pack())
+    x = torch.randn(2, 3, 32, 32, device='cpu')
+    with torch.no_grad():
+        expected, got = source.eval()(x)[0], student.eval()(x.cuda())[0].cpu()
+    assert torch.equal(student.path_alive.cpu(), source.path_alive)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+
 def test_proxies_start_as_released():
     """Task-specific convolutions ~ N(0, 0.01), BatchNorm weight 1 and bias 0, gates +2 / -2."""
     student = create_student('resnet50', 4, input_size=32)
