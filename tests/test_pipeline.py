@@ -222,9 +222,13 @@ def test_a_student_refuses_universal_weights_other_than_its_own(pipeline, workdi
 
 
 def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
+    """Ctrl-C at a terminal.  The script starts with SIGINT's default action whatever this process has: started in
+    the background of a non-interactive shell, it inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
     process = subprocess.Popen([sys.executable, os.path.join(REPO, 'main_teacher.py'), *map(str, TINY), '--arch',
                                 'resnet18', '--pretrained', str(workdir / 'backbone.pth'), '--epochs', '50',
-                                '--model-dir', str(tmp_path / 'run')], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                                '--model-dir', str(tmp_path / 'run')], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / 'run' / 'metrics.jsonl').exists() and time.time() < deadline:  # training, epoch 1 on
         time.sleep(0.02)
