@@ -69,6 +69,9 @@ def check_recorded_settings(args, saved, names, command):
     """`command` (--evaluate, --export) rebuilds the run in --model-dir as it recorded it (`saved`): a setting of
     `names` given on the command line unlike the run's is refused, not ignored."""
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if 'pretrained' in given:  # the same file, however named
+        given['pretrained'] = weights_location(given['pretrained'])
+        saved = dict(saved, pretrained=weights_location(saved.get('pretrained')))
     differences = setting_differences(saved, given, ignored=())
     if differences:
         raise UserError(f"{args.model_dir} was trained with {'; '.join(differences)}: drop those flags ({command} "

@@ -148,13 +148,13 @@ def check_student_args(args):
                         "(or --teacher-coeff 0 to train without distillation)")
 
 
-STUDENT_NETWORK_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats')
+STUDENT_RUN_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats', 'pretrained')  # --evaluate, --export
 
 
 def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
     student, checkpoint = load_student(args.model_dir, torch.device('cpu'))
-    check_recorded_settings(args, checkpoint['args'], STUDENT_NETWORK_SETTINGS, '--export')
+    check_recorded_settings(args, checkpoint['args'], STUDENT_RUN_SETTINGS, '--export')
     paths = export(student, args.export)
     stats = student.stats()
     print(format_stats(stats))
@@ -169,7 +169,7 @@ def evaluate_run(args):
     device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
     student, checkpoint = load_student(args.model_dir, device)
-    loader = evaluation_loader(args, checkpoint, student.num_classes, STUDENT_NETWORK_SETTINGS)
+    loader = evaluation_loader(args, checkpoint, student.num_classes, STUDENT_RUN_SETTINGS)
     accuracy = evaluate(student, loader, device, cuda_graph=args.cuda_graph)
     stats = student.stats()
     print(format_stats(stats))

@@ -530,6 +530,7 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
     import main_student
     import main_teacher
     teacher, student, _ = pipeline
+    trained_on = json.load(open(student / 'args.json'))['pretrained']
     at_224 = [a if a != '32' else '224' for a in TINY]
     result = run('main_student.py', *at_224, '--model-dir', student, '--evaluate', expect_ok=False)
     assert_one_line_error(result, f'{student} was trained with --input-size 32, not 224: drop those flags')
@@ -537,6 +538,8 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
             (main_student, student, ['--max-skip', 'dense'], '--max-skip 3, not dense'),
             (main_student, student, ['--backbone', 'resnet34'], '--backbone resnet18, not resnet34'),
             (main_student, student, ['--shared-bn-stats'], '--shared-bn-stats False, not True'),
+            (main_student, student, ['--pretrained', 'other.pth'],
+             f"--pretrained {trained_on}, not {os.path.abspath('other.pth')}"),
             (main_teacher, teacher, ['--arch', 'resnet34'], '--arch resnet18, not resnet34')):
         args = script.get_args_parser().parse_args([*TINY, *flags, '--model-dir', str(run_dir), '--evaluate'])
         with pytest.raises(UserError, match=f'^{run_dir} was trained with {setting}: drop those flags'):
