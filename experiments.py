@@ -30,6 +30,7 @@ import main_teacher
 import utils
 from engine import checkpoint_path, load_student
 from figures import plot_architecture, save_figure
+from nettailor import parse_max_skip
 from synthetic import SYNTHETIC_TASKS
 from utils import UserError
 
@@ -315,8 +316,7 @@ def complete_args(args):
     args.archs = archs
     args.max_skip = args.max_skip or ['1', '2', '3', 'dense']
     for value in args.max_skip:
-        if value != 'dense' and not (value.isdigit() and int(value) >= 1):
-            raise UserError(f"--max-skip takes integers >= 1 or 'dense', got {value!r}")
+        parse_max_skip(value, backbones.num_blocks(args.arch))
     if args.model_root is None:
         name = 'difficulty' if args.command == 'difficulty' else args.task
         args.model_root = os.path.join('checkpoints', 'experiments', name)
@@ -325,6 +325,7 @@ def complete_args(args):
 def main(args):
     complete_args(args)
     return COMMANDS[args.command](args)
+
 
 if __name__ == '__main__':
     utils.run_cli(main, get_args_parser(), sys.argv[1:])

@@ -85,9 +85,7 @@ def pack_from_released(checkpoint, source='released checkpoint'):
     state['gate_logits'], state['path_alive'] = gate_logits, path_alive
     meta = {'arch': 'wide_resnet26', 'num_classes': state['backbone.linear.weight'].shape[0], 'max_skip': max_skip,
             'num_layers': NUM_LAYERS, 'task_bn_stats': True}
-    pack = {'meta': meta, 'state': state}
-    create_student(meta['num_classes'], max_skip).load_task_pack(pack, source)  # refuses shapes, NaNs, dead ends
-    return pack
+    return {'meta': meta, 'state': state}
 
 
 def released_task_checkpoints(folder):
@@ -107,5 +105,9 @@ def released_task_checkpoints(folder):
 
 
 def load_released_pack(path):
-    """The task pack of a released task checkpoint file."""
-    return pack_from_released(load_checkpoint(path, 'released task checkpoint'), source=path)
+    """The task pack of a released task checkpoint file, checked by attaching it to a Wide ResNet-26 student (it
+    refuses wrong shapes, NaNs and a mask that leaves no network to run)."""
+    pack = pack_from_released(load_checkpoint(path, 'released task checkpoint'), source=path)
+    meta = pack['meta']
+    create_student(meta['num_classes'], meta['max_skip']).load_task_pack(pack, source=path)
+    return pack

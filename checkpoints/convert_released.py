@@ -36,8 +36,7 @@ def main(argv=None):
         utils.require_folder(args.out, '--out')
         outputs = {task: os.path.join(args.out, f'{task}.pth') for task in checkpoints}
     else:
-        if os.path.isdir(args.out):
-            raise UserError(f"--out {args.out} is a folder: name the task pack file to write")
+        utils.require_file_path(args.out, '--out')
         checkpoints, outputs = {None: args.checkpoint}, {None: args.out}
     packs = {task: load_released_pack(path) for task, path in checkpoints.items()}  # all read before any write
     for task, pack in packs.items():

@@ -73,8 +73,7 @@ def fetch_universal(args):
     if os.path.isfile(args.output):
         print(f'{args.output} exists, kept')
         return
-    if os.path.isdir(args.output):
-        raise UserError(f"--output {args.output} is a folder: name the weights file to write")
+    utils.require_file_path(args.output, '--output')
 
     def check(partial):  # a moved site answers with an HTML page, not a checkpoint
         try:

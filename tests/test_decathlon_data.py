@@ -569,7 +569,7 @@ def test_download_models_skips_what_exists_and_fetches_what_is_missing(tmp_path,
                                         r'not a PyTorch file\); pass --url'):
         downloader.main(['--output', str(output), '--url', 'https://example.org/moved.html'])
     assert os.listdir(tmp_path) == ['decathlon_models']  # neither the page nor a partial file kept
-    with pytest.raises(UserError, match=f'--output {tmp_path} is a folder'):
+    with pytest.raises(UserError, match=f'--output {tmp_path} names a folder'):
         downloader.main(['--output', str(tmp_path)])
     with pytest.raises(UserError, match=f'--models-dir {tmp_path / "afile"} is a file'):
         (tmp_path / 'afile').write_text('x')

@@ -113,7 +113,8 @@ def test_experiments_refuse_what_cannot_run(roots):
     (['ksweep', '--k', 9], r'^--k 9 is more universal blocks than resnet18 has \(8\)$'),
     (['backbone', '--k', 9, '--archs', 'resnet50', 'resnet18'], 'than resnet18 has'),
     (['backbone', '--k', 2, '--archs', 'resnet101'], "^unknown architecture 'resnet101'; choose one of resnet18"),
-    (['max-skip', '--k', 2, '--max-skip', 2, 'all'], "^--max-skip takes integers >= 1 or 'dense', got 'all'$"),
+    (['max-skip', '--k', 2, '--max-skip', 2, 'all'],
+     r"^--max-skip must be an integer in \[1, 8\] or 'dense', got 'all'$"),
     (['ksweep', '--k', 2, '--pretrained', 'imagenet'], '^--pretrained is for the real tasks'),
 ])
 def test_experiments_refuse_ignored_flags_and_impossible_settings_before_training(roots, tmp_path, flags, message):

@@ -204,15 +204,15 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), (what, result.stderr)
         assert str(path) in lines[0] and not (tmp_path / 'bad.pth').exists()
-    for source, out, message in ((released / 'svhn' / 'checkpoint.pth.tar', tmp_path / 'packs', 'is a folder'),
+    for source, out, message in ((released / 'svhn' / 'checkpoint.pth.tar', tmp_path / 'packs', 'names a folder'),
                                  (released, tmp_path / 'one.pth', 'is a file')):
         result = subprocess.run(command + [str(source), '--out', str(out)], capture_output=True, text=True)
         assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-            f"error: --out {out} {message}: name " + ('the task pack file to write' if message == 'is a folder' else
+            f"error: --out {out} {message}: name " + ('the file to write' if message == 'names a folder' else
                                                       'a folder')]
 
 
-def test_incomplete_released_checkpoint_is_refused():
+def test_incomplete_released_checkpoint_is_refused(tmp_path):
     checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
     del checkpoint['state_dict']['layers.4.proxies.2.bn.running_var']
     with pytest.raises(UserError, match='lacks layers.4.proxies.2.bn.running_var'):
@@ -224,13 +224,16 @@ def test_incomplete_released_checkpoint_is_refused():
     checkpoint['keep_flags'] = checkpoint['keep_flags'][:-1]
     with pytest.raises(UserError, match='keep_flags do not describe a Wide ResNet-26 student'):
         pack_from_released(checkpoint, 'x.pth.tar')
+    path = tmp_path / 'x.pth.tar'  # a converted file is checked by attaching it to a student
     checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
     checkpoint['keep_flags'][5] = [False] * len(checkpoint['keep_flags'][5])
-    with pytest.raises(UserError, match='^x.pth.tar keeps path 0 of layer 6, which reads the output of layer 5, '
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match=f'^{path} keeps path 0 of layer 6, which reads the output of layer 5, '
                                         'whose paths are all pruned: no network to run$'):
-        pack_from_released(checkpoint, 'x.pth.tar')
+        wide_nettailor.load_released_pack(str(path))
     checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
     checkpoint['state_dict']['layers.2.proxies.0.conv.weight'] = torch.zeros(3, 3, 1, 1)
-    with pytest.raises(UserError, match=r'^x.pth.tar does not fit this student: proxies.2.2.body.0.weight has shape '
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match=rf'^{path} does not fit this student: proxies.2.2.body.0.weight has shape '
                                         r'\(3, 3, 1, 1\), here \(64, 64, 1, 1\)$'):
-        pack_from_released(checkpoint, 'x.pth.tar')
+        wide_nettailor.load_released_pack(str(path))
