@@ -316,7 +316,8 @@ def complete_args(args):
     args.archs = archs
     args.max_skip = args.max_skip or ['1', '2', '3', 'dense']
     for value in args.max_skip:
-        parse_max_skip(value, backbones.num_blocks(args.arch))
+        for arch in archs:
+            parse_max_skip(value, backbones.num_blocks(arch))
     if args.model_root is None:
         name = 'difficulty' if args.command == 'difficulty' else args.task
         args.model_root = os.path.join('checkpoints', 'experiments', name)
