@@ -4,8 +4,6 @@ import importlib.util
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 
@@ -20,6 +18,8 @@ from dataloaders import (IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, SVHN, Flowers
                          get_datasets, SyntheticAugment, voc_crop_box)
 from synthetic import SYNTHETIC_TASKS, make_synthetic
 from utils import UserError
+
+from scripts import run_script
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -541,7 +541,6 @@ def test_prepare_data_downloads_what_is_missing_or_wrong(prepare_data, monkeypat
 
 
 def test_prepare_data_runs_as_a_script():
-    result = subprocess.run([sys.executable, 'data/prepare_data.py', '--help'], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = run_script('data/prepare_data.py', '--help')
     assert result.returncode == 0, result.stderr
     assert '--task {svhn,flowers,voc12,all}' in result.stdout

@@ -5,8 +5,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,6 +18,8 @@ from decathlon_dataloaders import (BASELINE_ACC, CATEGORY_BASE, DECATHLON_TASKS,
                                    get_decathlon_dataloaders,
                                    get_decathlon_datasets, submission_entries, task_mean_std, write_submission)
 from utils import UserError
+
+from scripts import run_script
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -443,9 +443,7 @@ def closed_local_url(path):
 
 def test_download_decathlon_fails_fast_and_clearly_offline(tmp_path):
     start = time.time()
-    result = subprocess.run([sys.executable, 'data/download_decathlon.py', '--data-dir', str(tmp_path),
-                             '--mirror', closed_local_url('share/')],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = run_script('data/download_decathlon.py', '--data-dir', tmp_path, '--mirror', closed_local_url('share/'))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: cannot reach 127.0.0.1')

@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import nbformat
 import pytest
@@ -21,39 +19,23 @@ from torch.utils.data import DataLoader
 from decathlon_dataloaders import CATEGORY_BASE, DecathlonDataset, annotation_path, decathlon_transform
 from engine import checkpoint_path, evaluate, load_student
 
+from scripts import run_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'deploy_decathlon.ipynb')
 TASKS = ('svhn', 'dtd')
 TRAIN = ('--epochs', '1', '--workers', '0', '--input-size', '32')
 
 
-# Runs each command as `python <script> <args>` would (as __main__, arguments in sys.argv), one after the
-# other in a single interpreter, so that torch is imported once; a marker line precedes each command's output.
-MARKER = '=== next command ==='
-RUN_COMMANDS = f"""
-import json, runpy, sys
-for argv in json.loads(sys.argv[1]):
-    print({MARKER!r}, flush=True)
-    sys.argv = argv
-    try:
-        runpy.run_path(argv[0], run_name='__main__')
-    except SystemExit as exit:
-        if exit.code:
-            raise
-"""
-
-
 def run_commands(*commands):
     """Run (script, *args) commands of the repository in order; returns each one's stdout."""
-    argvs = [[os.path.join(REPO, script), *map(str, args)] for script, *args in commands]
     # one thread: on two cores busy with other work, two threads made these tiny steps 4-6 times slower
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    result = subprocess.run([sys.executable, '-c', RUN_COMMANDS, json.dumps(argvs)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    outputs = result.stdout.split(MARKER + '\n')[1:]
-    assert result.returncode == 0, (f"{argvs[len(outputs) - 1]} failed:\n{outputs[-1][-3000:] if outputs else ''}\n"
-                                    f"{result.stderr[-3000:]}")
-    assert len(outputs) == len(commands)
+    outputs = []
+    for script, *args in commands:
+        result = run_script(script, *args, env=env, timeout=600)
+        assert result.returncode == 0, f"{script} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        outputs.append(result.stdout)
     return outputs
 
 
@@ -129,9 +111,8 @@ def test_runs_are_finished_and_svhn_is_pruned(decathlon):
     import main_student_decathlon
     args = main_student_decathlon.get_args_parser().parse_args(['--task', 'svhn', '--prune'])
     assert args.backbone is None and args.input_size is None  # so that the full student's are taken
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'main_student.py'), '--model-dir',
-                             str(decathlon['models'] / 'svhn' / 'pruned'), '--evaluate', '--device', 'cpu'],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run_script('main_student.py', '--model-dir', decathlon['models'] / 'svhn' / 'pruned', '--evaluate',
+                        '--device', 'cpu')
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"error: {decathlon['models'] / 'svhn' / 'pruned'} is a decathlon run: evaluate it with "
         "main_teacher_decathlon.py or main_student_decathlon.py --task svhn --evaluate"]

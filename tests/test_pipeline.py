@@ -15,6 +15,7 @@ import torchvision
 
 from utils import UserError
 
+from scripts import run_script
 from test_dataloaders import write_flowers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,10 +23,8 @@ TINY = ['--task', 'synth-digits', '--input-size', '32', '--workers', '0', '--tra
         '--test-limit', '64', '--batch-size', '32', '--device', 'cpu']
 
 
-def run(script, *args, expect_ok=True, timeout=300):
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, 'OMP_NUM_THREADS': '2'})
+def run(script, *args, expect_ok=True):
+    result = run_script(script, *args, env={**os.environ, 'OMP_NUM_THREADS': '2'})
     if expect_ok:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -670,7 +669,7 @@ def test_one_process_at_a_time_writes_a_run_directory(workdir, tmp_path):
                               '--model-dir', str(tmp_path / 'run')], cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (tmp_path / 'run' / 'args.json').exists() and time.time() < deadline:
+    while not (tmp_path / 'run' / 'metrics.jsonl').exists() and time.time() < deadline:  # an epoch done
         time.sleep(0.02)
     second = run('main_teacher.py', *args, '--model-dir', tmp_path / 'run', '--force', expect_ok=False)
     still_running = first.poll() is None

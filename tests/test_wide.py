@@ -2,8 +2,6 @@
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from nettailor import student_on_universal
 from utils import UserError
 from wide_nettailor import pack_from_released
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import run_script
 
 RELEASED_KEY = re.compile(r'^(conv1\.weight|bn1\.\w+'
                           r'|layers\.([0-9]|1[01])\.(conv1\.weight|bn1\.\w+|conv2\.weight|bn2\.\w+)'
@@ -171,13 +169,12 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
     for task in ('svhn', 'gtsrb'):
         (released / task).mkdir(parents=True)
         shutil.copy(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), released / task / 'checkpoint.pth.tar')
-    command = [sys.executable, os.path.join(REPO, 'checkpoints', 'convert_released.py')]
-    result = subprocess.run(command + [str(released), '--out', str(tmp_path / 'packs')], capture_output=True, text=True)
+    command = os.path.join('checkpoints', 'convert_released.py')
+    result = run_script(command, released, '--out', tmp_path / 'packs')
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / 'packs')) == ['gtsrb.pth', 'svhn.pth']
     assert 'svhn' in result.stdout and '10/12 universal blocks kept' in result.stdout
-    result = subprocess.run(command + [str(released / 'svhn' / 'checkpoint.pth.tar'), '--out',
-                                       str(tmp_path / 'one.pth')], capture_output=True, text=True)
+    result = run_script(command, released / 'svhn' / 'checkpoint.pth.tar', '--out', tmp_path / 'one.pth')
     assert result.returncode == 0, result.stderr
     pack = torch.load(tmp_path / 'one.pth', weights_only=True)
     expected = torch.load(os.path.join(FIXTURE, 'expected.pt'), weights_only=True)
@@ -199,14 +196,13 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
             path.write_bytes((released / 'svhn' / 'checkpoint.pth.tar').read_bytes()[:4000])
         else:
             torch.save(content, path)
-        result = subprocess.run(command + [str(path), '--out', str(tmp_path / 'bad.pth')], capture_output=True,
-                                text=True)
+        result = run_script(command, path, '--out', tmp_path / 'bad.pth')
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), (what, result.stderr)
         assert str(path) in lines[0] and not (tmp_path / 'bad.pth').exists()
     for source, out, message in ((released / 'svhn' / 'checkpoint.pth.tar', tmp_path / 'packs', 'names a folder'),
                                  (released, tmp_path / 'one.pth', 'is a file')):
-        result = subprocess.run(command + [str(source), '--out', str(out)], capture_output=True, text=True)
+        result = run_script(command, source, '--out', out)
         assert result.returncode == 1 and result.stderr.strip().splitlines() == [
             f"error: --out {out} {message}: name " + ('the file to write' if message == 'names a folder' else
                                                       'a folder')]
