@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
+from backbones import num_blocks
 from deploy import export
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
@@ -31,7 +32,7 @@ from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, 
                     load_teacher, make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note,
                     universal_fingerprint, use_cuda_graph, weights_location)
 from main_teacher import get_args_parser as teacher_args_parser
-from nettailor import create_student, distillation_loss, format_stats
+from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
 
 
@@ -137,12 +138,7 @@ def check_student_args(args):
     if not 0 <= args.thr_pruning_proxy < 1:
         raise UserError(f"--thr-pruning-proxy must be in [0, 1), got {args.thr_pruning_proxy}")
     if args.max_skip != 'dense':
-        try:
-            args.max_skip = int(args.max_skip)
-        except ValueError:
-            raise UserError(f"--max-skip must be an integer >= 1 or 'dense', got {args.max_skip!r}") from None
-        if args.max_skip < 1:
-            raise UserError(f"--max-skip must be an integer >= 1 or 'dense', got {args.max_skip}")
+        args.max_skip = parse_max_skip(args.max_skip, num_blocks(args.backbone))
     if args.teacher_coeff > 0 and not args.teacher_fn:
         raise UserError("--teacher-coeff > 0 needs the teacher's checkpoint: pass --teacher-fn "
                         "(or --teacher-coeff 0 to train without distillation)")
