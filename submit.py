@@ -28,7 +28,7 @@ import main_student
 import main_student_decathlon
 import main_teacher_decathlon
 import utils
-from engine import check_args, check_run_dir, checkpoint_path, finished_run_differences, run_status
+from engine import check_args, check_run_dir, checkpoint_path, finished_run_differences, load_teacher, run_status
 from main_teacher_decathlon import task_runs
 from utils import UserError
 
@@ -155,9 +155,9 @@ def check_job(job):
 
 def check_script_args(job, args):
     """What the job's script refuses before it writes anything, refused here on the job's parsed `args` (writing
-    nothing): the decathlon scripts' run of their task, completed by their complete_task_args, and
-    the runs it needs (the student it prunes, the teacher it distils from); engine.check_args or
-    main_student.check_student_args; the universal blocks left to prune; engine.check_run_dir."""
+    nothing): the decathlon scripts' run of their task, completed by their complete_task_args; engine.check_args
+    or main_student.check_student_args; what a student needs (the student it prunes, with the universal blocks
+    left to prune; the teacher it distils from, of its backbone and task); engine.check_run_dir."""
     if job.script == 'main_teacher_decathlon':
         [args] = task_runs(args)
         main_teacher_decathlon.complete_task_args(args)
@@ -175,6 +175,8 @@ def check_script_args(job, args):
     if default_teacher and args.teacher_coeff > 0:
         require_finished(args, os.path.dirname(args.teacher_fn), 'to distil from',
                          ', or pass --teacher-coeff 0 after --')
+    if args.teacher_coeff > 0:
+        load_teacher(args.teacher_fn, 'cpu', arch=args.backbone, task=args.task)
     if args.full_model_dir:
         alive = utils.load_checkpoint(checkpoint_path(args.full_model_dir))['model']['state']['path_alive']
         left = int(alive[:, 0].sum())
@@ -203,7 +205,6 @@ def given_settings(script, argv):
 def trained_otherwise(job):
     """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage)."""
     return finished_run_differences(job.run_dir, given_settings(job.script, job.argv))
-
 
 
 def summary(args, jobs):

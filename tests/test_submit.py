@@ -143,9 +143,10 @@ def test_decathlon_stages_need_their_runs(tmp_path):
     os.makedirs(tmp_path / 'models' / 'svhn' / 'student')  # an unfinished run of other flags, which the job
     torch.save({'finished': False, 'args': {}, 'epoch': 0},  # would resume: refused once the teacher is not needed
                checkpoint_path(tmp_path / 'models' / 'svhn' / 'student'))
-    for without_teacher in (['--teacher-coeff', 0], ['--teacher-fn', tmp_path / 'elsewhere.pth']):
-        refused(tmp_path, student, ['--pretrained', 'none', *without_teacher],
-                r"^--resume: the run in .*models/svhn/student was trained with --")
+    refused(tmp_path, student, ['--pretrained', 'none', '--teacher-fn', tmp_path / 'elsewhere.pth'],
+            r"^teacher checkpoint not found: .*elsewhere.pth$")  # the job used to fail once it ran
+    refused(tmp_path, student, ['--pretrained', 'none', '--teacher-coeff', 0],
+            r"^--resume: the run in .*models/svhn/student was trained with --")
     refused(tmp_path, student, ['--pretrained', 'none', '--teacher-coeff', 0, '--epochs', -1],
             r"^--epochs must be positive, got -1$")
 
@@ -180,6 +181,12 @@ def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
     os.makedirs(tmp_path / 'runs' / 'pruned-k1')
     torch.save(unfinished, checkpoint_path(tmp_path / 'runs' / 'pruned-k1'))
     refused(tmp_path, sweep, [], r"^--resume: the run in .*pruned-k1 was trained with --")
+    distilled = torch.load(checkpoint_path(student), weights_only=False)  # a student whose teacher has moved:
+    distilled['args'].update(teacher_coeff=2.0, teacher_fn=str(tmp_path / 'moved' / 'checkpoint.pth'))
+    os.makedirs(tmp_path / 'distilled')  # its retraining distils from it too
+    torch.save(distilled, checkpoint_path(tmp_path / 'distilled'))
+    refused(tmp_path, ['sweep', '--full-model-dir', tmp_path / 'distilled', '--model-root', tmp_path / 'runs', '--k', 1],
+            [], r"^teacher checkpoint not found: .*moved/checkpoint.pth$")
 
 
 def test_a_script_flag_it_cannot_parse_is_one_line(tmp_path):
