@@ -1,9 +1,11 @@
 """Datasets and data loaders for the single-task experiments.
 
 Tasks: `svhn` (SVHN digits), `flowers` (Oxford Flowers102), `voc12` (PASCAL VOC 2012 classification of
-ground-truth object crops) and every procedural task of `synthetic.py`. The real datasets are read from the
-files `data/prepare_data.py` downloads; images are decoded lazily, one per `__getitem__` (SVHN is one array).
-Transforms follow the released demos (docs/method.md §8) with ImageNet mean/std normalisation.
+ground-truth object crops), every procedural task of `synthetic.py`, and `folder:<name>`, your own images in
+torchvision's ImageFolder layout under `<data-dir>/<name>`. The real datasets are read from the files
+`data/prepare_data.py` downloads; images are decoded lazily, one per `__getitem__` (SVHN is one array).
+Transforms follow the released demos (docs/method.md §8) with ImageNet mean/std normalisation; a folder task
+gets the Flowers transforms (ImageNet's: random resized crops and flips to train, a centre crop to test).
 """
 import math
 import os
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from synthetic import FLIP_INVARIANT, SYNTHETIC_TASKS, make_synthetic
@@ -25,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGE_TASKS = {'svhn': 10, 'flowers': 102, 'voc12': 20}
 TASKS = {**IMAGE_TASKS, **SYNTHETIC_TASKS}  # task name -> number of classes
+FOLDER_TASK = 'folder:'  # folder:<name>, your images in <data-dir>/<name>/{train,val}/<class>/<image>
 
 VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
                'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
@@ -129,6 +133,53 @@ class Flowers102(Dataset):
 
     def __getitem__(self, index):
         return load_rgb_image(self.image_paths[index]), self.labels[index]
+
+
+def folder_name(task):
+    """<name> of a `folder:<name>` task, or None for the other tasks."""
+    return task[len(FOLDER_TASK):] if task.startswith(FOLDER_TASK) else None
+
+
+class ImageFolderSplit(Dataset):
+    """One split of your own task, in torchvision's ImageFolder layout: `<root>/<name>/<split>/<class>/<image>`
+    (images in sub-folders of a class folder too, files of other extensions skipped); yields (PIL image, class).
+    The classes are numbered in the sorted order of the training split's folders (`classes`); another split may
+    hold fewer of them, not others. `source` is the split's folder."""
+
+    def __init__(self, root, name, split, classes=None):
+        if not name or os.path.isabs(name) or '..' in name.split(os.sep):
+            raise UserError(f"--task folder:<name> takes a folder under --data-dir, got folder:{name}: put the "
+                            "images in <data-dir>/<name>/{train,val}/<class>/<image>")
+        path = self.source = os.path.join(root, name, split)
+        layout = f"{os.path.join(root, name)}/{{train,val}}/<class>/<image> (torchvision's ImageFolder layout)"
+        if not os.path.isdir(path):
+            raise UserError(f"folder:{name}: {path} is missing; put the images in {layout}")
+        found = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+        self.classes = classes or found
+        others = sorted(set(found) - set(self.classes))
+        if others:
+            raise UserError(f"{path} holds classes the training split lacks: {', '.join(others)}; put the "
+                            f"images in {layout}")
+        self.samples = [(os.path.join(folder, file), label)
+                        for label, class_name in enumerate(self.classes)
+                        for folder, _, files in sorted(os.walk(os.path.join(path, class_name), followlinks=True))
+                        for file in sorted(files) if file.lower().endswith(IMG_EXTENSIONS)]
+        if classes is None:  # the training split defines the classes: two or more, each with images
+            labels = {label for _, label in self.samples}
+            empty = [class_name for label, class_name in enumerate(self.classes) if label not in labels]
+            if len(self.classes) < 2 or empty:
+                reason = f"classes without images: {', '.join(empty)}" if empty else \
+                    f"{len(self.classes)} class folders, a task needs 2 or more"
+                raise UserError(f"{path}: {reason}; put the images in {layout}")
+        if not self.samples:
+            raise UserError(f"{path} holds no images; put them in {layout}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return load_rgb_image(path), label
 
 
 def voc_crop_box(bndbox, image_width, image_height, margin=VOC_CROP_MARGIN):
@@ -277,12 +328,13 @@ def _to_normalized_tensor():
 
 
 def image_transform(task, train, input_size=224):
-    """Transform of the svhn, flowers and voc12 images (PIL images or uint8 tensors) -> normalised float tensor."""
+    """Transform of the svhn, flowers, voc12 and folder images (PIL images or uint8 tensors) -> normalised float
+    tensor."""
     if task == 'svhn':  # digits: no random crop, no flip
         geometry = [v2.Resize((input_size, input_size), antialias=True)]
-    elif task == 'flowers' and train:
+    elif (task == 'flowers' or folder_name(task)) and train:
         geometry = [v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()]
-    elif task == 'flowers':
+    elif task == 'flowers' or folder_name(task):
         geometry = [v2.Resize(int(input_size * 256 / 224), antialias=True), v2.CenterCrop(input_size)]
     elif task == 'voc12':
         geometry = [v2.Resize((input_size, input_size), antialias=True)]
@@ -377,9 +429,16 @@ def get_datasets(task, data_dir='data', input_size=224, seed=0):
 
     `seed` fixes the VOC class re-sampling; the synthetic images are always those of seed 0.
     """
-    if task not in TASKS:
-        raise UserError(f'unknown task {task!r}; valid tasks: {", ".join(TASKS)}')
-    if task in IMAGE_TASKS:
+    if task not in TASKS and folder_name(task) is None:
+        raise UserError(f'unknown task {task!r}; valid tasks: {", ".join(TASKS)}, or folder:<name> for your '
+                        'images in <data-dir>/<name>/{train,val}/<class>/<image>')
+    if folder_name(task) is not None:
+        raw_train = ImageFolderSplit(data_dir, folder_name(task), 'train')
+        raw_test = ImageFolderSplit(data_dir, folder_name(task), 'val', raw_train.classes)
+        num_classes = len(raw_train.classes)
+        train_transform = image_transform(task, True, input_size)
+        test_transform = image_transform(task, False, input_size)
+    elif task in IMAGE_TASKS:
         num_classes = IMAGE_TASKS[task]
         if task == 'svhn':
             raw_train, raw_test = SVHN(data_dir, 'train'), SVHN(data_dir, 'test')

@@ -41,8 +41,9 @@ def get_args_parser(add_help=True):
                                      formatter_class=utils.HelpFormatter,
                                      parents=[teacher_args_parser(add_help=False)], add_help=add_help,
                                      conflict_handler='resolve')
-    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
-                        "train; --evaluate and --export take the run's, retraining that of --full-model-dir)")
+    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12, a synth-* task, or '
+                        'folder:<name>, your images in <data-dir>/<name>/{train,val}/<class>/<image> (needed '
+                        "to train; --evaluate and --export take the run's, retraining that of --full-model-dir)")
     parser.add_argument('--input-size', type=int, default=None, help="training/test crop size (default 224; when "
                         "retraining, that of --full-model-dir; --evaluate takes the run's)")
     parser.add_argument('--backbone', '--arch', default=None, help='resnet18, resnet34, resnet50, wide_resnet26 '

@@ -22,8 +22,9 @@ from utils import UserError
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description='NetTailor teacher: fine-tune a pre-trained network',
                                      formatter_class=utils.HelpFormatter, add_help=add_help)
-    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12 or a synth-* task (needed to '
-                        "train; --evaluate takes the run's)")
+    parser.add_argument('--task', default=None, help='dataset: svhn, flowers, voc12, a synth-* task, or '
+                        'folder:<name>, your images in <data-dir>/<name>/{train,val}/<class>/<image> (needed '
+                        "to train; --evaluate takes the run's)")
     parser.add_argument('--arch', default=None, help="resnet18, resnet34, resnet50, wide_resnet26 (default resnet34; "
                         "--evaluate takes the run's)")
     parser.add_argument('--model-dir', required=True, help='run directory (checkpoints, logs, metrics)')

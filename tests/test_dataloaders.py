@@ -60,6 +60,20 @@ def write_flowers(root):
     return base
 
 
+def write_image_folder(root, name='pets', splits=None):
+    """<root>/<name>/<split>/<class>/<image>, torchvision's ImageFolder layout: per split, {class: images}; each
+    class's images of its own colour, so that a network can tell them apart."""
+    splits = splits or {'train': {'cat': 4, 'dog': 4, 'eel': 4}, 'val': {'cat': 2, 'dog': 2, 'eel': 2}}
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        for label, (class_name, count) in enumerate(sorted(classes.items())):
+            os.makedirs(os.path.join(root, name, split, class_name), exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (36, 44, 3)) + 180 * np.eye(3, dtype=int)[label % 3]
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(root, name, split, class_name, f'{i}.png'))
+    return os.path.join(root, name)
+
+
 def voc_annotation(filename, width, height, objects):
     """VOC XML text; `objects` are (name, (xmin, ymin, xmax, ymax), difficult)."""
     root = ET.Element('annotation')
@@ -229,6 +243,47 @@ def test_flowers_missing_image_and_corrupt_jpeg(tmp_path):
         train_set[1]
     assert_one_line_user_error(excinfo, f'corrupt image file {corrupt}: cannot identify image file')
 
+
+def test_your_own_images_in_imagefolder_layout(tmp_path):
+    base = write_image_folder(tmp_path, splits={'train': {'dog': 2, 'cat': 3, 'eel': 1}, 'val': {'eel': 1, 'cat': 2}})
+    os.makedirs(os.path.join(base, 'train', 'cat', 'more'))
+    Image.new('RGB', (20, 10)).save(os.path.join(base, 'train', 'cat', 'more', 'nested.JPG'))
+    open(os.path.join(base, 'train', 'dog', 'notes.txt'), 'w').close()
+    train_set, test_set, num_classes = get_datasets('folder:pets', tmp_path, input_size=32)
+    assert num_classes == 3 and len(train_set) == 7 and len(test_set) == 3  # nested images in, other files out
+    raw_train, raw_test = train_set.dataset, test_set.dataset
+    assert raw_train.classes == raw_test.classes == ['cat', 'dog', 'eel']  # sorted, val numbered as train
+    assert [label for _, label in raw_train.samples] == [0, 0, 0, 0, 1, 1, 2]
+    assert [(os.path.relpath(path, base), label) for path, label in raw_test.samples] == [
+        ('val/cat/0.png', 0), ('val/cat/1.png', 0), ('val/eel/0.png', 2)]
+    image, label = test_set[2]
+    assert image.shape == (3, 32, 32) and label == 2 and image[2].mean() > image[0].mean()  # blue eel, normalised
+    train_loader, _, classes = get_dataloaders('folder:pets', tmp_path, batch_size=7, workers=0, input_size=32)
+    assert classes == 3 and [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 0, 0, 0, 1, 1, 2]]
+
+
+@pytest.mark.parametrize('task, splits, message', [
+    ('folder:none', None, "folder:none: {root}/none/train is missing; put the images in {root}/none/{{train,val}}/"
+     "<class>/<image> (torchvision's ImageFolder layout)"),
+    ('folder:pets', {'train': {'cat': 1, 'dog': 1}}, "folder:pets: {root}/pets/val is missing"),
+    ('folder:pets', {'train': {'cat': 1, 'dog': 1}, 'val': {'cat': 1, 'cow': 1}},
+     "{root}/pets/val holds classes the training split lacks: cow; put the images in"),
+    ('folder:pets', {'train': {'cat': 1, 'dog': 0}, 'val': {'cat': 1}},
+     "{root}/pets/train: classes without images: dog; put the images in"),
+    ('folder:pets', {'train': {'cat': 2}, 'val': {'cat': 1}},
+     "{root}/pets/train: 1 class folders, a task needs 2 or more"),
+    ('folder:pets', {'train': {'cat': 1, 'dog': 1}, 'val': {'cat': 0}}, "{root}/pets/val holds no images"),
+    ('folder:../pets', None, "--task folder:<name> takes a folder under --data-dir, got folder:../pets"),
+    ('folder:', None, "--task folder:<name> takes a folder under --data-dir, got folder:: put the images in"),
+    ('pets', None, "unknown task 'pets'; valid tasks: svhn, flowers, voc12, synth-source, synth-digits, "
+     "synth-textures, synth-shapes, or folder:<name> for your images in <data-dir>/<name>/{{train,val}}/"),
+])
+def test_your_own_images_missing_or_misplaced_are_one_line(tmp_path, task, splits, message):
+    if splits:
+        write_image_folder(tmp_path, splits=splits)
+    with pytest.raises(UserError) as excinfo:
+        get_datasets(task, tmp_path)
+    assert_one_line_user_error(excinfo, message.format(root=tmp_path))
 
 
 def test_flowers_labels_or_ids_out_of_range_are_refused(tmp_path):

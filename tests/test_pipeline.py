@@ -16,7 +16,7 @@ import torchvision
 from utils import UserError
 
 from scripts import run_script
-from test_dataloaders import write_flowers
+from test_dataloaders import write_flowers, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--task', 'synth-digits', '--input-size', '32', '--workers', '0', '--train-limit', '96',
@@ -315,6 +315,24 @@ def test_missing_dataset_and_corrupt_image(tmp_path):
         result = run('main_teacher.py', '--task', 'flowers', '--data-dir', tmp_path / 'data', '--model-dir',
                      tmp_path / f'run{workers}', *common, '--workers', workers, expect_ok=False)
         assert_one_line_error(result, 'corrupt image file', broken)
+
+
+def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
+    """--task folder:<name>: a teacher, a student distilled from it and its evaluation through the scripts."""
+    write_image_folder(tmp_path / 'data')
+    common = ['--task', 'folder:pets', '--data-dir', tmp_path / 'data', '--input-size', 32, '--workers', 0,
+              '--batch-size', 6, '--device', 'cpu', '--pretrained', workdir / 'backbone.pth', '--epochs', 1]
+    run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher')
+    run('main_student.py', *common, '--backbone', 'resnet18', '--teacher-fn', tmp_path / 'teacher',
+        '--model-dir', tmp_path / 'student')
+    out = run('main_student.py', '--model-dir', tmp_path / 'student', '--evaluate', '--data-dir', tmp_path / 'data',
+              '--workers', 0).stdout
+    assert f"student {tmp_path / 'student'}: top-1 accuracy" in out and 'on folder:pets' in out
+    assert torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=False)['model']['meta']['num_classes'] == 3
+    result = run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', tmp_path / 'other', '--task',
+                 'folder:other', expect_ok=False)
+    assert_one_line_error(result, f"folder:other: {tmp_path / 'data' / 'other' / 'train'} is missing; put the images")
+    assert not (tmp_path / 'other').exists()
 
 
 def kill_after_first_epoch(script, args, model_dir):
