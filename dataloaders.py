@@ -140,9 +140,20 @@ def folder_name(task):
     return task[len(FOLDER_TASK):] if task.startswith(FOLDER_TASK) else None
 
 
+def _image_files(folder):
+    """The image files under `folder` (sub-folders included, hidden files and folders skipped), in sorted order."""
+    found = []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith('.'))
+        found += [os.path.join(parent, name) for name in sorted(files)
+                  if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')]
+    return found
+
+
 class ImageFolderSplit(Dataset):
     """One split of your own task, in torchvision's ImageFolder layout: `<root>/<name>/<split>/<class>/<image>`
-    (images in sub-folders of a class folder too, files of other extensions skipped); yields (PIL image, class).
+    (images in sub-folders of a class folder too; hidden files and folders, such as .ipynb_checkpoints or macOS's
+    ._ files, and files of other extensions skipped); yields (PIL image, class).
     The classes are numbered in the sorted order of the training split's folders (`classes`); another split may
     hold fewer of them, not others. `source` is the split's folder."""
 
@@ -154,16 +165,14 @@ class ImageFolderSplit(Dataset):
         layout = f"{os.path.join(root, name)}/{{train,val}}/<class>/<image> (torchvision's ImageFolder layout)"
         if not os.path.isdir(path):
             raise UserError(f"folder:{name}: {path} is missing; put the images in {layout}")
-        found = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+        found = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith('.'))
         self.classes = classes or found
         others = sorted(set(found) - set(self.classes))
         if others:
             raise UserError(f"{path} holds classes the training split lacks: {', '.join(others)}; put the "
                             f"images in {layout}")
-        self.samples = [(os.path.join(folder, file), label)
-                        for label, class_name in enumerate(self.classes)
-                        for folder, _, files in sorted(os.walk(os.path.join(path, class_name), followlinks=True))
-                        for file in sorted(files) if file.lower().endswith(IMG_EXTENSIONS)]
+        self.samples = [(file, label) for label, class_name in enumerate(self.classes)
+                        for file in _image_files(os.path.join(path, class_name))]
         if classes is None:  # the training split defines the classes: two or more, each with images
             labels = {label for _, label in self.samples}
             empty = [class_name for label, class_name in enumerate(self.classes) if label not in labels]

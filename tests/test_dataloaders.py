@@ -249,8 +249,12 @@ def test_your_own_images_in_imagefolder_layout(tmp_path):
     os.makedirs(os.path.join(base, 'train', 'cat', 'more'))
     Image.new('RGB', (20, 10)).save(os.path.join(base, 'train', 'cat', 'more', 'nested.JPG'))
     open(os.path.join(base, 'train', 'dog', 'notes.txt'), 'w').close()
+    open(os.path.join(base, 'train', 'dog', '._0.png'), 'w').close()  # macOS metadata, not an image
+    os.makedirs(os.path.join(base, 'train', '.ipynb_checkpoints'))  # not a class
+    os.makedirs(os.path.join(base, 'train', 'eel', '.ipynb_checkpoints'))
+    Image.new('RGB', (20, 10)).save(os.path.join(base, 'train', 'eel', '.ipynb_checkpoints', '0-checkpoint.png'))
     train_set, test_set, num_classes = get_datasets('folder:pets', tmp_path, input_size=32)
-    assert num_classes == 3 and len(train_set) == 7 and len(test_set) == 3  # nested images in, other files out
+    assert num_classes == 3 and len(train_set) == 7 and len(test_set) == 3  # nested images in, others out
     raw_train, raw_test = train_set.dataset, test_set.dataset
     assert raw_train.classes == raw_test.classes == ['cat', 'dog', 'eel']  # sorted, val numbered as train
     assert [label for _, label in raw_train.samples] == [0, 0, 0, 0, 1, 1, 2]
