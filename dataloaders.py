@@ -78,7 +78,7 @@ def load_rgb_image(path):
     try:
         with Image.open(path) as image:
             return image.convert('RGB')
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f'corrupt image file {path}: {_one_line(error)}') from error
 
 
@@ -140,14 +140,43 @@ def folder_name(task):
     return task[len(FOLDER_TASK):] if task.startswith(FOLDER_TASK) else None
 
 
+def _unreadable(error):
+    return UserError(f"cannot read {error.filename}: {error.strerror}; fix its permissions")
+
+
+def _class_folders(path):
+    """The class folders of an ImageFolder split, sorted (hidden ones skipped)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith('.'))
+    except OSError as error:
+        raise _unreadable(error) from None
+
+
 def _image_files(folder):
-    """The image files under `folder` (sub-folders included, hidden files and folders skipped), in sorted order."""
-    found = []
-    for parent, folders, files in os.walk(folder, followlinks=True):
-        folders[:] = sorted(name for name in folders if not name.startswith('.'))
+    """The image files under `folder` (sub-folders included, once each; a link back to a folder above is not
+    followed; hidden files and folders skipped), in sorted order."""
+    found, seen = [], set()
+
+    def refuse(error):
+        raise _unreadable(error)
+
+    def loops(path):
+        real = os.path.realpath(path)
+        return real in seen or os.path.join(os.path.realpath(folder), '').startswith(os.path.join(real, ''))
+    for parent, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
+        seen.add(os.path.realpath(parent))
+        folders[:] = sorted(name for name in folders
+                            if not name.startswith('.') and not loops(os.path.join(parent, name)))
         found += [os.path.join(parent, name) for name in sorted(files)
                   if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')]
     return found
+
+
+def task_classes(task, data_dir):
+    """The class names of a folder task, as its training folders number them; None for the other tasks, whose
+    classes are fixed. A run records them, so that data of other classes are refused rather than renumbered."""
+    name = folder_name(task)
+    return None if name is None else _class_folders(os.path.join(data_dir, name, 'train'))
 
 
 class ImageFolderSplit(Dataset):
@@ -165,13 +194,13 @@ class ImageFolderSplit(Dataset):
         layout = f"{os.path.join(root, name)}/{{train,val}}/<class>/<image> (torchvision's ImageFolder layout)"
         if not os.path.isdir(path):
             raise UserError(f"folder:{name}: {path} is missing; put the images in {layout}")
-        found = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith('.'))
+        found = _class_folders(path)
         self.classes = classes or found
         others = sorted(set(found) - set(self.classes))
         if others:
             raise UserError(f"{path} holds classes the training split lacks: {', '.join(others)}; put the "
                             f"images in {layout}")
-        self.samples = [(file, label) for label, class_name in enumerate(self.classes)
+        self.samples = [(file, label) for label, class_name in enumerate(self.classes) if class_name in found
                         for file in _image_files(os.path.join(path, class_name))]
         if classes is None:  # the training split defines the classes: two or more, each with images
             labels = {label for _, label in self.samples}

@@ -55,14 +55,29 @@ def build_loaders(args):
                                             train_limit=args.train_limit, test_limit=args.test_limit,
                                             rank=utils.rank(), world_size=utils.world_size())
     else:
-        from dataloaders import get_dataloaders
+        from dataloaders import get_dataloaders, task_classes
         loaders = get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size,
                                   args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
                                   rank=utils.rank(), world_size=utils.world_size())
+        classes = task_classes(args.task, args.data_dir)
+        check_classes(getattr(args, 'classes', None), classes, args)
+        args.classes = classes  # recorded with the run
     if len(loaders[0]) == 0:
         raise UserError(f"the training set of {args.task} has fewer than 2 images (--train-limit?): "
                         "BatchNorm cannot train on a batch of one")
     return loaders
+
+
+def check_classes(recorded, classes, args, network='the network'):
+    """A folder task's data in args.data_dir must hold the `classes` `network` recorded (None: nothing recorded,
+    or another task): other folders would number the classes otherwise, silently."""
+    if recorded is None or classes is None or list(recorded) == list(classes):
+        return
+    missing, new = sorted(set(recorded) - set(classes)), sorted(set(classes) - set(recorded))
+    difference = '; '.join([*(['lacking ' + ', '.join(missing)] if missing else []),
+                            *(['new ' + ', '.join(new)] if new else [])])
+    raise UserError(f"the {args.task} classes in {args.data_dir} are not those {network} was trained on "
+                    f"({difference}): pass the --data-dir it was trained on")
 
 
 def check_recorded_settings(args, saved, names, command):
@@ -93,6 +108,7 @@ def evaluation_loader(args, checkpoint, num_classes, network_settings):
         raise UserError(f"{args.model_dir} was trained on {saved['task']}, not {args.task}: "
                         f"pass --task {saved['task']}")
     args.input_size = saved['input_size']
+    args.classes = saved.get('classes')
     _, test_loader, data_classes = build_loaders(args)
     if data_classes != num_classes:
         raise UserError(f"{args.model_dir} predicts {num_classes} classes, the {args.task} data in "
@@ -157,6 +173,7 @@ def check_run_dir(args):
         raise UserError(f"--resume: the run in {args.model_dir} is already finished")
     if args.resume:
         check_resumable(args, existing)
+        args.classes = existing['args'].get('classes')  # build_loaders checks the data against them
     return existing
 
 
@@ -463,10 +480,10 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
     return accuracy
 
 
-def load_teacher(path, device, num_classes=None, arch=None, task=None):
+def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None):
     """A trained teacher from its checkpoint (or its run directory), checked against the expected class count,
-    arch and task; in eval mode with its weights frozen and folded (`fast.freeze`): it is fixed while the
-    student trains."""
+    arch and task (and the class names of a folder task in `args`); in eval mode with its weights frozen and
+    folded (`fast.freeze`): it is fixed while the student trains."""
     if os.path.isdir(path):
         path = checkpoint_path(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
@@ -481,6 +498,8 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None):
     if task is not None and saved['task'] != task:
         raise UserError(f"teacher {path} was trained on {saved['task']}, the student's task is {task}: "
                         "wrong --teacher-fn?")
+    if args is not None:
+        check_classes(saved.get('classes'), args.classes, args, f"teacher {path}")
     utils.check_finite(checkpoint['model'], f'teacher checkpoint {path}')
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])

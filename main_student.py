@@ -108,6 +108,7 @@ def check_student_args(args):
         setattr(args, name, recorded if given is None else given)
 
     from_full_student('task', None, must_match=True)  # a student is pruned and retrained on its own task
+    args.classes = full_args.get('classes')  # and classes (build_loaders checks)
     if not args.task:
         raise UserError("--task is required to train a student (--evaluate and --export take the run's)")
     from_full_student('input_size', 224)
@@ -194,7 +195,7 @@ def main(args):
     train_loader, test_loader, num_classes = build_loaders(args)
     teacher = None
     if args.teacher_coeff > 0:
-        teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task)
+        teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
     student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
                              task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:

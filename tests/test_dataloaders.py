@@ -266,6 +266,33 @@ def test_your_own_images_in_imagefolder_layout(tmp_path):
     assert classes == 3 and [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 0, 0, 0, 1, 1, 2]]
 
 
+def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
+    base = write_image_folder(tmp_path, splits={'train': {'cat': 2, 'dog': 2}, 'val': {'cat': 1, 'dog': 1}})
+    os.symlink('..', os.path.join(base, 'train', 'cat', 'up'))  # a loop, and the dogs seen as cats
+    os.symlink(os.path.join(base, 'train'), os.path.join(base, 'train', 'dog', 'again'))
+    os.symlink(os.path.join(base, 'val', 'dog'), os.path.join(base, 'train', 'dog', 'more'))  # linked images: in
+    train_set, _, _ = get_datasets('folder:pets', tmp_path)
+    assert [(os.path.relpath(path, base), label) for path, label in train_set.dataset.samples] == [
+        ('train/cat/0.png', 0), ('train/cat/1.png', 0),
+        ('train/dog/0.png', 1), ('train/dog/1.png', 1), ('train/dog/more/0.png', 1)]
+
+    def denied(path):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(os, 'scandir', denied)  # as a user without read permission meets it (the tests run as root)
+    with pytest.raises(UserError) as excinfo:
+        get_datasets('folder:pets', tmp_path)
+    assert_one_line_user_error(excinfo, f"cannot read {base}/train: Permission denied; fix its permissions")
+    monkeypatch.undo()
+
+    Image.MAX_IMAGE_PIXELS, limit = 500, Image.MAX_IMAGE_PIXELS  # images past twice it: a decompression bomb
+    try:
+        with pytest.raises(UserError) as excinfo:
+            get_datasets('folder:pets', tmp_path)[0][0]
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert_one_line_user_error(excinfo, f"corrupt image file {base}/train/cat/0.png: Image size (1584 pixels) exceeds")
+
+
 @pytest.mark.parametrize('task, splits, message', [
     ('folder:none', None, "folder:none: {root}/none/train is missing; put the images in {root}/none/{{train,val}}/"
      "<class>/<image> (torchvision's ImageFolder layout)"),

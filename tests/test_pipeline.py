@@ -334,6 +334,34 @@ def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
     assert_one_line_error(result, f"folder:other: {tmp_path / 'data' / 'other' / 'train'} is missing; put the images")
     assert not (tmp_path / 'other').exists()
 
+    # data whose class folders differ from those a network was trained on are refused, not renumbered
+    write_image_folder(tmp_path / 'renamed', splits={'train': {'cat': 4, 'dog': 4, 'lynx': 4}, 'val': {'cat': 2}})
+    renamed = ['--data-dir', tmp_path / 'renamed']
+    refusal = (f"the folder:pets classes in {tmp_path / 'renamed'} are not those {{}} was trained on (lacking eel; "
+               "new lynx): pass the --data-dir it was trained on")
+    for script, run_dir in (('main_teacher.py', 'teacher'), ('main_student.py', 'student')):
+        result = run(script, '--model-dir', tmp_path / run_dir, '--evaluate', *renamed, '--workers', 0,
+                     expect_ok=False)
+        assert_one_line_error(result, refusal.format('the network'))
+    teacher = tmp_path / 'teacher' / 'checkpoint.pth'
+    result = run('main_student.py', *common, *renamed, '--backbone', 'resnet18', '--teacher-fn', teacher,
+                 '--model-dir', tmp_path / 'student2', expect_ok=False)
+    assert_one_line_error(result, refusal.format(f'teacher {teacher}'))
+    result = run('main_student.py', '--full-model-dir', tmp_path / 'student', *renamed, '--model-dir',
+                 tmp_path / 'pruned', '--n-pruning-universal', 1, '--epochs', 1, '--workers', 0, '--device', 'cpu',
+                 expect_ok=False)
+    assert_one_line_error(result, refusal.format('the network'))
+    result = run('main_teacher.py', *common, *renamed, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher',
+                 '--resume', '--epochs', 2, expect_ok=False)
+    assert 'already finished' in result.stderr  # the check below needs an unfinished run
+    checkpoint = torch.load(teacher, weights_only=False)
+    checkpoint['finished'] = False  # as if interrupted
+    torch.save(checkpoint, teacher)
+    result = run('main_teacher.py', *common[:-2], *renamed, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher',
+                 '--resume', '--epochs', 2, expect_ok=False)
+    assert_one_line_error(result, refusal.format('the network'))
+    assert not any((tmp_path / name).exists() for name in ('student2', 'pruned'))
+
 
 def kill_after_first_epoch(script, args, model_dir):
     """Start `script` and SIGKILL it as soon as its first checkpoint exists."""
