@@ -190,6 +190,8 @@ class ImageFolderSplit(Dataset):
         if not name or os.path.isabs(name) or '..' in name.split(os.sep):
             raise UserError(f"--task folder:<name> takes a folder under --data-dir, got folder:{name}: put the "
                             "images in <data-dir>/<name>/{train,val}/<class>/<image>")
+        if name != os.path.normpath(name):  # one task, one name: runs compare tasks by name
+            raise UserError(f"--task folder:{name}: write it folder:{os.path.normpath(name)}")
         path = self.source = os.path.join(root, name, split)
         layout = f"{os.path.join(root, name)}/{{train,val}}/<class>/<image> (torchvision's ImageFolder layout)"
         if not os.path.isdir(path):

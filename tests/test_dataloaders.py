@@ -306,6 +306,7 @@ def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     ('folder:pets', {'train': {'cat': 1, 'dog': 1}, 'val': {'cat': 0}}, "{root}/pets/val holds no images"),
     ('folder:../pets', None, "--task folder:<name> takes a folder under --data-dir, got folder:../pets"),
     ('folder:', None, "--task folder:<name> takes a folder under --data-dir, got folder:: put the images in"),
+    ('folder:./pets/', None, "--task folder:./pets/: write it folder:pets"),
     ('pets', None, "unknown task 'pets'; valid tasks: svhn, flowers, voc12, synth-source, synth-digits, "
      "synth-textures, synth-shapes, or folder:<name> for your images in <data-dir>/<name>/{{train,val}}/"),
 ])
