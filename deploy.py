@@ -4,6 +4,10 @@
     # deploy/svhn/tailored.pt2:  torch.export.load(path).module()(images) -> logits
     # deploy/svhn/tailored.onnx: onnxruntime.InferenceSession(path).run(None, {'images': images})
 
+A network of a folder task (`--task folder:<name>`) carries its class names, logit i the i-th, as JSON:
+`classes.json` of the .pt2 (`torch.export.load(path, extra_files={'classes.json': ''})`) and the ONNX
+file's metadata `classes` (`InferenceSession(path).get_modelmeta().custom_metadata_map['classes']`).
+
 `TailoredNetwork` computes what the student computes in eval mode, reduced to what that needs: the
 surviving paths only, every convolution + BatchNorm pair one convolution (with the task's own statistics
 where it learned them), and each layer's proxies one convolution over their stacked inputs with the gates
@@ -11,6 +15,7 @@ folded in (bottleneck proxies: their first convolutions, then one convolution fo
 files need neither this repository's code nor the universal checkpoint.
 """
 import copy
+import json
 import os
 
 import torch
@@ -123,15 +128,16 @@ class TailoredNetwork(nn.Module):
         return self.backbone.forward_head(nodes[-1])
 
 
-def export(student, out_dir):
+def export(student, out_dir, classes=None):
     """Write `out_dir`/tailored.pt2 (torch.export) and `out_dir`/tailored.onnx for `student`'s tailored network,
-    for the CPU, in float32, for any batch size at the student's input size.  Returns the two paths."""
-    return export_network(TailoredNetwork(student), student.input_size, out_dir, 'tailored')
+    for the CPU, in float32, for any batch size at the student's input size, with the names of its `classes`
+    when given.  Returns the two paths."""
+    return export_network(TailoredNetwork(student), student.input_size, out_dir, 'tailored', classes)
 
 
-def export_network(network, input_size, out_dir, name):
-    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size: both
-    files new, or (on any failure) neither."""
+def export_network(network, input_size, out_dir, name, classes=None):
+    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size, the
+    names of its `classes` (if given) in both: both files new, or (on any failure) neither."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
@@ -148,9 +154,12 @@ def export_network(network, input_size, out_dir, name):
     program = torch.export.export(network, (example,), dynamic_shapes=dynamic)
     onnx_program = torch.onnx.export(program, dynamo=True, input_names=['images'], output_names=['logits'],
                                      verbose=False)
+    extra_files = {}
+    if classes is not None:
+        extra_files['classes.json'] = onnx_program.model.metadata_props['classes'] = json.dumps(list(classes))
 
     def write_both(pt2_tmp):  # the .onnx renamed into place once the .pt2 is written, the .pt2 right after
-        torch.export.save(program, pt2_tmp)
+        torch.export.save(program, pt2_tmp, extra_files=extra_files)
         utils.atomic_write(paths[1], onnx_program.save, suffix='.onnx')
 
     try:

@@ -153,7 +153,7 @@ def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
     student, checkpoint = load_student(args.model_dir, torch.device('cpu'))
     check_recorded_settings(args, checkpoint['args'], STUDENT_RUN_SETTINGS, '--export')
-    paths = export(student, args.export)
+    paths = export(student, args.export, checkpoint['args'].get('classes'))
     stats = student.stats()
     print(format_stats(stats))
     print(f"tailored network of {args.model_dir} ({stats['flops'] / stats['flops_full']:.2f} of the full "
