@@ -7,6 +7,7 @@ torchvision's ImageFolder layout under `<data-dir>/<name>`. The real datasets ar
 Transforms follow the released demos (docs/method.md §8) with ImageNet mean/std normalisation; a folder task
 gets the Flowers transforms (ImageNet's: random resized crops and flips to train, a centre crop to test).
 """
+import itertools
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -184,7 +185,7 @@ class ImageFolderSplit(Dataset):
     (images in sub-folders of a class folder too; hidden files and folders, such as .ipynb_checkpoints or macOS's
     ._ files, and files of other extensions skipped); yields (PIL image, class).
     The classes are numbered in the sorted order of the training split's folders (`classes`); another split may
-    hold fewer of them, not others. `source` is the split's folder."""
+    hold fewer of them, not others. `samples` take the classes in turn; `source` is the split's folder."""
 
     def __init__(self, root, name, split, classes=None):
         if not name or os.path.isabs(name) or '..' in name.split(os.sep):
@@ -202,11 +203,13 @@ class ImageFolderSplit(Dataset):
         if others:
             raise UserError(f"{path} holds classes the training split lacks: {', '.join(others)}; put the "
                             f"images in {layout}")
-        self.samples = [(file, label) for label, class_name in enumerate(self.classes) if class_name in found
-                        for file in _image_files(os.path.join(path, class_name))]
+        per_class = [[(file, label) for file in _image_files(os.path.join(path, class_name))] if class_name in found
+                     else [] for label, class_name in enumerate(self.classes)]
+        # the classes in turn (first images of each class, then the second ones, ...), so that --train-limit
+        # and --test-limit, which keep the first N, keep every class
+        self.samples = [sample for turn in itertools.zip_longest(*per_class) for sample in turn if sample]
         if classes is None:  # the training split defines the classes: two or more, each with images
-            labels = {label for _, label in self.samples}
-            empty = [class_name for label, class_name in enumerate(self.classes) if label not in labels]
+            empty = [class_name for class_name, samples in zip(self.classes, per_class) if not samples]
             if len(self.classes) < 2 or empty:
                 reason = f"classes without images: {', '.join(empty)}" if empty else \
                     f"{len(self.classes)} class folders, a task needs 2 or more"

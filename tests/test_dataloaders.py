@@ -257,13 +257,17 @@ def test_your_own_images_in_imagefolder_layout(tmp_path):
     assert num_classes == 3 and len(train_set) == 7 and len(test_set) == 3  # nested images in, others out
     raw_train, raw_test = train_set.dataset, test_set.dataset
     assert raw_train.classes == raw_test.classes == ['cat', 'dog', 'eel']  # sorted, val numbered as train
-    assert [label for _, label in raw_train.samples] == [0, 0, 0, 0, 1, 1, 2]
+    assert [label for _, label in raw_train.samples] == [0, 1, 2, 0, 1, 0, 0]  # the classes in turn
     assert [(os.path.relpath(path, base), label) for path, label in raw_test.samples] == [
-        ('val/cat/0.png', 0), ('val/cat/1.png', 0), ('val/eel/0.png', 2)]
-    image, label = test_set[2]
+        ('val/cat/0.png', 0), ('val/eel/0.png', 2), ('val/cat/1.png', 0)]
+    image, label = test_set[1]
     assert image.shape == (3, 32, 32) and label == 2 and image[2].mean() > image[0].mean()  # blue eel, normalised
     train_loader, _, classes = get_dataloaders('folder:pets', tmp_path, batch_size=7, workers=0, input_size=32)
     assert classes == 3 and [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 0, 0, 0, 1, 1, 2]]
+    train_loader, test_loader, _ = get_dataloaders('folder:pets', tmp_path, batch_size=3, workers=0, input_size=32,
+                                                   train_limit=3, test_limit=2)
+    assert [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 1, 2]]  # every class kept
+    assert [labels.tolist() for _, labels in test_loader] == [[0, 2]]
 
 
 def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
@@ -272,7 +276,7 @@ def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     os.symlink(os.path.join(base, 'train'), os.path.join(base, 'train', 'dog', 'again'))
     os.symlink(os.path.join(base, 'val', 'dog'), os.path.join(base, 'train', 'dog', 'more'))  # linked images: in
     train_set, _, _ = get_datasets('folder:pets', tmp_path)
-    assert [(os.path.relpath(path, base), label) for path, label in train_set.dataset.samples] == [
+    assert sorted((os.path.relpath(path, base), label) for path, label in train_set.dataset.samples) == [
         ('train/cat/0.png', 0), ('train/cat/1.png', 0),
         ('train/dog/0.png', 1), ('train/dog/1.png', 1), ('train/dog/more/0.png', 1)]
 
