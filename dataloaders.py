@@ -75,9 +75,12 @@ def _check_integers(array, low, high, what, path, task):
 
 
 def load_rgb_image(path):
-    """Decodes an image file into an RGB PIL image; a damaged file raises a one-line UserError."""
+    """Decodes an image file into an RGB PIL image (16-bit grey levels scaled to 8 bits, where PIL's conversion
+    would clip them); a damaged file raises a one-line UserError."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith('I;16'):
+                image = Image.fromarray(np.round(np.asarray(image, dtype=np.float32) / 257).astype(np.uint8))
             return image.convert('RGB')
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f'corrupt image file {path}: {_one_line(error)}') from error

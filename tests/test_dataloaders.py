@@ -270,6 +270,14 @@ def test_your_own_images_in_imagefolder_layout(tmp_path):
     assert [labels.tolist() for _, labels in test_loader] == [[0, 2]]
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    levels = np.linspace(0, 65535, 40 * 44).reshape(40, 44).astype(np.uint16)  # a depth map or a medical scan
+    Image.fromarray(levels).save(tmp_path / 'grey16.png')
+    rgb = np.asarray(dataloaders.load_rgb_image(tmp_path / 'grey16.png'))
+    expected = np.round(levels / 257).astype(np.uint8)  # PIL's own conversion made 99.6 % of it white
+    assert rgb.shape == (40, 44, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+
+
 def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     base = write_image_folder(tmp_path, splits={'train': {'cat': 2, 'dog': 2}, 'val': {'cat': 1, 'dog': 1}})
     os.symlink('..', os.path.join(base, 'train', 'cat', 'up'))  # a loop, and the dogs seen as cats
