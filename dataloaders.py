@@ -140,16 +140,31 @@ class Flowers102(Dataset):
 
 
 def folder_name(task):
-    """<name> of a `folder:<name>` task, or None for the other tasks."""
-    return task[len(FOLDER_TASK):] if task.startswith(FOLDER_TASK) else None
+    """<name> of a `folder:<name>` task (a folder under --data-dir, written plainly), or None for the other
+    tasks."""
+    if not task.startswith(FOLDER_TASK):
+        return None
+    name = task[len(FOLDER_TASK):]
+    if not name or os.path.isabs(name) or '..' in name.split(os.sep):
+        raise UserError(f"--task folder:<name> takes a folder under --data-dir, got folder:{name}: put the "
+                        "images in <data-dir>/<name>/{train,val}/<class>/<image>")
+    if name != os.path.normpath(name):  # one task, one name: runs compare tasks by name
+        raise UserError(f"--task folder:{name}: write it folder:{os.path.normpath(name)}")
+    return name
 
 
 def _unreadable(error):
     return UserError(f"cannot read {error.filename}: {error.strerror}; fix its permissions")
 
 
-def _class_folders(path):
-    """The class folders of an ImageFolder split, sorted (hidden ones skipped)."""
+def _layout(root, name):
+    return f"{os.path.join(root, name)}/{{train,val}}/<class>/<image> (torchvision's ImageFolder layout)"
+
+
+def _class_folders(path, name, root):
+    """The class folders of the split in `path` of task folder:`name`, sorted (hidden ones skipped)."""
+    if not os.path.isdir(path):
+        raise UserError(f"folder:{name}: {path} is missing; put the images in {_layout(root, name)}")
     try:
         return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith('.'))
     except OSError as error:
@@ -180,7 +195,7 @@ def task_classes(task, data_dir):
     """The class names of a folder task, as its training folders number them; None for the other tasks, whose
     classes are fixed. A run records them, so that data of other classes are refused rather than renumbered."""
     name = folder_name(task)
-    return None if name is None else _class_folders(os.path.join(data_dir, name, 'train'))
+    return None if name is None else _class_folders(os.path.join(data_dir, name, 'train'), name, data_dir)
 
 
 class ImageFolderSplit(Dataset):
@@ -191,16 +206,9 @@ class ImageFolderSplit(Dataset):
     hold fewer of them, not others. `samples` take the classes in turn; `source` is the split's folder."""
 
     def __init__(self, root, name, split, classes=None):
-        if not name or os.path.isabs(name) or '..' in name.split(os.sep):
-            raise UserError(f"--task folder:<name> takes a folder under --data-dir, got folder:{name}: put the "
-                            "images in <data-dir>/<name>/{train,val}/<class>/<image>")
-        if name != os.path.normpath(name):  # one task, one name: runs compare tasks by name
-            raise UserError(f"--task folder:{name}: write it folder:{os.path.normpath(name)}")
         path = self.source = os.path.join(root, name, split)
-        layout = f"{os.path.join(root, name)}/{{train,val}}/<class>/<image> (torchvision's ImageFolder layout)"
-        if not os.path.isdir(path):
-            raise UserError(f"folder:{name}: {path} is missing; put the images in {layout}")
-        found = _class_folders(path)
+        layout = _layout(root, name)
+        found = _class_folders(path, name, root)
         self.classes = classes or found
         others = sorted(set(found) - set(self.classes))
         if others:

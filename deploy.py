@@ -156,7 +156,8 @@ def export_network(network, input_size, out_dir, name, classes=None):
                                      verbose=False)
     extra_files = {}
     if classes is not None:
-        extra_files['classes.json'] = onnx_program.model.metadata_props['classes'] = json.dumps(list(classes))
+        extra_files['classes.json'] = onnx_program.model.metadata_props['classes'] = json.dumps(list(classes),
+                                                                                            ensure_ascii=False)
 
     def write_both(pt2_tmp):  # the .onnx renamed into place once the .pt2 is written, the .pt2 right after
         torch.export.save(program, pt2_tmp, extra_files=extra_files)

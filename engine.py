@@ -68,16 +68,16 @@ def build_loaders(args):
     return loaders
 
 
-def check_classes(recorded, classes, args, network='the network'):
+def check_classes(recorded, classes, args, network='the network', fix='pass the --data-dir it was trained on'):
     """A folder task's data in args.data_dir must hold the `classes` `network` recorded (None: nothing recorded,
     or another task): other folders would number the classes otherwise, silently."""
     if recorded is None or classes is None or list(recorded) == list(classes):
         return
     missing, new = sorted(set(recorded) - set(classes)), sorted(set(classes) - set(recorded))
-    difference = '; '.join([*(['lacking ' + ', '.join(missing)] if missing else []),
-                            *(['new ' + ', '.join(new)] if new else [])])
+    difference = '; '.join([*(['lacking ' + ', '.join(map(repr, missing))] if missing else []),
+                            *(['new ' + ', '.join(map(repr, new))] if new else [])])
     raise UserError(f"the {args.task} classes in {args.data_dir} are not those {network} was trained on "
-                    f"({difference}): pass the --data-dir it was trained on")
+                    f"({difference}): {fix}")
 
 
 def check_recorded_settings(args, saved, names, command):
@@ -138,10 +138,11 @@ def run_status(model_dir):
     return 'finished' if utils.load_checkpoint(path).get('finished') else 'unfinished'
 
 
-# settings that name files or steer the process rather than define what a run trains
+# settings that name files or steer the process rather than define what a run trains (and a folder task's class
+# names, which no flag gives: build_loaders checks them against the data)
 NOT_TRAINING_SETTINGS = ('model_dir', 'model_root', 'data_dir', 'teacher_fn', 'full_model_dir', 'pretrained', 'device',
                          'workers', 'cuda_graph', 'resume', 'force', 'log2file', 'evaluate', 'export', 'summary',
-                         'write_submission')
+                         'write_submission', 'classes')
 
 
 def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
@@ -499,7 +500,7 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
         raise UserError(f"teacher {path} was trained on {saved['task']}, the student's task is {task}: "
                         "wrong --teacher-fn?")
     if args is not None:
-        check_classes(saved.get('classes'), args.classes, args, f"teacher {path}")
+        check_classes(saved.get('classes'), args.classes, args, f"teacher {path}", 'wrong --teacher-fn or --data-dir?')
     utils.check_finite(checkpoint['model'], f'teacher checkpoint {path}')
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])

@@ -79,6 +79,9 @@ def main(args):
     existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
+    if args.resume and existing['num_classes'] != num_classes:
+        raise UserError(f"--resume: the run in {args.model_dir} predicts {existing['num_classes']} classes, the "
+                        f"{args.task} data in {args.data_dir} has {num_classes}: pass the --data-dir it was trained on")
     model = create_teacher(args.arch, num_classes, args.pretrained)
     check_input_size(model, args.input_size)
     model.to(device)

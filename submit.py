@@ -28,7 +28,9 @@ import main_student
 import main_student_decathlon
 import main_teacher_decathlon
 import utils
-from engine import check_args, check_run_dir, checkpoint_path, finished_run_differences, load_teacher, run_status
+from dataloaders import task_classes
+from engine import (check_args, check_classes, check_run_dir, checkpoint_path, finished_run_differences, load_teacher,
+                    run_status)
 from main_teacher_decathlon import task_runs
 from utils import UserError
 
@@ -156,8 +158,9 @@ def check_job(job):
 def check_script_args(job, args):
     """What the job's script refuses before it writes anything, refused here on the job's parsed `args` (writing
     nothing): the decathlon scripts' run of their task, completed by their complete_task_args; engine.check_args
-    or main_student.check_student_args; what a student needs (the student it prunes, with the universal blocks
-    left to prune; the teacher it distils from, of its backbone and task); engine.check_run_dir."""
+    or main_student.check_student_args; what a student needs (a folder task's class folders, as the student it
+    prunes recorded them; the universal blocks left to prune; the teacher it distils from, of its backbone and
+    task); engine.check_run_dir."""
     if job.script == 'main_teacher_decathlon':
         [args] = task_runs(args)
         main_teacher_decathlon.complete_task_args(args)
@@ -172,6 +175,7 @@ def check_script_args(job, args):
         if args.prune:
             require_finished(args, args.full_model_dir, 'to prune')
     main_student.check_student_args(args)
+    check_classes(args.classes, task_classes(args.task, args.data_dir), args)  # a folder task's data
     if default_teacher and args.teacher_coeff > 0:
         require_finished(args, os.path.dirname(args.teacher_fn), 'to distil from',
                          ', or pass --teacher-coeff 0 after --')

@@ -344,20 +344,21 @@ def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
     # data whose class folders differ from those a network was trained on are refused, not renumbered
     write_image_folder(tmp_path / 'renamed', splits={'train': {'cat': 4, 'dog': 4, 'lynx': 4}, 'val': {'cat': 2}})
     renamed = ['--data-dir', tmp_path / 'renamed']
-    refusal = (f"the folder:pets classes in {tmp_path / 'renamed'} are not those {{}} was trained on (lacking eel; "
-               "new lynx): pass the --data-dir it was trained on")
+    refusal = (f"the folder:pets classes in {tmp_path / 'renamed'} are not those {{}} was trained on (lacking "
+               "'eel'; new 'lynx'): {}")
+    data_dir = 'pass the --data-dir it was trained on'
     for script, run_dir in (('main_teacher.py', 'teacher'), ('main_student.py', 'student')):
         result = run(script, '--model-dir', tmp_path / run_dir, '--evaluate', *renamed, '--workers', 0,
                      expect_ok=False)
-        assert_one_line_error(result, refusal.format('the network'))
+        assert_one_line_error(result, refusal.format('the network', data_dir))
     teacher = tmp_path / 'teacher' / 'checkpoint.pth'
     result = run('main_student.py', *common, *renamed, '--backbone', 'resnet18', '--teacher-fn', teacher,
                  '--model-dir', tmp_path / 'student2', expect_ok=False)
-    assert_one_line_error(result, refusal.format(f'teacher {teacher}'))
+    assert_one_line_error(result, refusal.format(f'teacher {teacher}', 'wrong --teacher-fn or --data-dir?'))
     result = run('main_student.py', '--full-model-dir', tmp_path / 'student', *renamed, '--model-dir',
                  tmp_path / 'pruned', '--n-pruning-universal', 1, '--epochs', 1, '--workers', 0, '--device', 'cpu',
                  expect_ok=False)
-    assert_one_line_error(result, refusal.format('the network'))
+    assert_one_line_error(result, refusal.format('the network', data_dir))
     result = run('main_teacher.py', *common, *renamed, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher',
                  '--resume', '--epochs', 2, expect_ok=False)
     assert 'already finished' in result.stderr  # the check below needs an unfinished run
@@ -366,8 +367,23 @@ def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
     torch.save(checkpoint, teacher)
     result = run('main_teacher.py', *common[:-2], *renamed, '--arch', 'resnet18', '--model-dir', tmp_path / 'teacher',
                  '--resume', '--epochs', 2, expect_ok=False)
-    assert_one_line_error(result, refusal.format('the network'))
+    assert_one_line_error(result, refusal.format('the network', data_dir))
     assert not any((tmp_path / name).exists() for name in ('student2', 'pruned'))
+    del checkpoint['args']['classes']  # a run that recorded none: its class count is still checked, in one line
+    torch.save(checkpoint, teacher)
+    result = run('main_teacher.py', *common[:-2], '--data-dir', tmp_path / 'three', '--arch', 'resnet18',
+                 '--model-dir', tmp_path / 'teacher', '--resume', '--epochs', 2, expect_ok=False)
+    assert result.returncode != 0 and 'missing' in result.stderr
+    write_image_folder(tmp_path / 'two', splits={'train': {'cat': 4, 'dog': 4}, 'val': {'cat': 2}})
+    result = run('main_teacher.py', *common[:-2], '--data-dir', tmp_path / 'two', '--arch', 'resnet18',
+                 '--model-dir', tmp_path / 'teacher', '--resume', '--epochs', 2, expect_ok=False)
+    assert_one_line_error(result, f"--resume: the run in {tmp_path / 'teacher'} predicts 3 classes, the folder:pets "
+                          f"data in {tmp_path / 'two'} has 2: pass the --data-dir it was trained on")
+    student = torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=False)
+    student['finished'] = False  # resumed on its own data: the recorded classes match
+    torch.save(student, tmp_path / 'student' / 'checkpoint.pth')
+    run('main_student.py', *common[:-2], '--backbone', 'resnet18', '--teacher-fn', tmp_path / 'teacher',
+        '--model-dir', tmp_path / 'student', '--resume', '--epochs', 2)
 
 
 def kill_after_first_epoch(script, args, model_dir):

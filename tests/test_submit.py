@@ -14,6 +14,7 @@ import submit
 from engine import checkpoint_path
 from utils import UserError
 
+from test_dataloaders import write_image_folder
 from test_distributed import descendants
 from test_pipeline import TINY, assert_one_line_error, run, workdir  # noqa: F401  (a module-scoped fixture)
 
@@ -185,8 +186,18 @@ def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
     distilled['args'].update(teacher_coeff=2.0, teacher_fn=str(tmp_path / 'moved' / 'checkpoint.pth'))
     os.makedirs(tmp_path / 'distilled')  # its retraining distils from it too
     torch.save(distilled, checkpoint_path(tmp_path / 'distilled'))
-    refused(tmp_path, ['sweep', '--full-model-dir', tmp_path / 'distilled', '--model-root', tmp_path / 'runs', '--k', 1],
-            [], r"^teacher checkpoint not found: .*moved/checkpoint.pth$")
+    refused(tmp_path, ['sweep', '--full-model-dir', tmp_path / 'distilled', '--model-root', tmp_path / 'runs',
+                       '--k', 1], [], r"^teacher checkpoint not found: .*moved/checkpoint.pth$")
+    folder = torch.load(checkpoint_path(student), weights_only=False)  # a student of your own images
+    folder['args'].update(task='folder:pets', classes=['cat', 'dog', 'eel'])
+    os.makedirs(tmp_path / 'pets-student')
+    torch.save(folder, checkpoint_path(tmp_path / 'pets-student'))
+    pets_sweep = ['sweep', '--full-model-dir', tmp_path / 'pets-student', '--model-root', tmp_path / 'runs', '--k', 1]
+    refused(tmp_path, pets_sweep, ['--data-dir', tmp_path / 'nowhere'], r"^folder:pets: .*nowhere/pets/train is "
+            r"missing; put the images in")  # the jobs used to fail once they ran
+    write_image_folder(tmp_path / 'renamed', splits={'train': {'cat': 1, 'dog': 1, 'lynx': 1}})
+    refused(tmp_path, pets_sweep, ['--data-dir', tmp_path / 'renamed'], r"^the folder:pets classes in .*renamed are "
+            r"not those the network was trained on \(lacking 'eel'; new 'lynx'\)")
 
 
 def test_a_script_flag_it_cannot_parse_is_one_line(tmp_path):
