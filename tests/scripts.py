@@ -40,10 +40,15 @@ def run_script(script, *args, cwd=REPO, env=None, timeout=300):
         if not reply:
             raise RuntimeError(f"the script server stopped (exit status {_server.wait()})")
         returncode = json.loads(reply)['returncode']
-        stdout, stderr = (open(path, encoding='utf-8', errors='replace').read() for path in (out, err))
+        stdout, stderr = (_read(path) for path in (out, err))
     if returncode is None:
         raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
     return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+
+
+def _read(path):
+    with open(path, encoding='utf-8', errors='replace') as f:
+        return f.read()
 
 
 def _become(request):
