@@ -174,14 +174,14 @@ def _class_folders(path, name, root):
 def _image_files(folder):
     """The image files under `folder` (sub-folders included, once each; a link back to a folder above is not
     followed; hidden files and folders skipped), in sorted order."""
-    found, seen = [], set()
+    found, seen, top = [], set(), os.path.join(os.path.realpath(folder), '')
 
     def refuse(error):
         raise _unreadable(error)
 
     def loops(path):
         real = os.path.realpath(path)
-        return real in seen or os.path.join(os.path.realpath(folder), '').startswith(os.path.join(real, ''))
+        return real in seen or top.startswith(os.path.join(real, ''))
     for parent, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
         seen.add(os.path.realpath(parent))
         folders[:] = sorted(name for name in folders
@@ -483,26 +483,27 @@ def get_datasets(task, data_dir='data', input_size=224, seed=0):
 
     `seed` fixes the VOC class re-sampling; the synthetic images are always those of seed 0.
     """
-    if task not in TASKS and folder_name(task) is None:
+    name = folder_name(task)
+    if task not in TASKS and name is None:
         raise UserError(f'unknown task {task!r}; valid tasks: {", ".join(TASKS)}, or folder:<name> for your '
                         'images in <data-dir>/<name>/{train,val}/<class>/<image>')
-    if folder_name(task) is not None:
-        raw_train = ImageFolderSplit(data_dir, folder_name(task), 'train')
-        raw_test = ImageFolderSplit(data_dir, folder_name(task), 'val', raw_train.classes)
-        num_classes = len(raw_train.classes)
-        train_transform = image_transform(task, True, input_size)
-        test_transform = image_transform(task, False, input_size)
-    elif task in IMAGE_TASKS:
-        num_classes = IMAGE_TASKS[task]
-        if task == 'svhn':
-            raw_train, raw_test = SVHN(data_dir, 'train'), SVHN(data_dir, 'test')
-        elif task == 'flowers':
-            raw_train, raw_test = Flowers102(data_dir, 'train'), Flowers102(data_dir, 'test')
+    if name is not None or task in IMAGE_TASKS:
+        if name is not None:
+            raw_train = ImageFolderSplit(data_dir, name, 'train')
+            raw_test = ImageFolderSplit(data_dir, name, 'val', raw_train.classes)
+            num_classes = len(raw_train.classes)
         else:
-            raw_train, raw_test = VOCObjectCrops(data_dir, 'train', seed=seed), VOCObjectCrops(data_dir, 'test')
-        for split, dataset in (('train', raw_train), ('test', raw_test)):
-            if len(dataset) == 0:
-                raise UserError(f'the {split} split of {task} has no images ({dataset.source}); {_prepare_hint(task)}')
+            num_classes = IMAGE_TASKS[task]
+            if task == 'svhn':
+                raw_train, raw_test = SVHN(data_dir, 'train'), SVHN(data_dir, 'test')
+            elif task == 'flowers':
+                raw_train, raw_test = Flowers102(data_dir, 'train'), Flowers102(data_dir, 'test')
+            else:
+                raw_train, raw_test = VOCObjectCrops(data_dir, 'train', seed=seed), VOCObjectCrops(data_dir, 'test')
+            for split, dataset in (('train', raw_train), ('test', raw_test)):
+                if len(dataset) == 0:
+                    raise UserError(f'the {split} split of {task} has no images ({dataset.source}); '
+                                    f'{_prepare_hint(task)}')
         train_transform = image_transform(task, True, input_size)
         test_transform = image_transform(task, False, input_size)
     else:
