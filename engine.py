@@ -84,9 +84,6 @@ def check_recorded_settings(args, saved, names, command):
     """`command` (--evaluate, --export) rebuilds the run in --model-dir as it recorded it (`saved`): a setting of
     `names` given on the command line unlike the run's is refused, not ignored."""
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if 'pretrained' in given:  # the same file, however named
-        given['pretrained'] = weights_location(given['pretrained'])
-        saved = dict(saved, pretrained=weights_location(saved.get('pretrained')))
     differences = setting_differences(saved, given, ignored=())
     if differences:
         raise UserError(f"{args.model_dir} was trained with {'; '.join(differences)}: drop those flags ({command} "
@@ -514,19 +511,32 @@ def frozen_teacher(model):
     return model
 
 
-def load_student(model_dir, device):
-    """A trained student rebuilt from its run directory (its args.json-recorded setup + task pack)."""
-    checkpoint = utils.load_checkpoint(checkpoint_path(model_dir), 'student checkpoint')
+def load_student(model_dir, device, pretrained=None):
+    """A trained student rebuilt from its run directory (its args.json-recorded setup + task pack), on the
+    universal weights it recorded or, given `pretrained` (a --pretrained value), on those: the same file moved, or
+    a local copy of the ImageNet weights offline.  Either way they must be the weights it was trained on (the
+    fingerprint it recorded)."""
+    run = checkpoint_path(model_dir)
+    checkpoint = utils.load_checkpoint(run, 'student checkpoint')
     pack = checkpoint.get('model')
     if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
-        raise UserError(f"{checkpoint_path(model_dir)} is not a student checkpoint written by main_student.py")
+        raise UserError(f"{run} is not a student checkpoint written by main_student.py")
     saved, meta = checkpoint['args'], pack['meta']
     if saved['pretrained'] is None and 'universal' not in pack:
-        raise UserError(f"{checkpoint_path(model_dir)} was trained on random universal weights that it does not hold "
+        raise UserError(f"{run} was trained on random universal weights that it does not hold "
                         "(written by an older version): train it again")
-    student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], saved['pretrained'],
+    weights = (saved['pretrained'] if pretrained is None else None if pretrained == 'none'
+               else weights_location(pretrained))
+    if weights is None and 'universal' not in pack:
+        raise UserError(f"{run} was trained on the universal weights {saved['pretrained']}, which it does not hold: "
+                        "--pretrained none cannot rebuild it; name the weights file")
+    if weights not in (None, 'imagenet') and not os.path.isfile(weights):
+        raise UserError(f"--pretrained {weights}: no such file" if pretrained is not None else
+                        f"the universal weights {weights} that {model_dir} was trained on are missing: put them back, "
+                        "or pass --pretrained with the file where it is now")
+    student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], weights,
                              saved['input_size'], task_bn_stats=meta.get('task_bn_stats', False))
-    attach_run_state(student, pack, checkpoint_path(model_dir), saved['pretrained'])
+    attach_run_state(student, pack, run, weights)
     return student.to(device), checkpoint
 
 
@@ -561,8 +571,8 @@ def attach_run_state(student, pack, source, pretrained):
         student.backbone.load_state_dict(pack['universal'], strict=False)
     recorded = pack.get('universal_sha256')  # absent from checkpoints written before fingerprints
     if recorded is not None and recorded != universal_fingerprint(student):
-        raise UserError(f"the universal weights {pretrained} are not those {source} was trained on (the file was "
-                        "changed or replaced since): put the original back")
+        raise UserError(f"the universal weights {pretrained} are not those {source} was trained on (another file, "
+                        "or changed since): give it the file it was trained on (--pretrained)")
     student.load_task_pack(pack, source)
 
 

@@ -30,7 +30,7 @@ from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student,
                     load_teacher, make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note,
-                    universal_fingerprint, use_cuda_graph, weights_location)
+                    universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -61,7 +61,8 @@ def get_args_parser(add_help=True):
     parser.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (never on gates)')
     parser.add_argument('--pretrained', default=None,
                         help="universal weights: 'imagenet' (default), a local state-dict file or 'none'; "
-                        "when retraining, those of --full-model-dir")
+                        "when retraining, --evaluate and --export, those the run recorded (given: where they are "
+                        "now, checked against the fingerprint the run recorded)")
     parser.add_argument('--full-model-dir', default=None, help='a trained student to prune and retrain')
     parser.add_argument('--n-pruning-universal', type=int, default=0, help='universal blocks to remove')
     parser.add_argument('--thr-pruning-proxy', type=float, default=0.05, help='remove proxies gated below this')
@@ -89,12 +90,8 @@ def check_student_args(args):
             raise UserError(f"{args.full_model_dir} is an unfinished run ({epochs_done(full)}): finish it with "
                             "--resume before pruning it")
         full_args = full['args']
-        recorded = full_args['pretrained']
-        if args.pretrained is None:
-            args.pretrained = recorded or 'none'
-        elif weights_location(None if args.pretrained == 'none' else args.pretrained) != weights_location(recorded):
-            raise UserError(f"{args.full_model_dir} was trained on universal weights {full_args['pretrained']}, "
-                            f"not {args.pretrained}: drop --pretrained")
+        if args.pretrained is None:  # else where its universal weights are now (load_student checks them)
+            args.pretrained = full_args['pretrained'] or 'none'
     if args.pretrained is None:
         args.pretrained = 'imagenet'
 
@@ -146,13 +143,14 @@ def check_student_args(args):
                         "(or --teacher-coeff 0 to train without distillation)")
 
 
-STUDENT_RUN_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats', 'pretrained')  # --evaluate, --export
+# what --evaluate and --export rebuild as the run recorded it (--pretrained names where its universal weights are)
+STUDENT_RUN_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats')
 
 
 def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
-    student, checkpoint = load_student(args.model_dir, torch.device('cpu'))
-    check_recorded_settings(args, checkpoint['args'], STUDENT_RUN_SETTINGS, '--export')
+    student, checkpoint = load_student(args.model_dir, torch.device('cpu'), args.pretrained)
+    check_recorded_settings(args, checkpoint['args'], ('task', *STUDENT_RUN_SETTINGS), '--export')
     paths = export(student, args.export, checkpoint['args'].get('classes'))
     stats = student.stats()
     print(format_stats(stats))
@@ -163,10 +161,11 @@ def export_run(args):
 
 def evaluate_run(args):
     """--evaluate: the student in --model-dir, rebuilt as its run recorded it, on its task's test data."""
+    pretrained = args.pretrained  # as given: check_args reads 'none' as None
     check_args(args)
     device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
-    student, checkpoint = load_student(args.model_dir, device)
+    student, checkpoint = load_student(args.model_dir, device, pretrained)
     loader = evaluation_loader(args, checkpoint, student.num_classes, STUDENT_RUN_SETTINGS)
     accuracy = evaluate(student, loader, device, cuda_graph=args.cuda_graph)
     stats = student.stats()
@@ -178,8 +177,8 @@ def evaluate_run(args):
 def main(args):
     if args.export is not None and args.evaluate:
         raise UserError("--evaluate and --export are separate commands: pass one of them")
-    if args.export == '':
-        raise UserError("--export needs the folder to write the tailored network to")
+    if args.export is not None:
+        utils.require_folder(args.export, '--export')
     if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
         raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "
                         "prune it first (--full-model-dir RUN --n-pruning-universal K --model-dir NEW), then pass NEW")
@@ -196,10 +195,11 @@ def main(args):
     teacher = None
     if args.teacher_coeff > 0:
         teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
+    if args.full_model_dir:  # first: its universal weights may have moved (--pretrained names where)
+        full, _ = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
     student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
                              task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:
-        full, _ = load_student(args.full_model_dir, torch.device('cpu'))
         student.backbone.load_state_dict(full.backbone.state_dict())  # the universal weights it was trained on
         student.load_task_pack(full.task_pack(), source=f"the student in {args.full_model_dir}")
         student.prune(args.n_pruning_universal, args.thr_pruning_proxy)

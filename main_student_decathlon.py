@@ -77,7 +77,7 @@ def train_or_evaluate(args):
 
 def write_run_submission(args, run_dir):
     """<run_dir>/submission.json: the run's predictions over its task's test_stripped images."""
-    student, checkpoint = load_student(run_dir, utils.resolve_device(args.device))
+    student, checkpoint = load_student(run_dir, utils.resolve_device(args.device), args.pretrained)
     input_size = checkpoint['args']['input_size']
     dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
                                decathlon_transform(args.task, False, input_size, args.data_dir))
@@ -146,16 +146,21 @@ def summary(args):
 
 
 def export_tasks(args):
-    """--export OUT_DIR: each task's final run (pruned if finished, else the full student) to OUT_DIR/<task>."""
-    results = {}
+    """--export OUT_DIR: each task's final run (pruned if finished, else the full student) to OUT_DIR/<task>,
+    every task's run found before any is exported."""
+    utils.require_folder(args.export, '--export')
+    runs = []
     for task_args in task_runs(args):
         task_dir = os.path.dirname(task_args.model_dir)
         task_args.model_dir = final_run(task_dir)
         if task_args.model_dir is None:
             raise UserError(f"no finished student for {task_args.task} in {task_dir}; train it first")
+        if run_status(os.path.join(task_dir, 'pruned')) == 'unfinished':
+            print(f"{task_args.task}: the pruned run in {task_dir} is unfinished (finish it with --prune --resume); "
+                  "exporting the full student")
         task_args.export = os.path.join(args.export, task_args.task)
-        results[task_args.task] = main_student.export_run(task_args)
-    return results
+        runs.append(task_args)
+    return {task_args.task: main_student.export_run(task_args) for task_args in runs}
 
 
 def main(args):
@@ -173,7 +178,7 @@ def main(args):
                         "not --full-model-dir")
     if args.summary:
         return summary(args)
-    if args.export:
+    if args.export is not None:
         return export_tasks(args)
     args.stage = 'pruned' if args.prune else 'student'
     return run_tasks(args, train_or_evaluate)

@@ -72,8 +72,9 @@ def task_runs(args):
         task_args = copy.copy(args)
         task_args.task = task
         task_args.train_splits = tuple(args.train_splits.split(','))
-        if not (getattr(args, 'prune', False) or args.evaluate):  # a pruned student keeps its full student's crop,
-            task_args.input_size = crop_size(task, args.input_size)  # an evaluated run its own
+        # a pruned student keeps its full student's crop, an evaluated or exported run its own
+        if not (getattr(args, 'prune', False) or args.evaluate or getattr(args, 'export', None) is not None):
+            task_args.input_size = crop_size(task, args.input_size)
         task_args.model_dir = os.path.join(args.model_root, task, args.stage)
         yield task_args
 

@@ -154,7 +154,9 @@ def check_finite(state, source, fix="the run that wrote it diverged; train it ag
 
 
 def require_folder(path, flag):
-    """A flag naming a folder (created when missing) must not name a file."""
+    """A flag naming a folder (created when missing) must name one, and not a file."""
+    if not path:
+        raise UserError(f"{flag} needs the folder to write to")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file: name a folder")
 

@@ -119,6 +119,31 @@ def test_runs_are_finished_and_svhn_is_pruned(decathlon):
 
 
 
+def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path):
+    """--task all --export: every task's final run (svhn pruned, dtd the full student: its pruned run unfinished),
+    rebuilt at the 32 px it was trained at, not the tasks' default crops; the outputs are the students'."""
+    models = tmp_path / 'models'
+    shutil.copytree(decathlon['models'], models)
+    unfinished = torch.load(models / 'dtd' / 'student' / 'checkpoint.pth', weights_only=True)
+    unfinished['finished'] = False
+    os.makedirs(models / 'dtd' / 'pruned')
+    torch.save(unfinished, models / 'dtd' / 'pruned' / 'checkpoint.pth')
+    out, = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                         '--model-root', models, '--export', tmp_path / 'deploy'))
+    assert f"dtd: the pruned run in {models / 'dtd'} is unfinished" in out
+    assert sorted(os.listdir(tmp_path / 'deploy')) == sorted(TASKS)
+    images = torch.randn(3, 3, 32, 32)
+    for task, stage in (('svhn', 'pruned'), ('dtd', 'student')):
+        student, _ = load_student(models / task / stage, 'cpu')
+        program = torch.export.load(str(tmp_path / 'deploy' / task / 'tailored.pt2')).module()
+        with torch.no_grad():
+            expected = student.eval()(images)[0]
+            assert (program(images) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                        '--model-root', models, '--export', '')
+    assert result.returncode == 1 and result.stderr.strip() == 'error: --export needs the folder to write to'
+
+
 def test_evaluate_takes_each_runs_own_crop_and_network(decathlon):
     """The runs trained at 32 px are evaluated at 32 px (not the task's default crop) and reproduce their recorded
     accuracy; an --input-size or --arch unlike the run's is refused."""

@@ -134,7 +134,9 @@ def test_export_writes_the_tailored_network_of_a_run(pipeline, tmp_path):
                            (['--evaluate', '--full-model-dir', pipeline[1]], '--evaluate takes the run in --model-dir'),
                            (['--export', tmp_path / 'out', '--input-size', 64],  # exported at the run's 32
                             f'{pruned} was trained with --input-size 32, not 64: drop those flags (--export rebuilds'),
-                           (['--export', ''], '--export needs the folder to write the tailored network to')):
+                           (['--export', tmp_path / 'out', '--task', 'synth-shapes'],
+                            f'{pruned} was trained with --task synth-digits, not synth-shapes: drop those flags'),
+                           (['--export', ''], '--export needs the folder to write to')):
         with pytest.raises(UserError, match=f'^{re.escape(message)}'):
             main_student.main(main_student.get_args_parser().parse_args(['--model-dir', str(pruned), *map(str, flags)]))
     assert not (tmp_path / 'out').exists()
@@ -201,8 +203,9 @@ def test_unfinished_runs_are_marked_and_not_pruned(pipeline, tmp_path):
     assert not (tmp_path / 'pruned').exists()
 
 
-def test_a_student_refuses_universal_weights_other_than_its_own(pipeline, workdir, tmp_path):
-    """The universal weights come from a file the checkpoint names: a replaced file is caught, not used."""
+def test_a_student_is_rebuilt_on_its_own_universal_weights_wherever_they_are(pipeline, workdir, tmp_path):
+    """The universal weights come from a file the checkpoint names: a replaced file is caught, not used; a moved
+    one is named with --pretrained (--evaluate, --export, retraining), its contents checked."""
     student = pipeline[1]
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
     weights = torch.load(workdir / 'backbone.pth', weights_only=True)
@@ -218,7 +221,19 @@ def test_a_student_refuses_universal_weights_other_than_its_own(pipeline, workdi
     torch.save(weights, tmp_path / 'backbone.pth')
     result = run(*evaluate, expect_ok=False)
     assert_one_line_error(result, f"the universal weights {tmp_path / 'backbone.pth'} are not those",
-                          'was trained on (the file was changed or replaced since): put the original back')
+                          'was trained on (another file, or changed since): give it the file it was trained on')
+    os.remove(tmp_path / 'backbone.pth')  # moved: workdir/backbone.pth holds the same weights
+    result = run(*evaluate, expect_ok=False)
+    assert_one_line_error(result, f"the universal weights {tmp_path / 'backbone.pth'} that {tmp_path / 'run'} was "
+                          'trained on are missing: put them back, or pass --pretrained with the file where it is now')
+    moved = ['--pretrained', workdir / 'backbone.pth']
+    out = run(*evaluate, *moved).stdout
+    assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
+    run('main_student.py', '--model-dir', tmp_path / 'run', '--export', tmp_path / 'deploy', *moved)
+    assert sorted(os.listdir(tmp_path / 'deploy')) == ['tailored.onnx', 'tailored.pt2']
+    run('main_student.py', '--full-model-dir', tmp_path / 'run', '--n-pruning-universal', 1, '--model-dir',
+        tmp_path / 'pruned', '--thr-pruning-proxy', 0, *TINY[4:], '--epochs', 1, '--lr', 0.01, *moved)
+    assert json.load(open(tmp_path / 'pruned' / 'args.json'))['pretrained'] == str(workdir / 'backbone.pth')
 
 
 def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
@@ -274,8 +289,14 @@ def test_pruning_more_universal_blocks_than_exist(pipeline, tmp_path):
     prune = ['--full-model-dir', student, '--n-pruning-universal', 9, '--model-dir', tmp_path / 'run']
     result = run('main_student.py', *prune, '--pretrained', os.path.relpath(recorded, REPO), expect_ok=False)
     assert_one_line_error(result, 'cannot prune 9')  # the same file, named relative to another folder
-    result = run('main_student.py', *prune, '--pretrained', 'imagenet', expect_ok=False)
-    assert_one_line_error(result, f'was trained on universal weights {recorded}, not imagenet: drop --pretrained')
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'other.pth')
+    result = run('main_student.py', *prune, '--pretrained', tmp_path / 'other.pth', expect_ok=False)
+    assert_one_line_error(result, f"the universal weights {tmp_path / 'other.pth'} are not those",
+                          'was trained on (another file, or changed since)')
+    result = run('main_student.py', *prune, '--pretrained', 'none', expect_ok=False)
+    assert_one_line_error(result, f'was trained on the universal weights {recorded}, which it does not hold')
+    assert not (tmp_path / 'run').exists()
 
 
 def test_teacher_checkpoint_missing_mismatched_or_truncated(pipeline, workdir, tmp_path):
@@ -598,7 +619,6 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
     import main_student
     import main_teacher
     teacher, student, _ = pipeline
-    trained_on = json.load(open(student / 'args.json'))['pretrained']
     at_224 = [a if a != '32' else '224' for a in TINY]
     result = run('main_student.py', *at_224, '--model-dir', student, '--evaluate', expect_ok=False)
     assert_one_line_error(result, f'{student} was trained with --input-size 32, not 224: drop those flags')
@@ -606,12 +626,14 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
             (main_student, student, ['--max-skip', 'dense'], '--max-skip 3, not dense'),
             (main_student, student, ['--backbone', 'resnet34'], '--backbone resnet18, not resnet34'),
             (main_student, student, ['--shared-bn-stats'], '--shared-bn-stats False, not True'),
-            (main_student, student, ['--pretrained', 'other.pth'],
-             f"--pretrained {trained_on}, not {os.path.abspath('other.pth')}"),
             (main_teacher, teacher, ['--arch', 'resnet34'], '--arch resnet18, not resnet34')):
         args = script.get_args_parser().parse_args([*TINY, *flags, '--model-dir', str(run_dir), '--evaluate'])
         with pytest.raises(UserError, match=f'^{run_dir} was trained with {setting}: drop those flags'):
             script.main(args)
+    args = main_student.get_args_parser().parse_args([*TINY, '--pretrained', 'other.pth', '--model-dir', str(student),
+                                                      '--evaluate'])  # where the run's weights are now: not there
+    with pytest.raises(UserError, match=f"^--pretrained {re.escape(os.path.abspath('other.pth'))}: no such file$"):
+        main_student.main(args)
     other_task = [a if a != 'synth-digits' else 'synth-textures' for a in TINY]
     no_task = ['--workers', '0', '--device', 'cpu']  # no --task, --input-size or --test-limit: the run's own
     for script, run_dir in (('main_student.py', student), ('main_teacher.py', teacher)):
