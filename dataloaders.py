@@ -399,6 +399,13 @@ def image_transform(task, train, input_size=224):
     return v2.Compose(geometry + _to_normalized_tensor())
 
 
+def evaluation_transform(task, input_size=224):
+    """What `task`'s test images go through before the network (and a deployed network's input must)."""
+    if task in SYNTHETIC_TASKS:
+        return SyntheticAugment(task, False, input_size)
+    return image_transform(task, False, input_size)
+
+
 class SyntheticAugment:
     """Batched transform of uint8 synthetic images (B x 3 x H x W) -> normalised float tensors.
 

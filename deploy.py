@@ -4,9 +4,10 @@
     # deploy/svhn/tailored.pt2:  torch.export.load(path).module()(images) -> logits
     # deploy/svhn/tailored.onnx: onnxruntime.InferenceSession(path).run(None, {'images': images})
 
-A network of a folder task (`--task folder:<name>`) carries its class names, logit i the i-th, as JSON:
-`classes.json` of the .pt2 (`torch.export.load(path, extra_files={'classes.json': ''})`) and the ONNX
-file's metadata `classes` (`InferenceSession(path).get_modelmeta().custom_metadata_map['classes']`).
+Both files carry, as JSON, the preprocessing of the task's test images (`preprocessing_steps`) and, for a
+folder task (`--task folder:<name>`), the class names, logit i the i-th: `preprocessing.json` and
+`classes.json` of the .pt2 (`torch.export.load(path, extra_files={'preprocessing.json': ''})`) and the
+ONNX file's metadata `preprocessing` and `classes` (`InferenceSession(path).get_modelmeta().custom_metadata_map`).
 
 `TailoredNetwork` computes what the student computes in eval mode, reduced to what that needs: the
 surviving paths only, every convolution + BatchNorm pair one convolution (with the task's own statistics
@@ -128,16 +129,42 @@ class TailoredNetwork(nn.Module):
         return self.backbone.forward_head(nodes[-1])
 
 
-def export(student, out_dir, classes=None):
+def preprocessing_steps(transform):
+    """A run's evaluation `transform` as the steps a deployment repeats on an RGB image before the network
+    (JSON-ready, in order): {'resize': [h, w]} (the whole image) or {'resize_shorter_side': s} (bilinear,
+    antialiased), {'center_crop': [h, w]}, {'divide': 255} (8-bit values to [0, 1]) and
+    {'normalize': {'mean': [r, g, b], 'std': [r, g, b]}}."""
+    from torchvision.transforms import v2
+    from dataloaders import SyntheticAugment
+    if isinstance(transform, SyntheticAugment):  # batched, in float
+        mean, std = ([round(v, 6) for v in values.flatten().tolist()] for values in (transform.mean, transform.std))
+        return [{'divide': 255}, {'resize': [transform.input_size] * 2}, {'normalize': {'mean': mean, 'std': std}}]
+    steps = []
+    for step in transform.transforms:
+        if isinstance(step, v2.Resize):
+            steps.append({'resize_shorter_side': step.size[0]} if len(step.size) == 1 else {'resize': list(step.size)})
+        elif isinstance(step, v2.CenterCrop):
+            steps.append({'center_crop': list(step.size)})
+        elif isinstance(step, v2.ToDtype) and step.scale:
+            steps.append({'divide': 255})
+        elif isinstance(step, v2.Normalize):
+            steps.append({'normalize': {'mean': list(step.mean), 'std': list(step.std)}})
+        elif not isinstance(step, (v2.ToImage, v2.ToPureTensor)):
+            raise ValueError(f"no deployment step for the evaluation transform {step}")
+    return steps
+
+
+def export(student, out_dir, metadata=None):
     """Write `out_dir`/tailored.pt2 (torch.export) and `out_dir`/tailored.onnx for `student`'s tailored network,
-    for the CPU, in float32, for any batch size at the student's input size, with the names of its `classes`
-    when given.  Returns the two paths."""
-    return export_network(TailoredNetwork(student), student.input_size, out_dir, 'tailored', classes)
+    for the CPU, in float32, for any batch size at the student's input size, with `metadata` (see
+    `export_network`).  Returns the two paths."""
+    return export_network(TailoredNetwork(student), student.input_size, out_dir, 'tailored', metadata)
 
 
-def export_network(network, input_size, out_dir, name, classes=None):
-    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size, the
-    names of its `classes` (if given) in both: both files new, or (on any failure) neither."""
+def export_network(network, input_size, out_dir, name, metadata=None):
+    """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size (the ONNX
+    dimension 'batch'), each entry of `metadata` (e.g. 'classes', 'preprocessing') as JSON in both: the .pt2's
+    extra file <key>.json and the ONNX metadata <key>.  Both files new, or (on any failure) neither."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
@@ -150,17 +177,17 @@ def export_network(network, input_size, out_dir, name, classes=None):
             raise UserError(f"--export {out_dir}: {path} is a folder; remove it or export elsewhere")
     network = network.cpu().float().eval()
     example = torch.randn(2, 3, input_size, input_size)
-    dynamic = ({0: torch.export.Dim('batch', min=1, max=65536)},)
-    program = torch.export.export(network, (example,), dynamic_shapes=dynamic)
+    program = torch.export.export(network, (example,),
+                                  dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=65536)},))
     onnx_program = torch.onnx.export(program, dynamo=True, input_names=['images'], output_names=['logits'],
-                                     verbose=False)
+                                     dynamic_shapes=({0: 'batch'},), verbose=False)
     extra_files = {}
-    if classes is not None:
-        extra_files['classes.json'] = onnx_program.model.metadata_props['classes'] = json.dumps(list(classes),
-                                                                                            ensure_ascii=False)
+    for key, value in (metadata or {}).items():
+        extra_files[f'{key}.json'] = onnx_program.model.metadata_props[key] = json.dumps(value, ensure_ascii=False)
 
     def write_both(pt2_tmp):  # the .onnx renamed into place once the .pt2 is written, the .pt2 right after
-        torch.export.save(program, pt2_tmp, extra_files=extra_files)
+        with open(pt2_tmp, 'wb') as f:  # a file object: the archive's folder is 'archive', not the temporary name
+            torch.export.save(program, f, extra_files=extra_files)
         utils.atomic_write(paths[1], onnx_program.save, suffix='.onnx')
 
     try:

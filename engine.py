@@ -68,6 +68,15 @@ def build_loaders(args):
     return loaders
 
 
+def run_evaluation_transform(settings):
+    """The transform of the test images of the run whose recorded args are `settings`."""
+    if settings.get('decathlon'):
+        from decathlon_dataloaders import decathlon_transform
+        return decathlon_transform(settings['task'], False, settings['input_size'], settings['data_dir'])
+    from dataloaders import evaluation_transform
+    return evaluation_transform(settings['task'], settings['input_size'])
+
+
 def check_classes(recorded, classes, args, network='the network', fix='pass the --data-dir it was trained on'):
     """A folder task's data in args.data_dir must hold the `classes` `network` recorded (None: nothing recorded,
     or another task): other folders would number the classes otherwise, silently."""

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 import utils
 from backbones import num_blocks
-from deploy import export
+from deploy import export, preprocessing_steps
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student,
-                    load_teacher, make_optimizer, param_groups, prepare_run_dir, run_state, unfinished_note,
-                    universal_fingerprint, use_cuda_graph)
+                    load_teacher, make_optimizer, param_groups, prepare_run_dir, run_evaluation_transform, run_state,
+                    unfinished_note, universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -151,7 +151,11 @@ def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
     student, checkpoint = load_student(args.model_dir, torch.device('cpu'), args.pretrained)
     check_recorded_settings(args, checkpoint['args'], ('task', *STUDENT_RUN_SETTINGS), '--export')
-    paths = export(student, args.export, checkpoint['args'].get('classes'))
+    saved = checkpoint['args']
+    metadata = {'preprocessing': preprocessing_steps(run_evaluation_transform(saved))}
+    if saved.get('classes') is not None:
+        metadata['classes'] = saved['classes']
+    paths = export(student, args.export, metadata)
     stats = student.stats()
     print(format_stats(stats))
     print(f"tailored network of {args.model_dir} ({stats['flops'] / stats['flops_full']:.2f} of the full "

@@ -13,10 +13,12 @@ import torch
 from jupyter_client.kernelspec import find_kernel_specs
 from nbclient import NotebookClient
 
+import deploy
 import utils
 from torch.utils.data import DataLoader
 
-from decathlon_dataloaders import CATEGORY_BASE, DecathlonDataset, annotation_path, decathlon_transform
+from decathlon_dataloaders import (CATEGORY_BASE, MEAN_STD, DecathlonDataset, annotation_path, decathlon_transform,
+                                   task_mean_std)
 from engine import checkpoint_path, evaluate, load_student
 
 from scripts import run_script
@@ -135,7 +137,12 @@ def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path)
     images = torch.randn(3, 3, 32, 32)
     for task, stage in (('svhn', 'pruned'), ('dtd', 'student')):
         student, _ = load_student(models / task / stage, 'cpu')
-        program = torch.export.load(str(tmp_path / 'deploy' / task / 'tailored.pt2')).module()
+        extra = {'preprocessing.json': ''}
+        program = torch.export.load(str(tmp_path / 'deploy' / task / 'tailored.pt2'), extra_files=extra).module()
+        steps = json.loads(extra['preprocessing.json'])  # at the run's crop, with the miniature's own mean and std
+        assert steps == deploy.preprocessing_steps(decathlon_transform(task, False, 32, decathlon['data']))
+        assert steps[-1]['normalize']['mean'] == list(task_mean_std(task, decathlon['data'])[0]) != list(
+            MEAN_STD[task][0])
         with torch.no_grad():
             expected = student.eval()(images)[0]
             assert (program(images) - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import deploy
 from nettailor import create_student
@@ -132,3 +133,47 @@ def test_a_failed_export_leaves_the_previous_pair_untouched(tmp_path, monkeypatc
     with pytest.raises(UserError, match=f'^--export {out / "tailored.pt2"} is a file: name a folder$'):
         deploy.export(student, str(out / 'tailored.pt2'))
     assert (out / 'tailored.pt2').read_bytes() == b'old pt2'
+
+
+def apply_preprocessing(steps, image):
+    """The steps of `deploy.preprocessing_steps` done by hand on a uint8 3 x H x W image, as a deployment would."""
+    x = image
+    for step in steps:
+        (name, value), = step.items()
+        if name in ('resize', 'resize_shorter_side'):
+            height, width = x.shape[-2:]
+            if name == 'resize_shorter_side':  # the longer side scaled alike, truncated (torchvision's rule)
+                value = ([value, int(value * width / height)] if height <= width
+                         else [int(value * height / width), value])
+            resized = F.interpolate(x[None].float(), size=value, mode='bilinear', antialias=True, align_corners=False)[0]
+            x = resized.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else resized
+        elif name == 'center_crop':
+            top, left = (round((size - crop) / 2) for size, crop in zip(x.shape[-2:], value))
+            x = x[:, top:top + value[0], left:left + value[1]]
+        elif name == 'divide':
+            x = x.float() / value
+        else:
+            mean, std = (torch.tensor(value[key]).view(3, 1, 1) for key in ('mean', 'std'))
+            x = (x - mean) / std
+    return x
+
+
+@pytest.mark.parametrize('task, input_size', [('svhn', 32), ('flowers', 40), ('voc12', 32), ('folder:pets', 48),
+                                              ('synth-digits', 40), ('decathlon svhn', 32), ('decathlon dtd', 72),
+                                              ('decathlon aircraft', 64)])
+def test_exported_preprocessing_reproduces_the_evaluation_transform(task, input_size):
+    """The preprocessing a tailored network carries, done by hand, gives the input its run was evaluated on."""
+    from dataloaders import evaluation_transform
+    from decathlon_dataloaders import decathlon_transform
+    if task.startswith('decathlon '):
+        transform = decathlon_transform(task.split()[1], False, input_size)
+    else:
+        transform = evaluation_transform(task, input_size)
+    steps = json.loads(json.dumps(deploy.preprocessing_steps(transform)))  # as read back from the files
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 50, 61), dtype=torch.uint8)  # neither square nor at the input size
+    expected = transform(image)
+    assert expected.shape == (3, input_size, input_size)
+    by_hand = apply_preprocessing(steps, image)
+    assert by_hand.shape == expected.shape
+    assert (by_hand - expected).abs().max() < 0.02  # at most one 8-bit level of resampling rounding

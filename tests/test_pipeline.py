@@ -352,11 +352,14 @@ def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
     assert f"student {tmp_path / 'student'}: top-1 accuracy" in out and 'on folder:pets' in out
     assert torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=False)['model']['meta']['num_classes'] == 3
     run('main_student.py', '--model-dir', tmp_path / 'student', '--export', tmp_path / 'deploy')
-    classes = {'classes.json': ''}  # the exported network names its classes, logit i the i-th
-    torch.export.load(str(tmp_path / 'deploy' / 'tailored.pt2'), extra_files=classes)
+    extra = {'classes.json': '', 'preprocessing.json': ''}  # the network names its classes, logit i the i-th,
+    torch.export.load(str(tmp_path / 'deploy' / 'tailored.pt2'), extra_files=extra)  # and its input's preprocessing
     onnx_meta = onnxruntime.InferenceSession(str(tmp_path / 'deploy' / 'tailored.onnx')).get_modelmeta()
-    assert json.loads(classes['classes.json']) == json.loads(onnx_meta.custom_metadata_map['classes']) == [
+    assert json.loads(extra['classes.json']) == json.loads(onnx_meta.custom_metadata_map['classes']) == [
         'cat', 'dog', 'eel']
+    assert json.loads(extra['preprocessing.json']) == json.loads(onnx_meta.custom_metadata_map['preprocessing']) == [
+        {'resize_shorter_side': 36}, {'center_crop': [32, 32]}, {'divide': 255},
+        {'normalize': {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}}]
     result = run('main_teacher.py', *common, '--arch', 'resnet18', '--model-dir', tmp_path / 'other', '--task',
                  'folder:other', expect_ok=False)
     assert_one_line_error(result, f"folder:other: {tmp_path / 'data' / 'other' / 'train'} is missing; put the images")
