@@ -548,13 +548,16 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
         return (SyntheticLoader(train_set, batch_size, train_augment, sampler, generator, drop_last),
                 SyntheticLoader(test_set, eval_batch_size or batch_size, test_augment, test_share), num_classes)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=drop_last, **loader_options(workers))
+                              drop_last=drop_last, **loader_options(workers, training=True))
     test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, sampler=test_share,
                              **loader_options(workers))
     return train_loader, test_loader, num_classes
 
 
-def loader_options(workers):
-    """DataLoader settings for image files: `workers` processes kept from epoch to epoch, and batches in pinned
-    memory when there is a GPU, so that `.to(device, non_blocking=True)` copies them asynchronously."""
-    return dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+def loader_options(workers, training=False):
+    """DataLoader settings for image files: `workers` processes, and batches in pinned memory when there is a
+    GPU, so that `.to(device, non_blocking=True)` copies them asynchronously.  The processes are kept from epoch to
+    epoch, except a training loader's: started each epoch, they are seeded from the loader's generator, which
+    checkpoints hold, so that a resumed run draws the crops and flips an uninterrupted one draws."""
+    return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                persistent_workers=workers > 0 and not training)

@@ -315,7 +315,7 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
         eval_set = Subset(eval_set, range(min(test_limit, len(eval_set))))
     sampler, generator, drop_last = training_sampler(len(train_set), batch_size, seed, rank, world_size)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=drop_last, **loader_options(workers))
+                              drop_last=drop_last, **loader_options(workers, training=True))
     eval_loader = DataLoader(eval_set, batch_size=batch_size, sampler=range(rank, len(eval_set), world_size),
                              **loader_options(workers))
     return train_loader, eval_loader, num_classes

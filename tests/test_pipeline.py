@@ -439,6 +439,27 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
     assert [json.loads(line)['epoch'] for line in open(interrupted / 'metrics.jsonl')] == [0, 1, 2]
 
 
+def test_resume_with_loader_processes_matches_uninterrupted_run(workdir, tmp_path):
+    """Image files read by --workers processes, which draw the random crops and flips: a run resumed after its
+    first epoch ends where an uninterrupted one does (the processes started anew each epoch, seeded from the
+    checkpointed loader generator; kept from epoch to epoch, they went on from a state no checkpoint holds)."""
+    write_image_folder(tmp_path / 'data', splits={'train': {'cat': 6, 'dog': 6, 'eel': 6},
+                                                  'val': {'cat': 2, 'dog': 2, 'eel': 2}})
+    common = ['--task', 'folder:pets', '--data-dir', tmp_path / 'data', '--input-size', 32, '--workers', 2,
+              '--batch-size', 6, '--device', 'cpu', '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+              '--lr', 0.01, '--seed', 3]
+    run('main_teacher.py', *common, '--epochs', 3, '--model-dir', tmp_path / 'straight')
+    run('main_teacher.py', *common, '--epochs', 1, '--model-dir', tmp_path / 'resumed')
+    checkpoint = torch.load(tmp_path / 'resumed' / 'checkpoint.pth', weights_only=False)
+    checkpoint['finished'] = False  # as if killed after its first epoch (the step schedule ignores --epochs)
+    torch.save(checkpoint, tmp_path / 'resumed' / 'checkpoint.pth')
+    run('main_teacher.py', *common, '--epochs', 3, '--model-dir', tmp_path / 'resumed', '--resume')
+    straight = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']
+    resumed = torch.load(tmp_path / 'resumed' / 'checkpoint.pth', weights_only=True)['model']
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
 def test_student_resume_restores_the_tasks_batchnorm_statistics(pipeline, workdir, tmp_path):
     """A killed student run, resumed, ends bit-exact where an uninterrupted one does, the universal blocks'
     task statistics included."""
