@@ -71,8 +71,9 @@ def get_args_parser(add_help=True):
                         "instead of the task's own, which the released code learns on the target data; "
                         "when retraining, that of --full-model-dir")
     parser.add_argument('--classifier-init', default='teacher', choices=['teacher', 'fresh'],
-                        help="the student's classifier starts as the teacher's (default) or fresh, as in the "
-                        "released code (docs/differences.md)")
+                        help="the student's classifier starts as the teacher's (default, whenever --teacher-fn is "
+                        "given, with --teacher-coeff 0 too) or fresh, as in the released code (docs/differences.md; "
+                        "recorded fresh without a teacher)")
     parser.add_argument('--export', default=None, metavar='OUT_DIR',
                         help='write the trained student in --model-dir as a plain network for deployment: '
                         'OUT_DIR/tailored.pt2 (torch.export) and OUT_DIR/tailored.onnx (deploy.py)')
@@ -141,6 +142,8 @@ def check_student_args(args):
     if args.teacher_coeff > 0 and not args.teacher_fn:
         raise UserError("--teacher-coeff > 0 needs the teacher's checkpoint: pass --teacher-fn "
                         "(or --teacher-coeff 0 to train without distillation)")
+    if not (args.teacher_fn or args.full_model_dir):  # no teacher to start the classifier from (recorded so)
+        args.classifier_init = 'fresh'
 
 
 # what --evaluate and --export rebuild as the run recorded it (--pretrained names where its universal weights are)
@@ -196,8 +199,10 @@ def main(args):
     existing = check_run_dir(args)
     utils.seed_everything(args.seed)
     train_loader, test_loader, num_classes = build_loaders(args)
+    distill = args.teacher_coeff > 0
+    teacher_classifier = args.classifier_init == 'teacher' and not args.full_model_dir
     teacher = None
-    if args.teacher_coeff > 0:
+    if distill or teacher_classifier:  # also without distillation (gamma2 0), for a like-for-like ablation
         teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
     if args.full_model_dir:  # first: its universal weights may have moved (--pretrained names where)
         full, _ = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
@@ -207,9 +212,10 @@ def main(args):
         student.backbone.load_state_dict(full.backbone.state_dict())  # the universal weights it was trained on
         student.load_task_pack(full.task_pack(), source=f"the student in {args.full_model_dir}")
         student.prune(args.n_pruning_universal, args.thr_pruning_proxy)
-    elif teacher is not None and args.classifier_init == 'teacher':
+    elif teacher_classifier:
         for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
             mine.load_state_dict(theirs.state_dict())
+    teacher = teacher if distill else None
     fingerprint = universal_fingerprint(student)  # once: the universal weights stay frozen
     student.to(device)
     resume_from = prepare_run_dir(args, existing)
@@ -225,8 +231,6 @@ def main(args):
                     f"proxies below {args.thr_pruning_proxy}\n{format_stats(student.stats())}")
     optimizer, scheduler = make_optimizer(param_groups(student, args.weight_decay), args, len(train_loader))
     precision = MixedPrecision(device, args.amp)
-
-    distill = teacher is not None
 
     def loss_fn(images, labels):
         logits, outputs = student(images, distill=distill)

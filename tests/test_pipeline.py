@@ -515,6 +515,26 @@ def test_shared_statistics_and_fresh_classifier_on_request(pipeline, workdir, tm
     assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
 
 
+def test_a_student_without_distillation_still_starts_from_the_teachers_classifier(pipeline, workdir, tmp_path):
+    """gamma2 0 with a teacher (the teacher ablation's other arm): the classifier starts as the teacher's, so
+    that distillation is the only difference; without a teacher it starts fresh, and the run records so."""
+    teacher = pipeline[0]
+    common = [*TINY, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 1,
+              '--teacher-coeff', 0, '--lr', '1e-9']
+    run('main_student.py', *common, '--teacher-fn', teacher / 'checkpoint.pth', '--model-dir', tmp_path / 'with')
+    run('main_student.py', *common, '--model-dir', tmp_path / 'without')
+    teacher_fc = torch.load(teacher / 'checkpoint.pth', weights_only=True)['model']['fc.weight']
+    for name, from_teacher in (('with', True), ('without', False)):
+        fc = torch.load(tmp_path / name / 'checkpoint.pth', weights_only=True)['model']['state']['backbone.fc.weight']
+        assert torch.allclose(fc, teacher_fc, atol=1e-6) == from_teacher, name  # barely trained
+        recorded = json.load(open(tmp_path / name / 'args.json'))['classifier_init']
+        assert recorded == ('teacher' if from_teacher else 'fresh'), name
+    result = run('main_student.py', *common, '--teacher-fn', tmp_path / 'missing', '--model-dir', tmp_path / 'bad',
+                 expect_ok=False)
+    assert_one_line_error(result, f"teacher checkpoint not found: {tmp_path / 'missing'}")
+    assert not (tmp_path / 'bad').exists()
+
+
 def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_path, capsys):
     import demo
     tiny = dict(batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)
