@@ -64,9 +64,13 @@ def stage_args(parser_fn, task, model_dir, demo_args, flags):
 def run_stage(name, script, task, model_dir, demo_args, flags, logger):
     """Run `script` (main_teacher or main_student) with the recipe's `flags` into `model_dir`, unless a finished run
     there was trained with the same settings (then it is reused; --force reruns it).  A finished run trained
-    otherwise is refused, not passed off as this recipe's."""
+    otherwise is refused, not passed off as this recipe's; an interrupted one is resumed."""
     args = stage_args(script.get_args_parser, task, model_dir, demo_args, flags)
-    if run_status(model_dir) == 'finished' and not args.force:
+    status = run_status(model_dir)
+    if status == 'unfinished' and not args.force:  # --resume refuses it if trained otherwise
+        logger.info(f"[{name}] unfinished run in {model_dir}: resumed (--force starts it again)")
+        args.resume = True
+    if status == 'finished' and not args.force:
         differences = finished_run_differences(model_dir, {'input_size': args.input_size, 'seed': args.seed, **flags})
         if differences:
             raise utils.UserError(f"{model_dir} holds a finished run trained with {'; '.join(differences)}: pass "

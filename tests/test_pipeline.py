@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 
+import utils
 from utils import UserError
 
 from scripts import run_script
@@ -561,6 +562,27 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     with pytest.raises(UserError, match='teacher holds a finished run trained with --seed 0, not 1; --arch resnet18, '
                                         'not resnet34: pass --force'):
         demo.run_demo('synth-digits', recipe, args)
+
+
+def test_an_interrupted_demo_stage_is_resumed_when_run_again(workdir, tmp_path):
+    """The demos and experiments.py rerun as they were started: a stage interrupted after its first epoch goes on
+    from there (it was refused, and their --force would have rerun every finished stage as well)."""
+    import demo
+    import main_teacher
+    args = demo.get_args_parser('synth-digits', model_root=str(tmp_path), arch='resnet18', input_size=32,
+                                pretrained=str(workdir / 'backbone.pth')).parse_args(['--workers', '0',
+                                                                                     '--device', 'cpu'])
+    flags = dict(arch='resnet18', batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)
+    logger = utils.setup_logging()
+    demo.run_stage('teacher', main_teacher, 'synth-digits', str(tmp_path / 'teacher'), args, flags, logger)
+    checkpoint = torch.load(tmp_path / 'teacher' / 'checkpoint.pth', weights_only=False)
+    checkpoint['finished'] = False  # as if interrupted after epoch 1 of 2
+    torch.save(checkpoint, tmp_path / 'teacher' / 'checkpoint.pth')
+    demo.run_stage('teacher', main_teacher, 'synth-digits', str(tmp_path / 'teacher'), args, dict(flags, epochs=2),
+                   logger)
+    resumed = torch.load(tmp_path / 'teacher' / 'checkpoint.pth', weights_only=True)
+    assert resumed['finished'] and resumed['epoch'] == 1
+    assert [json.loads(line)['epoch'] for line in open(tmp_path / 'teacher' / 'metrics.jsonl')] == [0, 1]
 
 
 @pytest.mark.parametrize('tolerance', [1000.0, -1000.0])
