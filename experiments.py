@@ -295,11 +295,13 @@ def complete_args(args):
         raise UserError(f"every --k must be at least 1, got {args.k[-1]}")
     if not 0 <= args.tolerance < math.inf:
         raise UserError(f"--tolerance must be a non-negative number, got {args.tolerance}")
+    if args.input_size is not None and args.input_size <= 0:
+        raise UserError(f"--input-size must be positive, got {args.input_size}")
     if args.command != 'difficulty':
         args.task = args.task or 'synth-digits'
-        if args.task not in demo.RECIPES and args.task not in SYNTHETIC_TASKS:
-            raise UserError(f"no recipe for task {args.task!r}: choose "
-                            f"{', '.join([*demo.RECIPES, *SYNTHETIC_TASKS])}")
+        targets = [*demo.RECIPES, *(task for task in SYNTHETIC_TASKS if task != 'synth-source')]
+        if args.task not in targets:  # synth-source trains the universal blocks: no target task
+            raise UserError(f"no recipe for task {args.task!r}: choose {', '.join(targets)}")
         args.arch = args.arch or (demo_synthetic.ARCH if args.task in SYNTHETIC_TASKS else 'resnet34')
     if args.pretrained is not None and (args.command == 'difficulty' or args.task in SYNTHETIC_TASKS):
         raise UserError("--pretrained is for the real tasks: the synthetic ones use the offline source backbone "

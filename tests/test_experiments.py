@@ -116,6 +116,8 @@ def test_experiments_refuse_what_cannot_run(roots):
     (['max-skip', '--k', 2, '--max-skip', 2, 'all'],
      r"^--max-skip must be an integer in \[1, 8\] or 'dense', got 'all'$"),
     (['ksweep', '--k', 2, '--pretrained', 'imagenet'], '^--pretrained is for the real tasks'),
+    (['ksweep', '--k', 2, '--input-size', 0], '^--input-size must be positive, got 0$'),
+    (['ksweep', '--k', 2, '--task', 'synth-source'], "^no recipe for task 'synth-source': choose svhn"),
 ])
 def test_experiments_refuse_ignored_flags_and_impossible_settings_before_training(roots, tmp_path, flags, message):
     """Each of these used to be ignored silently or found only after the teacher (and students) had trained."""
