@@ -549,15 +549,28 @@ def load_student(model_dir, device, pretrained=None):
     return student.to(device), checkpoint
 
 
-def universal_fingerprint(student):
-    """SHA-256 of the universal blocks' frozen parameters (not their BatchNorm statistics, buffers that may be
-    the task's): names the universal weights a student was trained on."""
+def fingerprint(named_tensors):
+    """SHA-256 of (name, tensor) pairs: names the weights a run was trained with."""
     digest = hashlib.sha256()
-    for name, tensor in student.backbone.named_parameters():
-        if not name.startswith(student.backbone.head_prefixes):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for name, tensor in named_tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def universal_fingerprint(student):
+    """The `fingerprint` of the universal blocks' frozen parameters (not their BatchNorm statistics, buffers that
+    may be the task's): names the universal weights a student was trained on."""
+    return fingerprint((name, tensor) for name, tensor in student.backbone.named_parameters()
+                       if not name.startswith(student.backbone.head_prefixes))
+
+
+def check_teacher(teacher_fn, teacher_checkpoint, recorded, trained, fix):
+    """The teacher in `teacher_checkpoint` must be the one whose `fingerprint` a run recorded (None: none
+    recorded): a teacher file replaced since (retrained with --force, say) would silently change what the
+    student imitates.  `trained` names what it trained, `fix` says what to do."""
+    if recorded is not None and recorded != fingerprint(teacher_checkpoint['model'].items()):
+        raise UserError(f"the teacher {teacher_fn} is not the one {trained} was trained with (replaced since): {fix}")
 
 
 def run_state(student, pretrained, fingerprint):

@@ -28,9 +28,9 @@ from backbones import num_blocks
 from deploy import export, preprocessing_steps
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
-                    check_run_dir, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit, load_student,
-                    load_teacher, make_optimizer, param_groups, prepare_run_dir, run_evaluation_transform, run_state,
-                    unfinished_note, universal_fingerprint, use_cuda_graph)
+                    check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader,
+                    fingerprint, fit, load_student, load_teacher, make_optimizer, param_groups, prepare_run_dir,
+                    run_evaluation_transform, run_state, unfinished_note, universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -81,7 +81,9 @@ def get_args_parser(add_help=True):
 
 
 def check_student_args(args):
-    full_args = {}
+    """Complete and check a student's training settings (retraining: from the full student).  Returns the teacher
+    fingerprint the full student recorded when retraining takes its teacher, else None."""
+    full_args, full = {}, {}
     if args.full_model_dir:
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
         if not isinstance(full.get('args'), dict) or 'meta' not in (full.get('model') or {}):
@@ -119,6 +121,7 @@ def check_student_args(args):
         args.shared_bn_stats = full_shared
     args.shared_bn_stats = bool(args.shared_bn_stats)
     from_full_student('teacher_coeff', 10.0)
+    inherited_teacher = full.get('teacher_sha256') if args.teacher_fn is None else None
     from_full_student('teacher_fn', None)
     if args.teacher_fn:
         args.teacher_fn = os.path.abspath(args.teacher_fn)  # recorded so that retraining finds it from anywhere
@@ -144,6 +147,7 @@ def check_student_args(args):
                         "(or --teacher-coeff 0 to train without distillation)")
     if not (args.teacher_fn or args.full_model_dir):  # no teacher to start the classifier from (recorded so)
         args.classifier_init = 'fresh'
+    return inherited_teacher
 
 
 # what --evaluate and --export rebuild as the run recorded it (--pretrained names where its universal weights are)
@@ -193,7 +197,7 @@ def main(args):
         return export_run(args)
     if args.evaluate:
         return evaluate_run(args)
-    check_student_args(args)
+    full_students_teacher = check_student_args(args)
     device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
     existing = check_run_dir(args)
@@ -203,7 +207,13 @@ def main(args):
     teacher_classifier = args.classifier_init == 'teacher' and not args.full_model_dir
     teacher = None
     if distill or teacher_classifier:  # also without distillation (gamma2 0), for a like-for-like ablation
-        teacher, _ = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
+        teacher, teacher_checkpoint = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
+    if distill:
+        check_teacher(args.teacher_fn, teacher_checkpoint, full_students_teacher,
+                      f"the student in {args.full_model_dir}",
+                      f"pass --teacher-fn {args.teacher_fn} to retrain with it as it is now")
+        check_teacher(args.teacher_fn, teacher_checkpoint, existing.get('teacher_sha256') if args.resume else None,
+                      args.model_dir, "put it back, or start the run again with --force")
     if args.full_model_dir:  # first: its universal weights may have moved (--pretrained names where)
         full, _ = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
     student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
@@ -216,7 +226,7 @@ def main(args):
         for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
             mine.load_state_dict(theirs.state_dict())
     teacher = teacher if distill else None
-    fingerprint = universal_fingerprint(student)  # once: the universal weights stay frozen
+    universal_sha256 = universal_fingerprint(student)  # once: the universal weights stay frozen
     student.to(device)
     resume_from = prepare_run_dir(args, existing)
     if resume_from is not None:
@@ -247,8 +257,10 @@ def main(args):
         return loss, metrics
 
     train_step = TrainStep(student, loss_fn, optimizer, precision, args.cuda_graph)
+    teacher_sha256 = fingerprint(teacher_checkpoint['model'].items()) if distill else None
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
-                   lambda: run_state(student, args.pretrained, fingerprint), resume_from, logger, precision)
+                   lambda: run_state(student, args.pretrained, universal_sha256), resume_from, logger, precision,
+                   extra_checkpoint={'teacher_sha256': teacher_sha256})
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     if utils.is_main_process():

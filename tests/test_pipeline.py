@@ -1,8 +1,10 @@
 """The training scripts as a user runs them: teacher, student, prune + retrain, evaluate, bad input, resume."""
 import argparse
+import copy
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -534,6 +536,42 @@ def test_a_student_without_distillation_still_starts_from_the_teachers_classifie
                  expect_ok=False)
     assert_one_line_error(result, f"teacher checkpoint not found: {tmp_path / 'missing'}")
     assert not (tmp_path / 'bad').exists()
+
+
+def test_a_replaced_teacher_is_refused_by_resume_and_by_retraining_that_takes_it(pipeline, workdir, tmp_path):
+    """A student records the fingerprint of the teacher it imitates: resumed, or pruned and retrained with the
+    teacher it names, on a teacher file replaced since (retrained with --force, say), it would silently imitate
+    another network."""
+    teacher = tmp_path / 'teacher' / 'checkpoint.pth'
+    os.makedirs(teacher.parent)
+    shutil.copy(pipeline[0] / 'checkpoint.pth', teacher)
+    common = [*TINY, '--lr', 0.01, '--teacher-coeff', 1]
+    run('main_student.py', *common, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+        '--teacher-fn', teacher, '--epochs', 1, '--model-dir', tmp_path / 'student')
+    checkpoint = torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=False)
+    original = torch.load(teacher, weights_only=False)
+    replaced = copy.deepcopy(original)
+    replaced['model']['layer4.1.conv2.weight'][0, 0, 0, 0] += 1e-3
+    torch.save(replaced, teacher)
+    retrain = ['--full-model-dir', tmp_path / 'student', '--n-pruning-universal', 1, '--thr-pruning-proxy', 0,
+               '--epochs', 1, '--model-dir', tmp_path / 'pruned', *common]
+    result = run('main_student.py', *retrain, expect_ok=False)
+    assert_one_line_error(result, f"the teacher {teacher} is not the one the student in {tmp_path / 'student'} was "
+                          f"trained with (replaced since): pass --teacher-fn {teacher} to retrain with it as it is now")
+    assert not (tmp_path / 'pruned').exists()
+    run('main_student.py', *retrain, '--teacher-fn', teacher)  # named: the user's choice
+    checkpoint['finished'] = False  # as if interrupted after epoch 1 of 2
+    torch.save(checkpoint, tmp_path / 'student' / 'checkpoint.pth')
+    args_before = (tmp_path / 'student' / 'args.json').read_bytes()
+    resume = [*common, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--teacher-fn', teacher,
+              '--epochs', 2, '--model-dir', tmp_path / 'student', '--resume']
+    result = run('main_student.py', *resume, expect_ok=False)
+    assert_one_line_error(result, f"the teacher {teacher} is not the one {tmp_path / 'student'} was trained with "
+                          "(replaced since): put it back, or start the run again with --force")
+    assert (tmp_path / 'student' / 'args.json').read_bytes() == args_before
+    torch.save(original, teacher)
+    run('main_student.py', *resume)
+    assert torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=True)['finished']
 
 
 def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_path, capsys):
