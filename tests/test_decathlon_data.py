@@ -134,14 +134,17 @@ def test_dataloaders_train_on_union_and_are_seeded(decathlon):
         get_decathlon_dataloaders('svhn', decathlon, train_splits=('test_stripped',), workers=0)
 
 
-def test_dataloader_workers_live_across_epochs(decathlon):
-    for loader in get_decathlon_dataloaders('svhn', decathlon, batch_size=4, workers=1, seed=0)[:2]:
-        assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+def test_evaluation_workers_live_across_epochs_training_ones_start_each_epoch(decathlon):
+    """Kept, the training loader's processes would go on drawing augmentations from a state no checkpoint holds
+    (a resumed run would differ from an uninterrupted one); the evaluation loader's draw nothing."""
+    train_loader, eval_loader, _ = get_decathlon_dataloaders('svhn', decathlon, batch_size=4, workers=1, seed=0)
+    for loader, kept in ((train_loader, False), (eval_loader, True)):
+        assert loader.persistent_workers == kept and loader.pin_memory == torch.cuda.is_available()
         workers = []
         for epoch in range(2):
             assert sum(len(labels) for _, labels in loader) > 0
             workers.append(loader._iterator)
-        assert workers[0] is not None and workers[1] is workers[0]  # the second epoch's workers were the first's
+        assert (workers[0] is not None and workers[1] is workers[0]) == kept
 
 
 def step_types(transform):
