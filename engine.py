@@ -433,6 +433,8 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
     if resume_from is not None:
         optimizer.load_state_dict(resume_from['optimizer'])
         scheduler.load_state_dict(resume_from['scheduler'])
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group['lr'] = base_lr * factor(scheduler.last_epoch)  # the schedule of this run's --epochs, grown or not
         if resume_from.get('scaler'):  # empty without --amp
             precision.scaler.load_state_dict(resume_from['scaler'])
         utils.set_rng_state(resume_from['rng'])

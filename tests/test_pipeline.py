@@ -463,6 +463,20 @@ def test_resume_with_loader_processes_matches_uninterrupted_run(workdir, tmp_pat
         assert torch.equal(value, resumed[key]), key
 
 
+def test_resume_with_more_epochs_follows_the_longer_cosine_schedule(workdir, tmp_path):
+    """--epochs grown on --resume: the resumed epochs follow the schedule of the new length from their first step
+    (the optimizer held the old schedule's last learning rate, 0 for a cosine, for that step)."""
+    args = [*TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--lr', 0.01, '--lr-schedule',
+            'cosine', '--model-dir', tmp_path / 'run']
+    run('main_teacher.py', *args, '--epochs', 1)
+    checkpoint = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=False)
+    checkpoint['finished'] = False
+    torch.save(checkpoint, tmp_path / 'run' / 'checkpoint.pth')
+    run('main_teacher.py', *args, '--epochs', 3, '--resume')
+    lrs = [json.loads(line)['lr'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+    assert lrs[0] == 0.01 and lrs[1:] == pytest.approx([0.01 * 0.75, 0.01 * 0.25])  # cos decay at 1/3 and 2/3
+
+
 def test_student_resume_restores_the_tasks_batchnorm_statistics(pipeline, workdir, tmp_path):
     """A killed student run, resumed, ends bit-exact where an uninterrupted one does, the universal blocks'
     task statistics included."""
