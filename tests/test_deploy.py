@@ -76,6 +76,8 @@ else:
 images, expected = torch.load('io.pt')
 program = torch.export.load('out/tailored.pt2').module()
 session = onnxruntime.InferenceSession('out/tailored.onnx', providers=['CPUExecutionProvider'])
+assert [(v.name, v.shape) for v in (*session.get_inputs(), *session.get_outputs())] == [
+    ('images', ['batch', 3, 32, 32]), ('logits', ['batch', expected.shape[1]])], 'inputs and outputs, by name'
 errors = {}
 for batch in (1, len(images)):
     x = images[:batch]
