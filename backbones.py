@@ -37,7 +37,7 @@ def load_backbone_weights(model, pretrained):
     state = {k.removeprefix('module.'): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     expected = [k for k in own if not k.startswith(classifier)]
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith('num_batches_tracked')]  # pre-0.4.1 files
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in expected if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:

@@ -208,6 +208,23 @@ def test_convert_released_command_converts_a_file_or_a_folder_of_tasks(tmp_path)
                                                       'a folder')]
 
 
+def test_released_files_without_batchnorm_counters_give_the_same_logits(tmp_path):
+    """Files written before PyTorch 0.4.1 hold no BatchNorm num_batches_tracked (evaluation never reads it)."""
+    def without_counters(state):
+        return {key: value for key, value in state.items() if not key.endswith('num_batches_tracked')}
+    checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
+    checkpoint['state_dict'] = without_counters(checkpoint['state_dict'])
+    universal_file = tmp_path / 'wide_resnet26.pth.tar'
+    state = without_counters(released_fixture_universal(universal_file))
+    torch.save({'state_dict': state}, universal_file)
+    universal = create_teacher('wide_resnet26', state['linear.weight'].shape[0], pretrained=str(universal_file))
+    student = student_on_universal(universal.eval(), pack_from_released(checkpoint), input_size=64).eval()
+    expected = torch.load(os.path.join(FIXTURE, 'expected.pt'), weights_only=True)
+    with torch.no_grad():
+        logits = student(expected['input'])[0]
+    assert torch.allclose(logits, expected['logits'], rtol=1e-5, atol=1e-5 * expected['logits'].abs().max())
+
+
 def test_incomplete_released_checkpoint_is_refused(tmp_path):
     checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
     del checkpoint['state_dict']['layers.4.proxies.2.bn.running_var']
