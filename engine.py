@@ -198,7 +198,7 @@ def prepare_run_dir(args, existing):
             if name.startswith('.tmp-'):
                 os.remove(os.path.join(args.model_dir, name))
         if existing is None or args.force:  # nothing of the overwritten run stays beside the new one
-            for name in ('checkpoint.pth', 'metrics.jsonl', 'log.txt', 'architecture.png'):
+            for name in ('checkpoint.pth', 'metrics.jsonl', 'log.txt', 'architecture.png', 'submission.json'):
                 if os.path.exists(os.path.join(args.model_dir, name)):
                     os.remove(os.path.join(args.model_dir, name))
         utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',

@@ -140,7 +140,8 @@ def summary(args):
     else:
         lacking = [row[0] for row, path in zip(rows, submissions) if path is None]
         lines.append(f"{results} not written: {', '.join(lacking)} "
-                     f"{'lacks its' if len(lacking) == 1 else 'lack their'} submission.json (--write-submission)")
+                     f"{'lacks its' if len(lacking) == 1 else 'lack their'} submission.json (--write-submission)"
+                     + ("; the one there is an earlier summary's" if os.path.exists(results) else ''))
     print('\n'.join(lines))
     return {'score': total, 'points': points, 'accuracies': accuracies, 'table': '\n'.join(lines)}
 

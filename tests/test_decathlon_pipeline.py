@@ -304,11 +304,16 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     models = tmp_path / 'models'
     shutil.copytree(decathlon['models'], models)
     (models / 'dtd' / 'student' / 'submission.json').unlink()
+    summary = ('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'], '--model-root', models,
+               '--summary')
+    out = run_commands(summary)[0]
+    assert (f"{models / 'results.json'} not written: dtd lacks its submission.json (--write-submission); the one "
+            "there is an earlier summary's") in out
     (models / 'results.json').unlink()
-    out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
-                        '--model-root', models, '--summary'))[0]
+    out = run_commands(summary)[0]
     assert 'submission for the evaluation server' not in out and not (models / 'results.json').exists()
-    assert f"{models / 'results.json'} not written: dtd lacks its submission.json (--write-submission)" in out
+    assert out.splitlines()[-1] == (f"{models / 'results.json'} not written: dtd lacks its submission.json "
+                                    "(--write-submission)")
     out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                         '--model-root', models, '--summary', '--write-submission'))[0]
     assert f"submission for the evaluation server: {models / 'results.json'}" in out

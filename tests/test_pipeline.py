@@ -177,6 +177,7 @@ def test_a_forced_run_leaves_nothing_of_the_run_it_overwrites(workdir, tmp_path)
     args = [*TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--model-dir', tmp_path / 'run',
             '--epochs', 1, '--train-limit', 32]
     run('main_teacher.py', *args)
+    (tmp_path / 'run' / 'submission.json').write_text('[]')  # a decathlon run's predictions (--write-submission)
     result = run('main_teacher.py', *args, '--force', '--lr', 1e40, expect_ok=False)  # diverges in its first epoch
     assert_one_line_error(result, 'training diverged')
     assert sorted(os.listdir(tmp_path / 'run')) == ['.lock', 'args.json']  # no finished run beside the new flags
