@@ -30,11 +30,6 @@ DEFAULT_OUTPUT = os.path.join(HERE, 'wide_resnet26.pth.tar')
 DEFAULT_MODELS_DIR = os.path.join(HERE, 'decathlon_models')
 
 
-def check_reachable(url, flag, destination):
-    utils.check_reachable(url, f"downloading the released models needs internet access; pass {flag} for another "
-                               f"location or copy the file to {destination}")
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--url', default=WIDE_RESNET26_URL,
@@ -47,10 +42,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def download(url, path, flag, check=None):
+def check_reachable(url, flag, by_hand):
+    utils.check_reachable(url, f"downloading the released models needs internet access; pass {flag} for another "
+                               f"location or {by_hand}")
+
+
+def download(url, path, flag, by_hand, check=None):
     """`url` saved as `path`, through a partial file renamed when complete (and accepted by `check`, which raises
-    a UserError for what is not the expected file)."""
-    check_reachable(url, flag, path)
+    a UserError for what is not the expected file); offline, the error says to pass `flag` or do `by_hand`."""
+    check_reachable(url, flag, by_hand)
     folder, filename = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, filename + '.part')
@@ -81,7 +81,7 @@ def fetch_universal(args):
         except UserError as error:
             raise UserError(f"{args.url} did not return a PyTorch checkpoint ({error}); pass --url for another "
                             "location") from None
-    download(args.url, args.output, '--url', check)
+    download(args.url, args.output, '--url', f"copy the file to {args.output}", check)
     print(f'saved {args.output}')
 
 
@@ -98,13 +98,14 @@ def fetch_task_models(args):
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix='.decathlon_models-') as scratch:
         archive = os.path.join(scratch, os.path.basename(args.models_url.split('?')[0]) or 'decathlon_models.tar.gz')
-        download(args.models_url, archive, '--models-url')
+        download(args.models_url, archive, '--models-url',
+                 f"unpack {os.path.basename(args.models_url.split('?')[0])} into {args.models_dir}")
         unpacked = os.path.join(scratch, 'unpacked')
         try:
             extract_archive(archive, unpacked, remove_finished=True)
         except Exception as error:
-            raise UserError(f"{args.models_url} is not a readable archive ({error}); pass --models-url for "
-                            "another location") from error
+            raise UserError(f"{args.models_url} is not a readable archive ({utils.error_reason(error)}); pass "
+                            "--models-url for another location") from error
         entries = os.listdir(unpacked)
         root = os.path.join(unpacked, entries[0]) if len(entries) == 1 and os.path.isdir(
             os.path.join(unpacked, entries[0])) else unpacked

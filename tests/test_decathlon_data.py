@@ -461,7 +461,8 @@ def test_download_models_fails_fast_and_clearly_offline(tmp_path):
         downloader.main(['--url', closed_local_url('w.pth.tar'), '--output', str(output), '--models-dir', str(models)])
     assert not output.exists()
     output.write_bytes(b'weights')  # the universal blocks are there, the task-specific ones are not
-    with pytest.raises(UserError, match='^cannot reach 127.0.0.1 .*--models-url'):
+    with pytest.raises(UserError, match=f'^cannot reach 127.0.0.1 .*--models-url for another location or unpack '
+                                        f'm.tar.gz into {models}$'):  # not the temporary file it would be saved as
         downloader.main(['--output', str(output), '--models-url', closed_local_url('m.tar.gz'),
                          '--models-dir', str(models)])
     assert sorted(os.listdir(tmp_path)) == ['wide_resnet26.pth.tar']  # nothing half-written left behind
@@ -564,7 +565,7 @@ def test_download_models_skips_what_exists_and_fetches_what_is_missing(tmp_path,
         else:
             torch.save({'state_dict': {}}, os.path.join(folder, filename))
 
-    monkeypatch.setattr(downloader, 'check_reachable', lambda url, flag, destination: None)
+    monkeypatch.setattr(downloader, 'check_reachable', lambda url, flag, by_hand: None)
     monkeypatch.setattr(downloader, 'download_url', fake_download)
     with pytest.raises(UserError, match=r'https://example.org/moved.html did not return a PyTorch checkpoint .*'
                                         r'not a PyTorch file\); pass --url'):
@@ -577,6 +578,11 @@ def test_download_models_skips_what_exists_and_fetches_what_is_missing(tmp_path,
         downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar', '--models-dir',
                          str(tmp_path / 'afile')])
     (tmp_path / 'afile').unlink()
+    with pytest.raises(UserError, match=r'^https://example.org/moved.html is not a readable archive \(.+\); pass '
+                                        r'--models-url for another location$'):  # the reason's first line, one line
+        downloader.main(['--output', str(output), '--models-dir', str(models), '--models-url',
+                         'https://example.org/moved.html'])
+    assert sorted(os.listdir(tmp_path)) == ['decathlon_models', 'wide_resnet26.pth.tar'] and not os.listdir(models)
     output.unlink()
     fetched.clear()
     downloader.main(['--output', str(output), '--url', 'https://example.org/w.pth.tar', '--models-dir', str(models),
