@@ -12,6 +12,7 @@ import pytest
 import torch
 from jupyter_client.kernelspec import find_kernel_specs
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 import deploy
 import utils
@@ -273,6 +274,27 @@ def test_notebook_reports_storage_switch_time_and_accuracy(decathlon, executed_n
     drawn = [cell.source for cell in cells if cell.cell_type == 'code'
              if any('image/png' in output.get('data', {}) for output in cell.outputs)]
     assert len(drawn) == 2 and 'plot_architecture(stats, ax=ax, name=task)' in drawn[0]  # architectures, samples
+
+
+def test_notebook_refuses_universal_weights_and_models_of_another_task(decathlon, tmp_path):
+    """A run is evaluated on the universal weights it was trained on (its fingerprint, whatever the file's name), a
+    released checkpoint only on a task of its class count: else the accuracies shown are of another network."""
+    from test_wide import FIXTURE
+    other = torch.load(decathlon['universal'], weights_only=True)
+    tensors = other.get('state_dict', other)
+    tensors['layers.3.conv1.weight'][0, 0, 0, 0] += 1e-3
+    torch.save(other, tmp_path / 'other.pth.tar')
+    with pytest.raises(CellExecutionError, match=re.escape(
+            f"the universal weights {tmp_path / 'other.pth.tar'} are not those {decathlon['models'] / 'dtd'}")):
+        execute_notebook(tmp_path / 'jupyter', data_dir=decathlon['data'], model_root=decathlon['models'],
+                         universal=tmp_path / 'other.pth.tar')
+    released = tmp_path / 'decathlon_models'
+    (released / 'dtd').mkdir(parents=True)  # the fixture is a 10-class model
+    shutil.copy(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), released / 'dtd' / 'checkpoint.pth.tar')
+    with pytest.raises(CellExecutionError, match=re.escape(
+            f"{released / 'dtd' / 'checkpoint.pth.tar'} predicts 10 classes, the dtd annotations in")):
+        execute_notebook(tmp_path / 'jupyter', released=released, universal=tmp_path / 'other.pth.tar',
+                         data_dir=decathlon['data'])
 
 
 def test_notebook_deploys_the_released_models(decathlon, tmp_path):
