@@ -478,9 +478,11 @@ class NetTailor(nn.Module):
         reads_nothing = alive & ~node_computed[self.path_source.clamp(min=0)]
         if not node_computed[-1] or reads_nothing.any():
             l, j = reads_nothing.nonzero()[0].tolist() if node_computed[-1] else (len(alive) - 1, None)
-            where = (f"prunes every path of layer {l}" if j is None else f"keeps path {j} of layer {l}, which reads "
-                     f"the output of layer {int(self.path_source[l, j]) - 1}, whose paths are all pruned")
-            raise UserError(f"{source} {where}: no network to run")
+            where = (f"prunes every path of layer {l}: no network to run" if j is None else
+                     f"keeps path {j} of layer {l}, which reads the output of layer {int(self.path_source[l, j]) - 1}, "
+                     "whose paths are all pruned: a path that never runs, which this implementation does not "
+                     "represent (docs/differences.md)")
+            raise UserError(f"{source} {where}")
         utils.check_finite(state, source, fix="the run that wrote it diverged, or the file is damaged")
         self.load_state_dict(state, strict=False)
         self._refresh_alive_paths()

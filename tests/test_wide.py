@@ -242,7 +242,8 @@ def test_incomplete_released_checkpoint_is_refused(tmp_path):
     checkpoint['keep_flags'][5] = [False] * len(checkpoint['keep_flags'][5])
     torch.save(checkpoint, path)
     with pytest.raises(UserError, match=f'^{path} keeps path 0 of layer 6, which reads the output of layer 5, '
-                                        'whose paths are all pruned: no network to run$'):
+                                        r'whose paths are all pruned: a path that never runs, which this '
+                                        r'implementation does not represent \(docs/differences.md\)$'):
         wide_nettailor.load_released_pack(str(path))
     checkpoint = torch.load(os.path.join(FIXTURE, 'task', 'checkpoint.pth.tar'), weights_only=True)
     checkpoint['state_dict']['layers.2.proxies.0.conv.weight'] = torch.zeros(3, 3, 1, 1)
