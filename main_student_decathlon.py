@@ -97,14 +97,22 @@ def final_run(task_dir):
     return None
 
 
+def required_final_run(task, task_dir):
+    """`final_run`, or a one-line refusal that says what to do."""
+    run_dir = final_run(task_dir)
+    if run_dir is None and run_status(os.path.join(task_dir, 'student')) == 'unfinished':
+        raise UserError(f"the {task} student in {task_dir} is unfinished: finish it with --task {task} --resume")
+    if run_dir is None:
+        raise UserError(f"no finished student for {task} in {task_dir}; train it first")
+    return run_dir
+
+
 def summary(args):
     """Per-task table (teacher and NetTailor accuracy on val, task parameters, FLOPs, blocks) and the score."""
     rows, accuracies, submissions = [], {}, []
     for task_args in task_runs(args):
         task_dir = os.path.dirname(task_args.model_dir)
-        run_dir = final_run(task_dir)
-        if run_dir is None:
-            raise UserError(f"no finished student for {task_args.task} in {task_dir}; train it first")
+        run_dir = required_final_run(task_args.task, task_dir)
         student, checkpoint = load_student(run_dir, 'cpu')
         stats = student.stats()
         teacher_path = checkpoint_path(os.path.join(task_dir, 'teacher'))
@@ -153,9 +161,7 @@ def export_tasks(args):
     runs = []
     for task_args in task_runs(args):
         task_dir = os.path.dirname(task_args.model_dir)
-        task_args.model_dir = final_run(task_dir)
-        if task_args.model_dir is None:
-            raise UserError(f"no finished student for {task_args.task} in {task_dir}; train it first")
+        task_args.model_dir = required_final_run(task_args.task, task_dir)
         if run_status(os.path.join(task_dir, 'pruned')) == 'unfinished':
             print(f"{task_args.task}: the pruned run in {task_dir} is unfinished (finish it with --prune --resume); "
                   "exporting the full student")

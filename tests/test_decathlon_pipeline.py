@@ -150,6 +150,14 @@ def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path)
     result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                         '--model-root', models, '--export', '')
     assert result.returncode == 1 and result.stderr.strip() == 'error: --export needs the folder to write to'
+    shutil.rmtree(models / 'dtd' / 'pruned')
+    torch.save(unfinished, models / 'dtd' / 'student' / 'checkpoint.pth')  # only an interrupted student left
+    for command in ('--export', '--summary'):
+        result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                            '--model-root', models, command, *([tmp_path / 'deploy2'] if command == '--export' else []))
+        assert result.returncode == 1 and result.stderr.strip() == (
+            f"error: the dtd student in {models / 'dtd'} is unfinished: finish it with --task dtd --resume")
+    assert not (tmp_path / 'deploy2').exists()
 
 
 def test_evaluate_takes_each_runs_own_crop_and_network(decathlon):
