@@ -145,10 +145,10 @@ def run_status(model_dir):
 
 
 # settings that name files or steer the process rather than define what a run trains (and a folder task's class
-# names, which no flag gives: build_loaders checks them against the data)
+# names, which no flag gives: build_loaders checks them against the data; the process count, check_resumable's)
 NOT_TRAINING_SETTINGS = ('model_dir', 'model_root', 'data_dir', 'teacher_fn', 'full_model_dir', 'pretrained', 'device',
                          'workers', 'cuda_graph', 'resume', 'force', 'log2file', 'evaluate', 'export', 'summary',
-                         'write_submission', 'classes')
+                         'write_submission', 'classes', 'processes')
 
 
 def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
@@ -168,6 +168,7 @@ def finished_run_differences(model_dir, wanted):
 def check_run_dir(args):
     """The run already in --model-dir (or None), refused unless --force, or --resume of that same run with
     epochs still to go.  Writes nothing: scripts call it before building anything."""
+    args.processes = getattr(args, 'processes', None) or utils.world_size()  # recorded (submit.py sets its jobs')
     path = checkpoint_path(args.model_dir)
     existing = utils.load_checkpoint(path) if os.path.exists(path) else None
     if existing is not None and not (args.force or args.resume):
@@ -184,16 +185,18 @@ def check_run_dir(args):
     return existing
 
 
-def prepare_run_dir(args, existing):
-    """Create the run directory and record args.json there; `existing` is what `check_run_dir` returned.
+def prepare_run_dir(args):
+    """Create the run directory and record args.json there, once `check_run_dir` has passed it again with the
+    directory locked (another process may have written a run there since it was first read).
 
     Returns the checkpoint to resume from (or None).  Under torchrun the main process writes, the others wait."""
     if not utils.is_main_process():
         utils.barrier()
-        return existing if args.resume else None
+        return check_run_dir(args) if args.resume else None  # what the main process resumes from
     try:
         os.makedirs(args.model_dir, exist_ok=True)
         utils.lock_run_dir(args.model_dir)
+        existing = check_run_dir(args)
         for name in os.listdir(args.model_dir):  # left by a save that was killed
             if name.startswith('.tmp-'):
                 os.remove(os.path.join(args.model_dir, name))
@@ -229,6 +232,11 @@ def check_resumable(args, existing):
     if differences:
         raise UserError(f"--resume: the run in {args.model_dir} was trained with {differences[0]}; resume it with "
                         "its own flags (its args.json), or pass --force to start it again")
+    processes = existing['args'].get('processes')  # --batch-size is per process: another count trains otherwise
+    if processes is not None and processes != args.processes:
+        how = 'as one process (no torchrun)' if processes == 1 else f'with torchrun --nproc-per-node {processes}'
+        raise UserError(f"--resume: the run in {args.model_dir} was trained by {processes} process(es), not "
+                        f"{args.processes}: resume it {how}")
     if args.epochs <= existing['epoch'] + 1:
         raise UserError(f"--resume: the run in {args.model_dir} already went through epoch {existing['epoch'] + 1}; "
                         f"pass --epochs above {existing['epoch'] + 1} to continue it")
@@ -486,6 +494,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         except OSError as error:  # a full disk, a vanished folder: the previous checkpoint is intact
             raise UserError(f"cannot save the checkpoint of epoch {epoch} in {args.model_dir}: "
                             f"{error.strerror or error}; the previous checkpoint is kept") from None
+    utils.barrier()  # under torchrun: what runs next in any process reads the run as saved
     return accuracy
 
 

@@ -228,7 +228,7 @@ def main(args):
     teacher = teacher if distill else None
     universal_sha256 = universal_fingerprint(student)  # once: the universal weights stay frozen
     student.to(device)
-    resume_from = prepare_run_dir(args, existing)
+    resume_from = prepare_run_dir(args)
     if resume_from is not None:
         attach_run_state(student, resume_from['model'], checkpoint_path(args.model_dir), args.pretrained)
     logger = utils.setup_logging(args.model_dir, args.log2file)

@@ -70,7 +70,7 @@ def train_or_evaluate(args):
     """main_student.main for one task."""
     complete_task_args(args)
     result = main_student.main(args)
-    if args.write_submission:
+    if args.write_submission and utils.is_main_process():
         write_run_submission(args, args.model_dir)
     return result
 
@@ -87,6 +87,11 @@ def write_run_submission(args, run_dir):
     loader = DataLoader(dataset, batch_size=args.batch_size, **loader_options(args.workers))
     write_submission(submission_entries(predict(student, loader, next(student.parameters()).device), dataset),
                      os.path.join(run_dir, 'submission.json'))
+
+
+def set_stage(args):
+    """The run a student command trains or evaluates: <task>/pruned with --prune, else <task>/student."""
+    args.stage = 'pruned' if args.prune else 'student'
 
 
 def final_run(task_dir):
@@ -187,7 +192,7 @@ def main(args):
         return summary(args)
     if args.export is not None:
         return export_tasks(args)
-    args.stage = 'pruned' if args.prune else 'student'
+    set_stage(args)
     return run_tasks(args, train_or_evaluate)
 
 

@@ -85,7 +85,7 @@ def main(args):
     model = create_teacher(args.arch, num_classes, args.pretrained)
     check_input_size(model, args.input_size)
     model.to(device)
-    resume_from = prepare_run_dir(args, existing)
+    resume_from = prepare_run_dir(args)
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
     logger = utils.setup_logging(args.model_dir, args.log2file)

@@ -134,7 +134,7 @@ def parse_script_flags(script, argv, namespace=None):
     return parser.parse_known_args(argv, namespace)
 
 
-def check_job(job):
+def check_job(job, processes):
     """Refuse, before anything is submitted, a job that would fail or pass a run off as another: flags its script
     does not take, cannot parse or would not train with; a finished run trained otherwise (`trained_otherwise`);
     for a run to train, whatever its script would refuse (`check_script_args`)."""
@@ -147,6 +147,7 @@ def check_job(job):
             raise UserError(f"flags after --: --{name} trains no run, and submit.py submits runs to train: run "
                             f"python {job.script}.py --{name} directly")
     if run_status(job.run_dir) != 'finished':
+        args.processes = processes  # what check_run_dir records, and compares for a job to resume
         check_script_args(job, args)
         return
     differences = trained_otherwise(job)
@@ -169,6 +170,7 @@ def check_script_args(job, args):
         return
     default_teacher = False
     if job.script == 'main_student_decathlon':
+        main_student_decathlon.set_stage(args)
         [args] = task_runs(args)
         default_teacher = args.teacher_fn is None
         main_student_decathlon.complete_task_args(args)
@@ -232,10 +234,19 @@ def summary(args, jobs):
     return table
 
 
+def job_processes(args):
+    """The processes of each job (torchrun's --nproc-per-node): --processes-per-job, else one per GPU, or one."""
+    return args.processes_per_job or max(args.gpus_per_job, 1)
+
+
 def make_executor(args):
     import submitit
-    executor = submitit.AutoExecutor(folder=args.log_dir, cluster='local' if args.local else None)
-    tasks = args.processes_per_job or max(args.gpus_per_job, 1)
+    try:
+        executor = submitit.AutoExecutor(folder=args.log_dir, cluster='local' if args.local else 'slurm')
+    except RuntimeError as error:  # no srun: not a SLURM cluster (without --local it used to run the jobs here)
+        raise UserError(f"no SLURM here ({utils.error_reason(error)}): pass --local to run the jobs on this "
+                        "machine") from None
+    tasks = job_processes(args)
     setup = [f'export PYTHONPATH={REPO}:$PYTHONPATH']  # the jobs import this repository's modules
     parameters = dict(timeout_min=args.timeout_min, gpus_per_node=args.gpus_per_job, tasks_per_node=tasks,
                       cpus_per_task=args.cpus_per_task, nodes=1, name=f'nettailor-{args.command}',
@@ -302,7 +313,7 @@ def main(args, script_flags):
             raise UserError(f"{'--tasks' if args.command == 'decathlon' else '--k'} repeats a value: two jobs would "
                             f"write {job.run_dir}; give each value once")
     for job in jobs:
-        check_job(job)
+        check_job(job, job_processes(args))
     pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
     for job in jobs:
         if job not in pending:

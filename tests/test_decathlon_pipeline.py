@@ -352,6 +352,19 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     assert {entry['category_id'] // 10000000 for entry in entries} == {4, 8}  # dtd and svhn
 
 
+def test_submit_checks_a_pruning_job_against_the_run_it_writes(decathlon, tmp_path):
+    """submit.py decathlon --stage pruned (the README's example) checked its jobs as if they wrote <task>/student,
+    which a finished student holds, and so refused every one."""
+    import submit
+    args = submit.get_args_parser().parse_args([
+        '--local', '--log-dir', str(tmp_path / 'jobs'), 'decathlon', '--stage', 'pruned', '--tasks', 'dtd',
+        '--data-dir', str(decathlon['data']), '--model-root', str(decathlon['models'])])
+    [job] = submit.decathlon_jobs(args, ['--n-pruning-universal', '1', '--thr-pruning-proxy', '0'])
+    assert job.run_dir == os.path.join(decathlon['models'], 'dtd', 'pruned')
+    submit.check_job(job, 1)
+    assert not (decathlon['models'] / 'dtd' / 'pruned').exists() and not (tmp_path / 'jobs').exists()
+
+
 def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_path):
     import main_student_decathlon
     import main_teacher_decathlon

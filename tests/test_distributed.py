@@ -206,6 +206,10 @@ def test_torchrun_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(wo
         os.kill(pid, signal.SIGKILL)
     process.communicate()
     assert torch.load(checkpoint, weights_only=False)['epoch'] < 2
+    result = run_script('main_teacher.py', *args, '--model-dir', tmp_path / 'killed', '--resume')  # one process
+    assert result.returncode == 1 and result.stderr.strip() == (  # --batch-size is per process: not the same run
+        f"error: --resume: the run in {tmp_path / 'killed'} was trained by 2 process(es), not 1: resume it with "
+        "torchrun --nproc-per-node 2")
     finished(torchrun(2, 'main_teacher.py', *args, '--model-dir', tmp_path / 'killed', '--resume'))
     whole, resumed = task_state(tmp_path / 'whole'), task_state(tmp_path / 'killed')
     for name in whole:

@@ -185,6 +185,21 @@ def test_a_forced_run_leaves_nothing_of_the_run_it_overwrites(workdir, tmp_path)
     assert_one_line_error(result, 'teacher checkpoint not found')
 
 
+def test_a_run_written_while_another_starts_is_not_overwritten(pipeline, tmp_path):
+    """Two jobs on one run directory: the second read it empty, and by the time it held the lock the first had
+    finished there; the second deleted that finished run without --force.  Under the lock it reads it again."""
+    import engine
+    import main_teacher
+    args = main_teacher.get_args_parser().parse_args([*map(str, TINY), '--model-dir', str(tmp_path / 'run')])
+    assert engine.check_run_dir(args) is None  # empty when this job read it
+    os.makedirs(tmp_path / 'run')
+    shutil.copy(pipeline[0] / 'checkpoint.pth', tmp_path / 'run' / 'checkpoint.pth')  # then another job finished
+    with pytest.raises(UserError, match=f"^{tmp_path / 'run'} already holds a finished run; pass --force"):
+        engine.prepare_run_dir(args)
+    assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['finished']
+    assert not (tmp_path / 'run' / 'args.json').exists()
+
+
 def test_unfinished_runs_are_marked_and_not_pruned(pipeline, tmp_path):
     teacher, student, _ = pipeline
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)

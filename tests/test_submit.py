@@ -152,6 +152,18 @@ def test_decathlon_stages_need_their_runs(tmp_path):
             r"^--epochs must be positive, got -1$")
 
 
+def test_without_slurm_and_without_local_nothing_runs_here(student, tmp_path):
+    """submitit falls back to local processes when it finds no SLURM: the jobs ran on the login machine, their
+    --partition ignored."""
+    args = submit.get_args_parser().parse_args(['--no-wait', '--partition', 'gpu', '--log-dir', str(tmp_path / 'jobs'),
+                                                'sweep', '--full-model-dir', str(student), '--model-root',
+                                                str(tmp_path / 'runs'), '--k', '1'])
+    with pytest.raises(UserError, match=r'^no SLURM here \(Could not detect "srun".*\): pass --local to run the jobs '
+                                        r'on this machine$'):
+        submit.main(args, ['--thr-pruning-proxy', '0'])
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_sweep_k_and_full_model_dir_are_checked(student, tmp_path):
     sweep = ['sweep', '--full-model-dir', student, '--model-root', tmp_path / 'runs', '--k']
     for k in (0, -2):
