@@ -81,13 +81,15 @@ def task_runs(args):
 
 def run_tasks(args, main):
     """`main` on every task; a dict task -> its result.  With --task all, finished runs are skipped
-    (--force reruns them)."""
+    (--force reruns them), and --resume continues the interrupted one and starts those not begun."""
     results = {}
     for task_args in task_runs(args):
-        if (args.task == 'all' and not (args.force or args.evaluate)
-                and run_status(task_args.model_dir) == 'finished'):
+        status = run_status(task_args.model_dir)
+        if args.task == 'all' and not (args.force or args.evaluate) and status == 'finished':
             print(f"{task_args.task}: finished run in {task_args.model_dir}, skipped (--force reruns it)")
             continue
+        if args.task == 'all' and args.resume and status is None:
+            task_args.resume = False
         results[task_args.task] = main(task_args)
     return results
 

@@ -352,6 +352,23 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     assert {entry['category_id'] // 10000000 for entry in entries} == {4, 8}  # dtd and svhn
 
 
+def test_task_all_resume_continues_the_interrupted_task_and_starts_the_others(decathlon, tmp_path):
+    """An interrupted --task all: rerun with --resume, it resumed the interrupted task, then stopped at the first
+    task not begun ('no checkpoint to resume from')."""
+    models = tmp_path / 'models'
+    shutil.copytree(decathlon['models'], models)
+    checkpoint = torch.load(models / 'svhn' / 'student' / 'checkpoint.pth', weights_only=False)
+    checkpoint['finished'] = False
+    checkpoint['args']['teacher_fn'] = str(models / 'svhn' / 'teacher' / 'checkpoint.pth')  # as if trained here
+    torch.save(checkpoint, models / 'svhn' / 'student' / 'checkpoint.pth')
+    shutil.rmtree(models / 'dtd' / 'student')  # not begun
+    run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'], '--model-root', models,
+                  '--pretrained', decathlon['universal'], *TRAIN[2:], '--epochs', '2', '--resume'))
+    svhn, dtd = (torch.load(models / task / 'student' / 'checkpoint.pth', weights_only=False) for task in ('svhn', 'dtd'))
+    assert svhn['finished'] and dtd['finished'] and svhn['epoch'] == dtd['epoch'] == 1
+    assert [json.loads(line)['epoch'] for line in open(models / 'svhn' / 'student' / 'metrics.jsonl')] == [0, 1]
+
+
 def test_submit_checks_a_pruning_job_against_the_run_it_writes(decathlon, tmp_path):
     """submit.py decathlon --stage pruned (the README's example) checked its jobs as if they wrote <task>/student,
     which a finished student holds, and so refused every one."""
