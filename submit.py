@@ -32,6 +32,7 @@ from dataloaders import task_classes
 from engine import (check_args, check_classes, check_run_dir, checkpoint_path, finished_run_differences, load_teacher,
                     run_status)
 from main_teacher_decathlon import task_runs
+from nettailor import create_student
 from utils import UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -184,11 +185,17 @@ def check_script_args(job, args):
     if args.teacher_coeff > 0:
         load_teacher(args.teacher_fn, 'cpu', arch=args.backbone, task=args.task)
     if args.full_model_dir:
-        alive = utils.load_checkpoint(checkpoint_path(args.full_model_dir))['model']['state']['path_alive']
-        left = int(alive[:, 0].sum())
+        full = utils.load_checkpoint(checkpoint_path(args.full_model_dir))
+        saved, pack = full['args'], full['model']
+        left = int(pack['state']['path_alive'][:, 0].sum())
         if args.n_pruning_universal > left:
             raise UserError(f"cannot prune {args.n_pruning_universal} universal blocks of the student in "
                             f"{args.full_model_dir}: it has {left} left; prune at most {left}")
+        # its pruning, on random universal weights: it reads only the gates and the mask
+        mask = create_student(saved['backbone'], pack['meta']['num_classes'], saved['max_skip'], None,
+                              saved['input_size'], task_bn_stats=pack['meta'].get('task_bn_stats', False))
+        mask.load_task_pack(pack, source=f"the student in {args.full_model_dir}")
+        mask.prune(args.n_pruning_universal, args.thr_pruning_proxy)  # refuses one that disconnects the network
     check_run_dir(args)
 
 

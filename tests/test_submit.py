@@ -100,7 +100,8 @@ def test_failed_jobs_are_reported_in_one_line(student, tmp_path):
         submit.main(args, ['--device', 'cpu', '--bogus-flag'])
     assert not os.path.exists(tmp_path / 'jobs')
     with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k1 .*fewer than 2 images"):
-        submit.main(args, ['--device', 'cpu', '--workers', '0', '--train-limit', '1'])  # a failure inside the job
+        submit.main(args, ['--device', 'cpu', '--workers', '0', '--train-limit', '1', '--thr-pruning-proxy', '0'])
+        # a failure inside the job
 
 
 def test_submit_flags_are_checked(tmp_path):
@@ -171,7 +172,7 @@ def test_sweep_k_and_full_model_dir_are_checked(student, tmp_path):
                 r"blocks \(to retrain with proxies pruned only, run main_student.py --n-pruning-universal 0\)$")
     refused(tmp_path, [*sweep, 2, 3, 2], [], r"^--k repeats a value: two jobs would write .*runs/pruned-k2; give "
             r"each value once$")
-    refused(tmp_path, [*sweep, 2, 9], [], r"^cannot prune 9 universal blocks of the student in .*student: it has 8 "
+    refused(tmp_path, [*sweep, 2, 9], ['--thr-pruning-proxy', 0], r"^cannot prune 9 universal blocks of the student in .*student: it has 8 "
             r"left; prune at most 8$")
     teacher = not_a_student(tmp_path / 'teacher')
     refused(tmp_path, ['sweep', '--full-model-dir', teacher, '--k', 1], [], r"teacher/checkpoint.pth is not a student "
@@ -182,6 +183,8 @@ def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
     sweep = ['sweep', '--full-model-dir', student, '--model-root', tmp_path / 'runs', '--k', 1]
     refused(tmp_path, sweep, ['--epochs', -1], r"^--epochs must be positive, got -1$")
     refused(tmp_path, sweep, ['--thr-pruning-proxy', 1], r"^--thr-pruning-proxy must be in \[0, 1\), got 1.0$")
+    refused(tmp_path, sweep, ['--thr-pruning-proxy', 0.9], r"^pruning 1 universal blocks and proxies below 0.9 leaves "
+            r"no path from the input to the classifier; prune less$")  # found by the job once it ran
     refused(tmp_path, sweep, ['--backbone', 'resnet34'], r"was trained with --backbone resnet18, not resnet34: drop "
             r"--backbone$")
     refused(tmp_path, sweep, ['--evaluate'], r"^flags after --: --evaluate trains no run, and submit.py submits runs "
@@ -193,7 +196,7 @@ def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
     unfinished['finished'] = False  # job would resume it
     os.makedirs(tmp_path / 'runs' / 'pruned-k1')
     torch.save(unfinished, checkpoint_path(tmp_path / 'runs' / 'pruned-k1'))
-    refused(tmp_path, sweep, [], r"^--resume: the run in .*pruned-k1 was trained with --")
+    refused(tmp_path, sweep, ['--thr-pruning-proxy', 0], r"^--resume: the run in .*pruned-k1 was trained with --")
     distilled = torch.load(checkpoint_path(student), weights_only=False)  # a student whose teacher has moved:
     distilled['args'].update(teacher_coeff=2.0, teacher_fn=str(tmp_path / 'moved' / 'checkpoint.pth'))
     os.makedirs(tmp_path / 'distilled')  # its retraining distils from it too
