@@ -576,11 +576,11 @@ def universal_fingerprint(student):
                        if not name.startswith(student.backbone.head_prefixes))
 
 
-def check_teacher(teacher_fn, teacher_checkpoint, recorded, trained, fix):
-    """The teacher in `teacher_checkpoint` must be the one whose `fingerprint` a run recorded (None: none
-    recorded): a teacher file replaced since (retrained with --force, say) would silently change what the
-    student imitates.  `trained` names what it trained, `fix` says what to do."""
-    if recorded is not None and recorded != fingerprint(teacher_checkpoint['model'].items()):
+def check_teacher(teacher_fn, teacher_sha256, recorded, trained, fix):
+    """The teacher in `teacher_fn` (its weights' `fingerprint`: `teacher_sha256`) must be the one a run recorded
+    (None: none recorded): a teacher file replaced since (retrained with --force, say) would silently change what
+    the student imitates.  `trained` names what it trained, `fix` says what to do."""
+    if recorded is not None and recorded != teacher_sha256:
         raise UserError(f"the teacher {teacher_fn} is not the one {trained} was trained with (replaced since): {fix}")
 
 

@@ -157,8 +157,8 @@ STUDENT_RUN_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats')
 def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
     student, checkpoint = load_student(args.model_dir, torch.device('cpu'), args.pretrained)
-    check_recorded_settings(args, checkpoint['args'], ('task', *STUDENT_RUN_SETTINGS), '--export')
     saved = checkpoint['args']
+    check_recorded_settings(args, saved, ('task', *STUDENT_RUN_SETTINGS), '--export')
     metadata = {'preprocessing': preprocessing_steps(run_evaluation_transform(saved))}
     if saved.get('classes') is not None:
         metadata['classes'] = saved['classes']
@@ -208,11 +208,11 @@ def main(args):
     teacher = None
     if distill or teacher_classifier:  # also without distillation (gamma2 0), for a like-for-like ablation
         teacher, teacher_checkpoint = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
+    teacher_sha256 = fingerprint(teacher_checkpoint['model'].items()) if distill else None  # recorded with the run
     if distill:
-        check_teacher(args.teacher_fn, teacher_checkpoint, full_students_teacher,
-                      f"the student in {args.full_model_dir}",
+        check_teacher(args.teacher_fn, teacher_sha256, full_students_teacher, f"the student in {args.full_model_dir}",
                       f"pass --teacher-fn {args.teacher_fn} to retrain with it as it is now")
-        check_teacher(args.teacher_fn, teacher_checkpoint, existing.get('teacher_sha256') if args.resume else None,
+        check_teacher(args.teacher_fn, teacher_sha256, existing.get('teacher_sha256') if args.resume else None,
                       args.model_dir, "put it back, or start the run again with --force")
     if args.full_model_dir:  # first: its universal weights may have moved (--pretrained names where)
         full, _ = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
@@ -257,7 +257,6 @@ def main(args):
         return loss, metrics
 
     train_step = TrainStep(student, loss_fn, optimizer, precision, args.cuda_graph)
-    teacher_sha256 = fingerprint(teacher_checkpoint['model'].items()) if distill else None
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    lambda: run_state(student, args.pretrained, universal_sha256), resume_from, logger, precision,
                    extra_checkpoint={'teacher_sha256': teacher_sha256})
