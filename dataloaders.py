@@ -7,6 +7,7 @@ torchvision's ImageFolder layout under `<data-dir>/<name>`. The real datasets ar
 Transforms follow the released demos (docs/method.md §8) with ImageNet mean/std normalisation; a folder task
 gets the Flowers transforms (ImageNet's: random resized crops and flips to train, a centre crop to test).
 """
+import hashlib
 import itertools
 import math
 import os
@@ -414,7 +415,8 @@ class SyntheticAugment:
     object's position and scale (and, as for SVHN in the paper, crops only slowed training down: on
     the demo's short budgets they cost 8-15 points of accuracy).  Whole batches at once: per-image
     transforms would cost more than the training step itself on a small CPU.  Randomness comes from
-    torch's global generator.
+    torch's global generator: under torchrun every process draws the flips of the whole batch of all
+    processes, as one process with it would, and keeps its share (`rank`, `world_size`).
     """
 
     def __init__(self, task, train, input_size):
@@ -423,7 +425,7 @@ class SyntheticAugment:
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-    def __call__(self, images):
+    def __call__(self, images, rank=0, world_size=1):
         if images.dim() == 3:  # one image
             return self(images[None])[0]
         x = images.float().div_(255)
@@ -431,7 +433,7 @@ class SyntheticAugment:
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
         if self.flip:
-            flipped = torch.rand(x.shape[0]) < 0.5
+            flipped = torch.rand(x.shape[0] * world_size)[rank::world_size] < 0.5
             x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
         return ((x - self.mean) / self.std).contiguous()
 
@@ -454,24 +456,66 @@ class ShuffledShard(torch.utils.data.Sampler):
         return iter(order[self.rank::self.world_size].tolist())
 
 
-def training_sampler(n, batch_size, seed, rank, world_size):
-    """(sampler, generator, drop_last) of a training loader: `ShuffledShard` from `seed`, and a last batch of
-    one image dropped (BatchNorm cannot train on it)."""
+class SeededShard(ShuffledShard):
+    """A `ShuffledShard` whose indices come with the seed of their random augmentation (`SeededSamples`): the
+    epoch's seed, a hash of `generator`'s state before its permutation (which the checkpoints hold), plus the
+    image's place in the permutation.  An image is thus cropped and flipped alike whatever the number of
+    processes or of loader workers, and a resumed run draws what an uninterrupted one draws."""
+
+    def __iter__(self):
+        state = self.generator.get_state().numpy().tobytes()
+        epoch_seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), 'little')
+        places = range(self.rank, len(self) * self.world_size, self.world_size)
+        return ((index, (epoch_seed + place) % 2 ** 63) for index, place in zip(super().__iter__(), places))
+
+
+class SeededSamples(Dataset):
+    """`dataset` indexed by the (index, seed) pairs of a `SeededShard`: each image is transformed with torch's
+    generator seeded by its `seed` (the caller's generator left as it was)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        generator = torch.default_generator  # the CPU generator the transforms draw from
+        state = generator.get_state()
+        generator.manual_seed(seed)  # not torch.manual_seed: it seeds the GPUs too, 100 times slower
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+def training_loader(train_set, batch_size, workers, seed, rank=0, world_size=1, augment=None):
+    """The training loader of process `rank` of `world_size`: its share of each epoch's shuffled order, drawn
+    from `seed` (`ShuffledShard`), without a last batch of one image (BatchNorm cannot train on it).  In-memory
+    synthetic splits give their batched transform `augment` (`SyntheticLoader`); datasets of image files a
+    DataLoader with `workers` processes, each image's random augmentation seeded by its place (`SeededShard`)."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = ShuffledShard(n, generator, rank, world_size)
-    return sampler, generator, len(sampler) % batch_size == 1
+    drop_last = math.ceil(len(train_set) / world_size) % batch_size == 1
+    if augment is not None:
+        return SyntheticLoader(train_set, batch_size, augment, ShuffledShard(len(train_set), generator, rank,
+                                                                              world_size), drop_last)
+    return DataLoader(SeededSamples(train_set), batch_size=batch_size, drop_last=drop_last,
+                      sampler=SeededShard(len(train_set), generator, rank, world_size),
+                      generator=torch.Generator(),  # seeds the workers' generators, which draw nothing here
+                      **loader_options(workers))
 
 
 class SyntheticLoader:
     """A DataLoader stand-in for in-memory synthetic splits: batches in the order of `sampler` (default: the
-    dataset's), augmented a batch at once; `drop_last` drops a last partial batch."""
+    dataset's), augmented a batch at once (a `ShuffledShard`'s share of the flips of every process); `drop_last`
+    drops a last partial batch."""
 
-    def __init__(self, dataset, batch_size, augment, sampler=None, generator=None, drop_last=False):
+    def __init__(self, dataset, batch_size, augment, sampler=None, drop_last=False):
         self.dataset = dataset
         self.batch_size = batch_size
         self.augment = augment
         self.sampler = range(len(dataset)) if sampler is None else sampler
-        self.generator = generator
         self.drop_last = drop_last
 
     def __len__(self):
@@ -480,9 +524,10 @@ class SyntheticLoader:
 
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
+        share = (self.sampler.rank, self.sampler.world_size) if isinstance(self.sampler, ShuffledShard) else ()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
-            yield self.augment(self.dataset.images[index]), self.dataset.labels[index]
+            yield self.augment(self.dataset.images[index], *share), self.dataset.labels[index]
 
 
 def get_datasets(task, data_dir='data', input_size=224, seed=0):
@@ -542,22 +587,19 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
             train_set = Subset(train_set, range(min(train_limit, len(train_set))))
         if test_limit is not None:
             test_set = Subset(test_set, range(min(test_limit, len(test_set))))
-    sampler, generator, drop_last = training_sampler(len(train_set), batch_size, seed, rank, world_size)
     test_share = range(rank, len(test_set), world_size)
     if task in SYNTHETIC_TASKS:
-        return (SyntheticLoader(train_set, batch_size, train_augment, sampler, generator, drop_last),
+        return (training_loader(train_set, batch_size, workers, seed, rank, world_size, train_augment),
                 SyntheticLoader(test_set, eval_batch_size or batch_size, test_augment, test_share), num_classes)
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=drop_last, **loader_options(workers, training=True))
+    train_loader = training_loader(train_set, batch_size, workers, seed, rank, world_size)
     test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, sampler=test_share,
                              **loader_options(workers))
     return train_loader, test_loader, num_classes
 
 
-def loader_options(workers, training=False):
-    """DataLoader settings for image files: `workers` processes, and batches in pinned memory when there is a
-    GPU, so that `.to(device, non_blocking=True)` copies them asynchronously.  The processes are kept from epoch to
-    epoch, except a training loader's: started each epoch, they are seeded from the loader's generator, which
-    checkpoints hold, so that a resumed run draws the crops and flips an uninterrupted one draws."""
-    return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-                persistent_workers=workers > 0 and not training)
+def loader_options(workers):
+    """DataLoader settings for image files: `workers` processes, kept from epoch to epoch, and batches in pinned
+    memory when there is a GPU, so that `.to(device, non_blocking=True)` copies them asynchronously.  The
+    processes' own generators draw nothing a run depends on: training images are augmented from their seeds
+    (`SeededSamples`), so that a resumed run draws the crops and flips an uninterrupted one draws."""
+    return dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)

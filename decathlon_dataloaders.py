@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from dataloaders import loader_options, training_sampler
+from dataloaders import loader_options, training_loader
 from utils import UserError, atomic_write_json
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
@@ -296,7 +296,7 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
                               rank=0, world_size=1):
     """(train_loader, eval_loader, num_classes): training on the union of train_splits (with augmentation),
     evaluation on eval_split (center crops, fixed order); process `rank` of `world_size` gets its share of
-    each (dataloaders.ShuffledShard)."""
+    each (dataloaders.training_loader)."""
     if 'test_stripped' in train_splits:
         raise UserError("test_stripped has no labels and cannot be used for training; "
                         "choose train splits among train, val")
@@ -313,9 +313,7 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
         train_set = Subset(train_set, range(min(train_limit, len(train_set))))
     if test_limit is not None:
         eval_set = Subset(eval_set, range(min(test_limit, len(eval_set))))
-    sampler, generator, drop_last = training_sampler(len(train_set), batch_size, seed, rank, world_size)
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=drop_last, **loader_options(workers, training=True))
+    train_loader = training_loader(train_set, batch_size, workers, seed, rank, world_size)
     eval_loader = DataLoader(eval_set, batch_size=batch_size, sampler=range(rank, len(eval_set), world_size),
                              **loader_options(workers))
     return train_loader, eval_loader, num_classes

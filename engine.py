@@ -446,7 +446,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         if resume_from.get('scaler'):  # empty without --amp
             precision.scaler.load_state_dict(resume_from['scaler'])
         utils.set_rng_state(resume_from['rng'])
-        train_loader.generator.set_state(resume_from['loader_rng'])
+        train_loader.sampler.generator.set_state(resume_from['loader_rng'])
         start_epoch = resume_from['epoch'] + 1
         if main_process:
             metrics.truncate_after(resume_from['epoch'])
@@ -485,7 +485,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         checkpoint = {'model': state, 'optimizer': optimizer.state_dict(),
                       'scheduler': scheduler.state_dict(), 'scaler': precision.scaler.state_dict(),
                       'epoch': epoch, 'rng': utils.rng_state(),
-                      'loader_rng': train_loader.generator.get_state(), 'args': vars(args),
+                      'loader_rng': train_loader.sampler.generator.get_state(), 'args': vars(args),
                       'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
         checkpoint.update(extra_checkpoint or {})
         try:

@@ -278,6 +278,44 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     assert rgb.shape == (40, 44, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
 
 
+@pytest.mark.parametrize('task', ['folder:pets', 'synth-shapes'])
+def test_training_augmentation_follows_the_images_place_not_the_processes_or_workers(tmp_path, task):
+    """Under torchrun, each of two processes loads every other image of a batch: they crop and flip them as one
+    process with the whole batch does (with the same crops and flips on both, the two halves repeated each
+    other's), whatever the number of loader workers."""
+    write_image_folder(tmp_path)  # 12 training images, noise around each class's colour: every crop differs
+
+    def batches(batch_size, rank=0, world_size=1, workers=0):
+        torch.manual_seed(0)  # as every process of a run seeds itself
+        loader = get_dataloaders(task, tmp_path, batch_size, workers, input_size=24, seed=1, train_limit=12,
+                                 rank=rank, world_size=world_size)[0]
+        return [images for epoch in range(2) for images, _ in loader]
+
+    whole = batches(8)
+    halves = [batches(4, rank, 2) for rank in (0, 1)]
+    assert [len(images) for images in whole] == [8, 4, 8, 4]
+    for step, images in enumerate(whole):  # process r holds the places r, r + 2, ... of the order
+        assert torch.equal(images, torch.stack([halves[0][step], halves[1][step]], 1).flatten(0, 1)), step
+    if task.startswith('folder:'):
+        assert all(torch.equal(a, b) for a, b in zip(batches(8, workers=2), whole))
+
+
+def test_seeded_samples_draw_from_their_seed_alone():
+    train_set = get_datasets('synth-shapes', input_size=24)[0]  # flipped at random, one image at a time
+    seeded = dataloaders.SeededSamples(train_set)
+    views = [seeded[(0, seed)][0] for seed in range(8)]
+    assert all(torch.equal(seeded[(0, seed)][0], views[seed]) for seed in range(8))
+    assert not all(torch.equal(view, views[0]) for view in views)  # flipped for some seeds, not for others
+    state = torch.get_rng_state()
+    seeded[(0, 1)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator untouched
+    generator = torch.Generator().manual_seed(0)
+    shard = dataloaders.SeededShard(12, generator)
+    epochs = [list(shard) for _ in range(2)]
+    assert sorted(index for index, _ in epochs[0]) == list(range(12))
+    assert len({seed for epoch in epochs for _, seed in epoch}) == 24  # a seed per image and epoch
+
+
 def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     base = write_image_folder(tmp_path, splits={'train': {'cat': 2, 'dog': 2}, 'val': {'cat': 1, 'dog': 1}})
     os.symlink('..', os.path.join(base, 'train', 'cat', 'up'))  # a loop, and the dogs seen as cats

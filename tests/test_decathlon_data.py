@@ -134,17 +134,22 @@ def test_dataloaders_train_on_union_and_are_seeded(decathlon):
         get_decathlon_dataloaders('svhn', decathlon, train_splits=('test_stripped',), workers=0)
 
 
-def test_evaluation_workers_live_across_epochs_training_ones_start_each_epoch(decathlon):
-    """Kept, the training loader's processes would go on drawing augmentations from a state no checkpoint holds
-    (a resumed run would differ from an uninterrupted one); the evaluation loader's draw nothing."""
+def test_loader_workers_live_across_epochs_and_draw_nothing_a_run_depends_on(decathlon):
+    """The training images are augmented from their own seeds, not from the workers' generators: the workers are
+    kept from epoch to epoch (not started anew each epoch), and a second epoch's crops do not depend on them."""
     train_loader, eval_loader, _ = get_decathlon_dataloaders('svhn', decathlon, batch_size=4, workers=1, seed=0)
-    for loader, kept in ((train_loader, False), (eval_loader, True)):
-        assert loader.persistent_workers == kept and loader.pin_memory == torch.cuda.is_available()
+    for loader in (train_loader, eval_loader):
+        assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
         workers = []
         for epoch in range(2):
             assert sum(len(labels) for _, labels in loader) > 0
             workers.append(loader._iterator)
-        assert (workers[0] is not None and workers[1] is workers[0]) == kept
+        assert workers[0] is not None and workers[1] is workers[0]
+
+    def two_epochs(workers):
+        loader = get_decathlon_dataloaders('svhn', decathlon, batch_size=4, workers=workers, seed=0)[0]
+        return [images for epoch in range(2) for images, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(two_epochs(0), two_epochs(1), strict=True))
 
 
 def step_types(transform):

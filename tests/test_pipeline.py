@@ -459,9 +459,8 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
 
 
 def test_resume_with_loader_processes_matches_uninterrupted_run(workdir, tmp_path):
-    """Image files read by --workers processes, which draw the random crops and flips: a run resumed after its
-    first epoch ends where an uninterrupted one does (the processes started anew each epoch, seeded from the
-    checkpointed loader generator; kept from epoch to epoch, they went on from a state no checkpoint holds)."""
+    """Image files read by --workers processes, kept from epoch to epoch, which crop and flip each image from its
+    own seed: a run resumed after its first epoch ends where an uninterrupted one does."""
     write_image_folder(tmp_path / 'data', splits={'train': {'cat': 6, 'dog': 6, 'eel': 6},
                                                   'val': {'cat': 2, 'dog': 2, 'eel': 2}})
     common = ['--task', 'folder:pets', '--data-dir', tmp_path / 'data', '--input-size', 32, '--workers', 2,
