@@ -72,8 +72,8 @@ def get_args_parser(add_help=True):
                         "when retraining, that of --full-model-dir")
     parser.add_argument('--classifier-init', default='teacher', choices=['teacher', 'fresh'],
                         help="the student's classifier starts as the teacher's (default, whenever --teacher-fn is "
-                        "given, with --teacher-coeff 0 too) or fresh, as in the released code (docs/differences.md; "
-                        "recorded fresh without a teacher)")
+                        "given, with --teacher-coeff 0 too) or fresh, as in the released code (with the Wide "
+                        "ResNet, its final BatchNorm too; docs/differences.md; recorded fresh without a teacher)")
     parser.add_argument('--export', default=None, metavar='OUT_DIR',
                         help='write the trained student in --model-dir as a plain network for deployment: '
                         'OUT_DIR/tailored.pt2 (torch.export) and OUT_DIR/tailored.onnx (deploy.py)')
@@ -225,6 +225,10 @@ def main(args):
     elif teacher_classifier:
         for mine, theirs in zip(student.head_modules(), (getattr(teacher, n) for n in teacher.head_prefixes)):
             mine.load_state_dict(theirs.state_dict())
+    else:  # a fresh head, as released: the Wide ResNet's final BatchNorm too, not the universal weights' one
+        for module in student.head_modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_parameters()
     teacher = teacher if distill else None
     universal_sha256 = universal_fingerprint(student)  # once: the universal weights stay frozen
     student.to(device)

@@ -251,3 +251,18 @@ def test_incomplete_released_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match=rf'^{path} does not fit this student: proxies.2.2.body.0.weight has shape '
                                         r'\(3, 3, 1, 1\), here \(64, 64, 1, 1\)$'):
         wide_nettailor.load_released_pack(str(path))
+
+
+def test_fresh_classifier_of_a_wide_student_has_a_fresh_final_batchnorm(tmp_path):
+    """--classifier-init fresh (and no teacher) as released: the final BatchNorm, task-specific, starts at weight 1
+    and bias 0, not as the universal weights' one (which the student's other head option takes from the teacher)."""
+    universal = released_weights_file(tmp_path / 'wide_resnet26.pth.tar')
+    result = run_script('main_student.py', '--task', 'synth-digits', '--input-size', 32, '--workers', 0,
+                        '--train-limit', 32, '--test-limit', 16, '--batch-size', 16, '--device', 'cpu',
+                        '--backbone', 'wide_resnet26', '--pretrained', tmp_path / 'wide_resnet26.pth.tar',
+                        '--teacher-coeff', 0, '--epochs', 1, '--lr', 1e-9, '--model-dir', tmp_path / 'run')
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['model']['state']
+    assert torch.allclose(state['backbone.ends_bn.weight'], torch.ones(256), atol=1e-6)  # barely trained
+    assert torch.allclose(state['backbone.ends_bn.bias'], torch.zeros(256), atol=1e-6)
+    assert not torch.allclose(universal['ends_bn.weight'], torch.ones(256), atol=0.1)
