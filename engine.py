@@ -170,7 +170,22 @@ def check_run_dir(args):
     epochs still to go.  Writes nothing: scripts call it before building anything."""
     args.processes = getattr(args, 'processes', None) or utils.world_size()  # recorded (submit.py sets its jobs')
     path = checkpoint_path(args.model_dir)
-    existing = utils.load_checkpoint(path) if os.path.exists(path) else None
+    for flag in ('full_model_dir', 'teacher_fn', 'pretrained'):  # what the run reads must outlive it
+        value = getattr(args, flag, None)
+        read = checkpoint_path(value) if value and os.path.isdir(value) else value
+        if read not in (None, 'imagenet', 'none') and os.path.realpath(read) == os.path.realpath(path):
+            raise UserError(f"--{flag.replace('_', '-')} {value} is the checkpoint of --model-dir {args.model_dir}, "
+                            "which this run would overwrite: write the run to another --model-dir")
+    existing = None
+    if os.path.exists(path):
+        try:
+            existing = utils.load_checkpoint(path)
+            if not isinstance(existing, dict) or not isinstance(existing.get('args'), dict):
+                raise UserError(f"{path} is not a checkpoint of a run")
+        except UserError as error:
+            if args.resume or not args.force:
+                raise UserError(f"{error}; pass --force to start a new run over it") from None
+            existing = None
     if existing is not None and not (args.force or args.resume):
         state = 'a finished run' if existing.get('finished') else 'an unfinished run'
         hint = 'pass --force to overwrite it' + ('' if existing.get('finished') else ' or --resume to continue it')
@@ -179,6 +194,10 @@ def check_run_dir(args):
         raise UserError(f"--resume: no checkpoint in {args.model_dir} to resume from")
     if args.resume and existing.get('finished'):
         raise UserError(f"--resume: the run in {args.model_dir} is already finished")
+    if args.resume and ('teacher_fn' in vars(args)) != ('teacher_fn' in existing['args']):
+        kind, script = (('a teacher', 'main_teacher.py') if 'teacher_fn' in vars(args)
+                        else ('a student', 'main_student.py'))
+        raise UserError(f"--resume: the run in {args.model_dir} is {kind}'s: resume it with {script}")
     if args.resume:
         check_resumable(args, existing)
         args.classes = existing['args'].get('classes')  # build_loaders checks the data against them
@@ -538,13 +557,16 @@ def load_student(model_dir, device, pretrained=None):
     fingerprint it recorded)."""
     run = checkpoint_path(model_dir)
     checkpoint = utils.load_checkpoint(run, 'student checkpoint')
-    pack = checkpoint.get('model')
+    pack = checkpoint.get('model') if isinstance(checkpoint, dict) else None
     if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
         raise UserError(f"{run} is not a student checkpoint written by main_student.py")
     saved, meta = checkpoint['args'], pack['meta']
     if saved['pretrained'] is None and 'universal' not in pack:
         raise UserError(f"{run} was trained on random universal weights that it does not hold "
                         "(written by an older version): train it again")
+    if saved['pretrained'] is None and pretrained not in (None, 'none'):
+        raise UserError(f"{run} was trained on random universal weights, which it holds: drop --pretrained "
+                        f"{pretrained}")
     weights = (saved['pretrained'] if pretrained is None else None if pretrained == 'none'
                else weights_location(pretrained))
     if weights is None and 'universal' not in pack:

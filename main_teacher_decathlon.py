@@ -53,7 +53,8 @@ def get_args_parser(add_help=True):
                         "checkpoints/wide_resnet26.pth.tar, which checkpoints/download_models.py fetches)")
     parser.add_argument('--arch', default=None, help="the network (default wide_resnet26; --evaluate takes the run's)")
     parser.add_argument('--export-backbone', default=None,
-                        help='after training, write the network as a universal weights file here (one --task)')
+                        help='after training, write the network as a universal weights file here (one --task; an existing '
+                        'file only with --force)')
     parser.set_defaults(epochs=30, lr_decay_epochs=10)
     return parser
 
@@ -112,11 +113,20 @@ def main(args):
         raise UserError("--export-backbone writes one task's network: pass a single --task")
     if args.export_backbone:
         utils.require_file_path(args.export_backbone, '--export-backbone')
+        run = checkpoint_path(next(task_runs(args)).model_dir)
+        if os.path.realpath(args.export_backbone) == os.path.realpath(run):
+            raise UserError(f"--export-backbone {args.export_backbone} is the run's own checkpoint: name another file")
+        if os.path.exists(args.export_backbone) and not args.force:
+            raise UserError(f"--export-backbone {args.export_backbone} exists: pass --force to replace it, or name "
+                            "another file")
     results = run_tasks(args, train_or_evaluate)
     if args.export_backbone and utils.is_main_process():
-        task_args = next(task_runs(args))
-        model, _ = load_teacher(checkpoint_path(task_args.model_dir), 'cpu')
-        utils.atomic_save({'state_dict': model.state_dict()}, args.export_backbone)
+        model, _ = load_teacher(run, 'cpu')
+        try:
+            utils.atomic_save({'state_dict': model.state_dict()}, args.export_backbone)
+        except OSError as error:
+            raise UserError(f"cannot write --export-backbone {args.export_backbone}: {error.strerror or error}") \
+                from None
         print(f"universal weights written to {args.export_backbone}")
     return results
 

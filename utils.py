@@ -101,8 +101,13 @@ def atomic_write(path, write, suffix=''):
 
 
 def atomic_save(obj, path):
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix='.pth')
+    """torch.save, atomically; a failed write (a full disk) raises OSError, as other writes do."""
+    def save(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as error:  # PyTorch's writer reports a short write as a RuntimeError
+            raise OSError(f"the write failed; is the disk full? ({error_reason(error)})") from None
+    atomic_write(path, save, suffix='.pth')
 
 
 def atomic_write_text(text, path):
@@ -154,22 +159,38 @@ def check_finite(state, source, fix="the run that wrote it diverged; train it ag
 
 
 def require_folder(path, flag):
-    """A flag naming a folder (created when missing) must name one, and not a file."""
+    """A flag naming a folder (created when missing) must name one, and not a file, that can be written."""
     if not path:
         raise UserError(f"{flag} needs the folder to write to")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file: name a folder")
+    folder = _nearest_existing(path)
+    if os.path.isdir(folder):  # under a file, creating it fails and says so
+        _require_writable(folder, path, flag)
+
+
+def _nearest_existing(path):
+    """`path`, or the nearest existing folder above it."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _require_writable(folder, path, flag):
+    """Files can be created in `folder` (where `flag` `path` will be written)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {folder} cannot be written; choose a folder you can write")
 
 
 def require_file_path(path, flag):
     """A flag naming a file to write must name neither a folder nor a path under a file."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"{flag} {path} names a folder: name the file to write")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = _nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path} lies under {folder}, which is a file")
+    _require_writable(folder, path, flag)
 
 
 def error_reason(error):

@@ -409,7 +409,12 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
             (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path)],
              f'^--export-backbone {tmp_path} names a folder: name the file to write$'),
             (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path / 'afile' / 'w.pth')],
-             f"^--export-backbone {tmp_path / 'afile' / 'w.pth'} lies under {tmp_path / 'afile'}, which is a file$")):
+             f"^--export-backbone {tmp_path / 'afile' / 'w.pth'} lies under {tmp_path / 'afile'}, which is a file$"),
+            (main_teacher_decathlon, ['--pretrained', 'none', '--export-backbone', str(tmp_path / 'afile')],
+             f"^--export-backbone {tmp_path / 'afile'} exists: pass --force to replace it"),
+            (main_teacher_decathlon, ['--evaluate', '--force', '--export-backbone',
+                                      str(tmp_path / 'models' / 'svhn' / 'teacher' / 'checkpoint.pth')],
+             "is the run's own checkpoint: name another file$")):
         with pytest.raises(utils.UserError, match=message):
             module.main(module.get_args_parser().parse_args(common + flags))
     assert os.listdir(tmp_path) == ['afile']

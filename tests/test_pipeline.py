@@ -903,3 +903,75 @@ def test_one_process_at_a_time_writes_a_run_directory(workdir, tmp_path):
     assert_one_line_error(second, 'another process is writing', str(tmp_path / 'run'))
     epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]
     assert epochs == list(range(len(epochs)))  # the first run's lines only
+
+
+def test_a_run_never_overwrites_the_checkpoints_it_reads(pipeline, workdir, tmp_path):
+    """--force overwrites a run directory's checkpoint: not when that checkpoint is the full student, the teacher or
+    the weights the new run starts from."""
+    teacher, student, _ = pipeline
+    kept = {path: path.read_bytes() for path in (teacher / 'checkpoint.pth', student / 'checkpoint.pth')}
+    for script, flags in (('main_student.py', ['--full-model-dir', student, '--n-pruning-universal', 1,
+                                               '--model-dir', student]),
+                          ('main_student.py', ['--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth',
+                                               '--teacher-fn', teacher, '--model-dir', teacher]),
+                          ('main_teacher.py', ['--arch', 'resnet18', '--pretrained', teacher / 'checkpoint.pth',
+                                               '--model-dir', teacher])):
+        result = run(script, *TINY, *flags, '--force', expect_ok=False)
+        assert_one_line_error(result, f"is the checkpoint of --model-dir {flags[-1]}", 'another --model-dir')
+    assert all(path.read_bytes() == data for path, data in kept.items())
+
+
+def test_unreadable_or_foreign_checkpoints_are_refused_in_one_line_and_force_replaces_them(pipeline, workdir,
+                                                                                           tmp_path):
+    common = [*TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--epochs', 1]
+    for name, write in (('empty', lambda path: path.write_bytes(b'')), ('list', lambda path: torch.save([1], path))):
+        os.makedirs(tmp_path / name)
+        write(tmp_path / name / 'checkpoint.pth')
+        result = run('main_teacher.py', *common, '--model-dir', tmp_path / name, expect_ok=False)
+        assert_one_line_error(result, str(tmp_path / name / 'checkpoint.pth'), 'pass --force to start a new run')
+        result = run('main_student.py', *TINY, '--model-dir', tmp_path / name, '--evaluate', expect_ok=False)
+        assert_one_line_error(result, str(tmp_path / name / 'checkpoint.pth'))
+    run('main_teacher.py', *common, '--model-dir', tmp_path / 'empty', '--force')
+    assert torch.load(tmp_path / 'empty' / 'checkpoint.pth', weights_only=True)['finished']
+
+    unfinished = tmp_path / 'unfinished student'  # resumed by the other script: said so, before anything else
+    shutil.copytree(pipeline[1], unfinished)
+    checkpoint = torch.load(unfinished / 'checkpoint.pth', weights_only=True)
+    checkpoint['finished'] = False
+    torch.save(checkpoint, unfinished / 'checkpoint.pth')
+    result = run('main_teacher.py', *common, '--model-dir', unfinished, '--resume', '--epochs', 3, expect_ok=False)
+    assert_one_line_error(result, "is a student's: resume it with main_student.py")
+
+
+def test_a_student_on_random_universal_weights_refuses_other_weights(workdir, tmp_path):
+    """It holds the random weights it was trained on: another --pretrained file cannot rebuild or retrain it."""
+    run('main_student.py', *TINY, '--backbone', 'resnet18', '--pretrained', 'none', '--teacher-coeff', 0,
+        '--epochs', 1, '--model-dir', tmp_path / 'random')
+    for flags in (['--model-dir', tmp_path / 'random', '--evaluate'],
+                  ['--full-model-dir', tmp_path / 'random', '--n-pruning-universal', 1, '--model-dir', tmp_path / 'x']):
+        result = run('main_student.py', *TINY, *flags, '--pretrained', workdir / 'backbone.pth', expect_ok=False)
+        assert_one_line_error(result, 'was trained on random universal weights, which it holds: drop --pretrained')
+    assert not (tmp_path / 'x').exists()
+
+
+def test_a_failed_torch_save_is_an_oserror_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """PyTorch reports a short write (a full disk) as a RuntimeError, which the scripts' one-line errors for
+    OSErrors would not catch."""
+    path = tmp_path / 'checkpoint.pth'
+    utils.atomic_save({'epoch': 1}, path)
+
+    def short_write(obj, f):
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 32\nmore lines')
+    monkeypatch.setattr(torch, 'save', short_write)
+    with pytest.raises(OSError, match=r'^the write failed; is the disk full\? \(\[enforce fail.* vs 32\)$'):
+        utils.atomic_save({'epoch': 2}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ['checkpoint.pth'] and torch.load(path)['epoch'] == 1
+
+
+def test_a_folder_the_system_says_cannot_be_written_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, 'access', lambda path, mode: os.path.realpath(path) != os.path.realpath(tmp_path))
+    for check, path, flag in ((utils.require_file_path, tmp_path / 'new' / 'w.pth', '--export-backbone'),
+                              (utils.require_folder, tmp_path / 'out', '--export')):
+        with pytest.raises(UserError, match=f'^{flag} {path}: {tmp_path} cannot be written; choose a folder you '):
+            check(str(path), flag)
