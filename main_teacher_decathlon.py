@@ -53,8 +53,8 @@ def get_args_parser(add_help=True):
                         "checkpoints/wide_resnet26.pth.tar, which checkpoints/download_models.py fetches)")
     parser.add_argument('--arch', default=None, help="the network (default wide_resnet26; --evaluate takes the run's)")
     parser.add_argument('--export-backbone', default=None,
-                        help='after training, write the network as a universal weights file here (one --task; an existing '
-                        'file only with --force)')
+                        help='after training, write the network as a universal weights file here (one --task; '
+                        'an existing file only with --force)')
     parser.set_defaults(epochs=30, lr_decay_epochs=10)
     return parser
 
