@@ -194,11 +194,12 @@ def check_run_dir(args):
         raise UserError(f"--resume: no checkpoint in {args.model_dir} to resume from")
     if args.resume and existing.get('finished'):
         raise UserError(f"--resume: the run in {args.model_dir} is already finished")
-    if args.resume and ('teacher_fn' in vars(args)) != ('teacher_fn' in existing['args']):
-        kind, script = (('a teacher', 'main_teacher.py') if 'teacher_fn' in vars(args)
-                        else ('a student', 'main_student.py'))
-        raise UserError(f"--resume: the run in {args.model_dir} is {kind}'s: resume it with {script}")
     if args.resume:
+        recorded = ('teacher' if 'num_classes' in existing else  # the kind of run its checkpoint holds
+                    'student' if isinstance(existing.get('model'), dict) and 'meta' in existing['model'] else None)
+        if recorded not in (None, 'student' if 'teacher_fn' in vars(args) else 'teacher'):
+            raise UserError(f"--resume: the run in {args.model_dir} is a {recorded}'s: resume it with "
+                            f"main_{recorded}.py")
         check_resumable(args, existing)
         args.classes = existing['args'].get('classes')  # build_loaders checks the data against them
     return existing
