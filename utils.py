@@ -184,7 +184,8 @@ def _require_writable(folder, path, flag):
 
 
 def require_file_path(path, flag):
-    """A flag naming a file to write must name neither a folder nor a path under a file."""
+    """A flag naming a file to write must name neither a folder nor a path under a file, in a folder that can be
+    written."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"{flag} {path} names a folder: name the file to write")
     folder = _nearest_existing(os.path.dirname(os.path.abspath(path)))
