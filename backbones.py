@@ -32,6 +32,7 @@ def load_backbone_weights(model, pretrained):
         state = model.imagenet_weights()
     else:
         state = read_state_dict(pretrained)
+        utils.check_finite(state, f"pre-trained weights {pretrained}", "name another weights file")
     classifier = model.head_prefixes[-1] + '.'
     own = model.state_dict()
     state = {k.removeprefix('module.'): v for k, v in state.items()}

@@ -42,8 +42,8 @@ def run_cli(main, parser, argv=None):
     try:
         return main(args)
     except KeyboardInterrupt:
-        print("error: interrupted; a training run continues from its last finished epoch with --resume",
-              file=sys.stderr)
+        print("error: interrupted; a training run continues from its last finished epoch with --resume (one "
+              "stopped in its first epoch: run it again)", file=sys.stderr)
         sys.exit(130)
     except UserError as e:
         print(f"error: {user_error_line(e)}", file=sys.stderr)
@@ -251,7 +251,9 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"invalid --device {name!r}; use auto, cpu or cuda[:N]") from None
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):  # the devices this code runs on
+        raise UserError(f"invalid --device {name!r}; use auto, cpu or cuda[:N]")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     return device

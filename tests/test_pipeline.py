@@ -270,12 +270,15 @@ def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 130
     assert stderr.strip().splitlines()[-1] == ('error: interrupted; a training run continues from its last '
-                                               'finished epoch with --resume')
+                                               'finished epoch with --resume (one stopped in its first epoch: run '
+                                               'it again)')
     assert 'Traceback' not in stderr
 
 
 @pytest.mark.parametrize('script, flags, message', [
     ('main_teacher.py', ['--lr', '0'], '--lr must be positive'),
+    ('main_teacher.py', ['--device', 'meta'], "invalid --device 'meta'; use auto, cpu or cuda[:N]"),
+    ('main_student.py', ['--teacher-coeff', '0', '--device', 'mps'], "invalid --device 'mps'; use auto, cpu or"),
     ('main_teacher.py', ['--epochs', '-1'], '--epochs must be positive'),
     ('main_teacher.py', ['--warmup-epochs', '-1'], '--warmup-epochs must be non-negative'),
     ('main_student.py', ['--max-skip', '0'], "--max-skip must be an integer in [1, 8] or 'dense', got '0'"),
@@ -975,3 +978,15 @@ def test_a_folder_the_system_says_cannot_be_written_is_refused_before_anything_r
                               (utils.require_folder, tmp_path / 'out', '--export')):
         with pytest.raises(UserError, match=f'^{flag} {path}: {tmp_path} cannot be written; choose a folder you '):
             check(str(path), flag)
+
+
+def test_pre_trained_weights_with_non_finite_values_are_refused_before_training(workdir, tmp_path):
+    """Training on them used to end in "training diverged ... lower --lr", which points at the wrong cause."""
+    state = torch.load(workdir / 'backbone.pth', weights_only=True)
+    state['layer1.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(state, tmp_path / 'nan.pth')
+    result = run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', tmp_path / 'nan.pth', '--model-dir',
+                 tmp_path / 'run', expect_ok=False)
+    assert_one_line_error(result, f"pre-trained weights {tmp_path / 'nan.pth'} holds non-finite values "
+                                  "(layer1.0.conv1.weight): name another weights file")
+    assert not (tmp_path / 'run').exists()
