@@ -141,7 +141,17 @@ def run_status(model_dir):
     path = checkpoint_path(model_dir)
     if not os.path.exists(path):
         return None
-    return 'finished' if utils.load_checkpoint(path).get('finished') else 'unfinished'
+    checkpoint = utils.load_checkpoint(path)
+    return 'finished' if isinstance(checkpoint, dict) and checkpoint.get('finished') else 'unfinished'
+
+
+def run_kind(checkpoint):
+    """Which script wrote a run's `checkpoint`: 'teacher' (main_teacher.py), 'student' (main_student.py) or None."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('args'), dict) or 'model' not in checkpoint:
+        return None
+    if 'num_classes' in checkpoint:
+        return 'teacher'
+    return 'student' if isinstance(checkpoint['model'], dict) and 'meta' in checkpoint['model'] else None
 
 
 # settings that name files or steer the process rather than define what a run trains (and a folder task's class
@@ -195,8 +205,7 @@ def check_run_dir(args):
     if args.resume and existing.get('finished'):
         raise UserError(f"--resume: the run in {args.model_dir} is already finished")
     if args.resume:
-        recorded = ('teacher' if 'num_classes' in existing else  # the kind of run its checkpoint holds
-                    'student' if isinstance(existing.get('model'), dict) and 'meta' in existing['model'] else None)
+        recorded = run_kind(existing)
         if recorded not in (None, 'student' if 'teacher_fn' in vars(args) else 'teacher'):
             raise UserError(f"--resume: the run in {args.model_dir} is a {recorded}'s: resume it with "
                             f"main_{recorded}.py")
@@ -525,7 +534,7 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
     if os.path.isdir(path):
         path = checkpoint_path(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
-    if not {'model', 'args', 'num_classes'} <= set(checkpoint):
+    if run_kind(checkpoint) != 'teacher':
         raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
     saved, classes = checkpoint['args'], checkpoint['num_classes']
     if arch is not None and saved['arch'] != arch:
@@ -558,10 +567,10 @@ def load_student(model_dir, device, pretrained=None):
     fingerprint it recorded)."""
     run = checkpoint_path(model_dir)
     checkpoint = utils.load_checkpoint(run, 'student checkpoint')
-    pack = checkpoint.get('model') if isinstance(checkpoint, dict) else None
-    if not isinstance(pack, dict) or 'meta' not in pack or 'args' not in checkpoint:
+    if run_kind(checkpoint) != 'student':
         raise UserError(f"{run} is not a student checkpoint written by main_student.py")
-    saved, meta = checkpoint['args'], pack['meta']
+    saved, pack = checkpoint['args'], checkpoint['model']
+    meta = pack['meta']
     if saved['pretrained'] is None and 'universal' not in pack:
         raise UserError(f"{run} was trained on random universal weights that it does not hold "
                         "(written by an older version): train it again")

@@ -30,7 +30,8 @@ from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader,
                     fingerprint, fit, load_student, load_teacher, make_optimizer, param_groups, prepare_run_dir,
-                    run_evaluation_transform, run_state, unfinished_note, universal_fingerprint, use_cuda_graph)
+                    run_evaluation_transform, run_kind, run_state, unfinished_note, universal_fingerprint,
+                    use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -86,7 +87,7 @@ def check_student_args(args):
     full_args, full = {}, {}
     if args.full_model_dir:
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
-        if not isinstance(full.get('args'), dict) or 'meta' not in (full.get('model') or {}):
+        if run_kind(full) != 'student':
             raise UserError(f"{checkpoint_path(args.full_model_dir)} is not a student checkpoint written by "
                             "main_student.py: --full-model-dir takes a trained student's run directory")
         if not full.get('finished'):
