@@ -16,6 +16,7 @@ folded in (bottleneck proxies: their first convolutions, then one convolution fo
 files need neither this repository's code nor the universal checkpoint.
 """
 import copy
+import io
 import json
 import os
 
@@ -185,9 +186,12 @@ def export_network(network, input_size, out_dir, name, metadata=None):
     for key, value in (metadata or {}).items():
         extra_files[f'{key}.json'] = onnx_program.model.metadata_props[key] = json.dumps(value, ensure_ascii=False)
 
+    archive = io.BytesIO()  # in memory first: a write failing inside PyTorch's archive writer aborts the process
+    torch.export.save(program, archive, extra_files=extra_files)
+
     def write_both(pt2_tmp):  # the .onnx renamed into place once the .pt2 is written, the .pt2 right after
-        with open(pt2_tmp, 'wb') as f:  # a file object: the archive's folder is 'archive', not the temporary name
-            torch.export.save(program, f, extra_files=extra_files)
+        with open(pt2_tmp, 'wb') as f:
+            f.write(archive.getbuffer())
         utils.atomic_write(paths[1], onnx_program.save, suffix='.onnx')
 
     try:

@@ -137,6 +137,33 @@ def test_a_failed_export_leaves_the_previous_pair_untouched(tmp_path, monkeypatc
     assert (out / 'tailored.pt2').read_bytes() == b'old pt2'
 
 
+EXPORT_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from test_deploy import trained_looking_student
+import deploy
+from utils import UserError
+student = trained_looking_student('resnet18', prune=3)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as one on a full disk does
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+try:
+    deploy.export(student, sys.argv[1])
+except UserError as error:
+    print(error)
+"""
+
+
+def test_a_write_failing_inside_pytorch_is_a_one_line_error(tmp_path):
+    """A real failed write (here past a file-size limit; a full disk alike) inside torch.export.save's archive
+    writer aborted the process (exit 134) with a C++ trace: the archive is made in memory, then written."""
+    out = tmp_path / 'out'
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests)]))
+    result = subprocess.run([sys.executable, '-c', EXPORT_UNDER_A_FILE_SIZE_LIMIT, str(out)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert (result.returncode, result.stdout) == (0, f'cannot write --export {out}: File too large\n'), result.stderr
+    assert os.listdir(out) == []
+
+
 def apply_preprocessing(steps, image):
     """The steps of `deploy.preprocessing_steps` done by hand on a uint8 3 x H x W image, as a deployment would."""
     x = image
