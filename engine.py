@@ -248,16 +248,27 @@ def weights_location(value):
     return value if value in (None, 'imagenet') else os.path.abspath(value)
 
 
+def moved(recorded, given):
+    """Whether weights recorded at `recorded` (a file or run) may be those now at `given`: the recorded ones are
+    gone.  'imagenet' and None (none) name no place."""
+    return (recorded not in (None, 'imagenet') and given not in (None, 'imagenet') and recorded != given
+            and not os.path.exists(recorded))
+
+
 def check_resumable(args, existing):
     """--resume continues the run `existing` records: every training setting and the weights it starts from as
-    recorded (only --epochs may grow), and epochs still to go."""
+    recorded (only --epochs may grow; weights whose recorded file or run is gone may be named where they are now,
+    the fingerprints the run recorded checking them), and epochs still to go."""
     weights = ('pretrained', 'teacher_fn', 'full_model_dir')
 
     def located(settings):
         return {key: weights_location(value) if key in weights else value for key, value in settings.items()}
+    recorded = located(existing['args'])
     wanted = located({key: value for key, value in vars(args).items() if key != 'epochs'})
-    differences = setting_differences(located(existing['args']), wanted,
-                                      ignored=set(NOT_TRAINING_SETTINGS) - set(weights))
+    for key in weights:
+        if moved(recorded.get(key), wanted.get(key)):
+            wanted[key] = recorded[key]
+    differences = setting_differences(recorded, wanted, ignored=set(NOT_TRAINING_SETTINGS) - set(weights))
     if differences:
         raise UserError(f"--resume: the run in {args.model_dir} was trained with {differences[0]}; resume it with "
                         "its own flags (its args.json), or pass --force to start it again")
@@ -522,7 +533,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
                 utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
         except OSError as error:  # a full disk, a vanished folder: the previous checkpoint is intact
             raise UserError(f"cannot save the checkpoint of epoch {epoch} in {args.model_dir}: "
-                            f"{error.strerror or error}; the previous checkpoint is kept") from None
+                            f"{error.strerror or error}; the previous checkpoint, if any, is kept") from None
     utils.barrier()  # under torchrun: what runs next in any process reads the run as saved
     return accuracy
 

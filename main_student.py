@@ -230,6 +230,8 @@ def main(args):
         for module in student.head_modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.reset_parameters()
+    if args.resume:  # checked before args.json records where the weights are now (attached again below)
+        attach_run_state(student, existing['model'], checkpoint_path(args.model_dir), args.pretrained)
     teacher = teacher if distill else None
     universal_sha256 = universal_fingerprint(student)  # once: the universal weights stay frozen
     student.to(device)

@@ -606,6 +606,47 @@ def test_a_replaced_teacher_is_refused_by_resume_and_by_retraining_that_takes_it
     assert torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=True)['finished']
 
 
+def test_resume_takes_moved_weights_where_they_are_now(pipeline, workdir, tmp_path):
+    """A run records where its weights are (--pretrained, --teacher-fn); moved since, --resume takes them where they
+    are now (it refused, naming the old place), the fingerprints the run recorded checking that they are the same,
+    before args.json records the new place.  While the recorded files are still there, another is refused."""
+    before, after = tmp_path / 'before', tmp_path / 'after'
+    os.makedirs(before)
+    shutil.copy(workdir / 'backbone.pth', before / 'backbone.pth')
+    shutil.copy(pipeline[0] / 'checkpoint.pth', before / 'teacher.pth')
+    common = [*TINY, '--backbone', 'resnet18', '--lr', 0.01, '--teacher-coeff', 1, '--model-dir', tmp_path / 'student']
+    run('main_student.py', *common, '--pretrained', before / 'backbone.pth', '--teacher-fn', before / 'teacher.pth',
+        '--epochs', 1)
+    checkpoint = torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=False)
+    checkpoint['finished'] = False  # as if interrupted after epoch 1 of 2
+    torch.save(checkpoint, tmp_path / 'student' / 'checkpoint.pth')
+    args_before = (tmp_path / 'student' / 'args.json').read_bytes()
+
+    def resume(backbone, teacher, expect_ok=False):
+        return run('main_student.py', *common, '--pretrained', backbone, '--teacher-fn', teacher, '--epochs', 2,
+                   '--resume', expect_ok=expect_ok)
+    result = resume(before / 'backbone.pth', pipeline[0] / 'checkpoint.pth')  # a copy, but the recorded one is there
+    assert_one_line_error(result, f"was trained with --teacher-fn {before / 'teacher.pth'}, not "
+                          f"{pipeline[0] / 'checkpoint.pth'}; resume it with its own flags")
+    os.rename(before, after)
+    teacher = torch.load(after / 'teacher.pth', weights_only=False)
+    teacher['model']['layer4.1.conv2.weight'][0, 0, 0, 0] += 1e-3
+    torch.save(teacher, tmp_path / 'other_teacher.pth')
+    result = resume(after / 'backbone.pth', tmp_path / 'other_teacher.pth')
+    assert_one_line_error(result, f"the teacher {tmp_path / 'other_teacher.pth'} is not the one {tmp_path / 'student'} "
+                          "was trained with")
+    backbone = torch.load(after / 'backbone.pth', weights_only=True)
+    backbone['layer3.0.conv1.weight'][0, 0, 0, 0] += 1e-3
+    torch.save(backbone, tmp_path / 'other_backbone.pth')
+    result = resume(tmp_path / 'other_backbone.pth', after / 'teacher.pth')
+    assert_one_line_error(result, f"the universal weights {tmp_path / 'other_backbone.pth'} are not those")
+    assert (tmp_path / 'student' / 'args.json').read_bytes() == args_before
+    resume(after / 'backbone.pth', after / 'teacher.pth', expect_ok=True)
+    recorded = json.load(open(tmp_path / 'student' / 'args.json'))
+    assert (recorded['pretrained'], recorded['teacher_fn']) == (str(after / 'backbone.pth'), str(after / 'teacher.pth'))
+    assert torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=True)['epoch'] == 1
+
+
 def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_path, capsys):
     import demo
     tiny = dict(batch_size=32, epochs=1, lr=0.01, lr_decay_epochs=1, train_limit=64, test_limit=32)
@@ -885,7 +926,7 @@ def test_awkward_sizes_and_a_full_disk(workdir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils, 'atomic_save', save_once)
     with pytest.raises(UserError, match='cannot save the checkpoint of epoch 1 .*No space left on device; '
-                                        'the previous checkpoint is kept'):
+                                        'the previous checkpoint, if any, is kept'):
         main_teacher.main(args)
     assert torch.load(tmp_path / 'full' / 'checkpoint.pth', weights_only=True)['epoch'] == 0
 
