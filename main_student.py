@@ -190,6 +190,7 @@ def main(args):
     if args.export is not None and args.evaluate:
         raise UserError("--evaluate and --export are separate commands: pass one of them")
     if args.export is not None:
+        utils.require_one_process('--export')
         utils.require_folder(args.export, '--export')
     if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
         raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "

@@ -188,6 +188,8 @@ def main(args):
     if args.full_model_dir:
         raise UserError("a decathlon student is pruned from <model-root>/<task>/student: pass --prune, "
                         "not --full-model-dir")
+    if commands[:1] in (['--summary'], ['--export']):
+        utils.require_one_process(commands[0])
     if args.summary:
         return summary(args)
     if args.export is not None:

@@ -274,6 +274,13 @@ def init_distributed(device_name):
     return device
 
 
+def require_one_process(command):
+    """`command` (--export, --summary) runs in one process: under torchrun with several, each would do it all,
+    writing the same files."""
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        raise UserError(f"{command} runs in one process: run it without torchrun")
+
+
 def processes_text():
     """', N processes' under torchrun with several, for the scripts' first log line; else ''."""
     return f", {world_size()} processes" if world_size() > 1 else ''

@@ -193,6 +193,21 @@ def test_torchrun_teacher_and_student_match_one_process_with_the_whole_batch(wor
         assert records[0]['train_acc'] == pytest.approx(first['train_acc'])  # counted over both
 
 
+def test_one_process_commands_are_refused_under_torchrun(tmp_path):
+    """--export and the decathlon --summary would run whole in every process, each writing the same files: under
+    torchrun with several processes (its environment here) they are refused before anything runs."""
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'}
+    decathlon = ['--task', 'all', '--model-root', tmp_path]
+    for script, flags, command in (('main_student.py', ['--model-dir', tmp_path / 'run', '--export', tmp_path / 'out'],
+                                    '--export'),
+                                   ('main_student_decathlon.py', [*decathlon, '--summary'], '--summary'),
+                                   ('main_student_decathlon.py', [*decathlon, '--export', tmp_path / 'out'], '--export')):
+        result = run_script(script, *flags, env=env)
+        assert (result.returncode, result.stderr) == (1, f"error: {command} runs in one process: run it without "
+                                                      "torchrun\n"), script
+    assert os.listdir(tmp_path) == []
+
+
 def test_torchrun_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(workdir, tmp_path):  # noqa: F811
     args = [*TINY[:TINY.index('--batch-size')], '--device', 'cpu', '--pretrained', workdir / 'backbone.pth',
             '--arch', 'resnet18', '--epochs', 3, '--lr', 0.01, '--batch-size', 16]
