@@ -181,8 +181,8 @@ def evaluate_run(args):
     loader = evaluation_loader(args, checkpoint, student.num_classes, STUDENT_RUN_SETTINGS)
     accuracy = evaluate(student, loader, device, cuda_graph=args.cuda_graph)
     stats = student.stats()
-    print(format_stats(stats))
-    print(f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
+    utils.print_once(format_stats(stats), f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}"
+                     f"{unfinished_note(checkpoint)}")
     return {'accuracy': accuracy, 'stats': stats}
 
 

@@ -69,7 +69,8 @@ def main(args):
         model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
         loader = evaluation_loader(args, checkpoint, checkpoint['num_classes'], ('arch', 'input_size'))
         accuracy = evaluate(model, loader, device, cuda_graph=args.cuda_graph)
-        print(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}{unfinished_note(checkpoint)}")
+        utils.print_once(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}"
+                         f"{unfinished_note(checkpoint)}")
         return {'accuracy': accuracy}
 
     if not args.task:

@@ -87,7 +87,7 @@ def run_tasks(args, main):
     for task_args in task_runs(args):
         status = run_status(task_args.model_dir)
         if args.task == 'all' and not (args.force or args.evaluate) and status == 'finished':
-            print(f"{task_args.task}: finished run in {task_args.model_dir}, skipped (--force reruns it)")
+            utils.print_once(f"{task_args.task}: finished run in {task_args.model_dir}, skipped (--force reruns it)")
             continue
         if args.task == 'all' and args.resume and status is None:
             task_args.resume = False

@@ -281,6 +281,12 @@ def require_one_process(command):
         raise UserError(f"{command} runs in one process: run it without torchrun")
 
 
+def print_once(*lines):
+    """print(), from the main process only: under torchrun every process runs the same command."""
+    if is_main_process():
+        print(*lines, sep='\n')
+
+
 def processes_text():
     """', N processes' under torchrun with several, for the scripts' first log line; else ''."""
     return f", {world_size()} processes" if world_size() > 1 else ''

@@ -191,17 +191,21 @@ def test_torchrun_teacher_and_student_match_one_process_with_the_whole_batch(wor
         first = json.loads(open(tmp_path / f'{kind} 1' / 'metrics.jsonl').readline())
         assert records[0]['loss'] == pytest.approx(first['loss'], rel=1e-4)  # averaged over the processes
         assert records[0]['train_acc'] == pytest.approx(first['train_acc'])  # counted over both
+        out = finished(torchrun(2, script, '--model-dir', tmp_path / f'{kind} 2', '--evaluate', '--device', 'cpu',
+                                '--workers', 0))
+        assert out.count('top-1 accuracy') == 1  # one process prints: the accuracy over both shares
+        accuracy = float(out.split('top-1 accuracy ')[1].split('%')[0])
+        assert accuracy == pytest.approx(records[-1]['test_acc'], abs=0.005)
 
 
 def test_one_process_commands_are_refused_under_torchrun(tmp_path):
     """--export and the decathlon --summary would run whole in every process, each writing the same files: under
     torchrun with several processes (its environment here) they are refused before anything runs."""
     env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'}
-    decathlon = ['--task', 'all', '--model-root', tmp_path]
-    for script, flags, command in (('main_student.py', ['--model-dir', tmp_path / 'run', '--export', tmp_path / 'out'],
-                                    '--export'),
+    decathlon, out = ['--task', 'all', '--model-root', tmp_path], tmp_path / 'out'
+    for script, flags, command in (('main_student.py', ['--model-dir', tmp_path / 'run', '--export', out], '--export'),
                                    ('main_student_decathlon.py', [*decathlon, '--summary'], '--summary'),
-                                   ('main_student_decathlon.py', [*decathlon, '--export', tmp_path / 'out'], '--export')):
+                                   ('main_student_decathlon.py', [*decathlon, '--export', out], '--export')):
         result = run_script(script, *flags, env=env)
         assert (result.returncode, result.stderr) == (1, f"error: {command} runs in one process: run it without "
                                                       "torchrun\n"), script
