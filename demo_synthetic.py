@@ -16,9 +16,10 @@ import sys
 import demo
 import main_teacher
 import utils
-from utils import UserError
+from backbones import check_input_size, create_teacher
 from engine import checkpoint_path, load_teacher
 from synthetic import SYNTHETIC_TASKS
+from utils import UserError
 
 ARCH = 'resnet18'
 INPUT_SIZE = 32
@@ -71,6 +72,7 @@ def main(args):
     if args.pretrained is not None:
         raise UserError("demo_synthetic.py pre-trains its own universal backbone on synth-source; --pretrained is "
                         "for the real-data demos (demo_svhn.py, ...)")
+    check_input_size(create_teacher(args.arch, 1), args.input_size)  # the source is pre-trained at INPUT_SIZE
     logger = utils.setup_logging()
     args.pretrained = pretrain_source(args, logger, args.arch)
     target_args = copy.copy(args)

@@ -889,6 +889,8 @@ def test_smaller_faults_and_flags(pipeline, workdir, tmp_path):
     result = run('demo_synthetic.py', '--pretrained', workdir / 'backbone.pth', '--model-root', tmp_path / 'demo',
                  expect_ok=False)
     assert_one_line_error(result, 'pre-trains its own universal backbone', '--pretrained')
+    result = run('demo_synthetic.py', '--input-size', 0, '--model-root', tmp_path / 'demo', expect_ok=False)
+    assert_one_line_error(result, 'resnet18 cannot take 0x0 inputs: choose another --input-size')  # before pre-training
     assert not (tmp_path / 'demo').exists()
     # the teacher's --arch names the student's backbone too, rather than being ignored
     import main_student
