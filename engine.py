@@ -36,6 +36,9 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     if args.workers < 0:
         raise UserError(f"--workers must be non-negative, got {args.workers}")
+    if args.epochs is not None and args.warmup_epochs >= args.epochs:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs} must be shorter than --epochs {args.epochs}: the "
+                        "learning rate would never reach --lr")
     if args.resume and args.force:
         raise UserError("--resume and --force contradict each other; pick one")
     if args.pretrained == 'none':

@@ -66,15 +66,17 @@ def get_args_parser(add_help=True):
                         "now, checked against the fingerprint the run recorded)")
     parser.add_argument('--full-model-dir', default=None, help='a trained student to prune and retrain')
     parser.add_argument('--n-pruning-universal', type=int, default=0, help='universal blocks to remove')
-    parser.add_argument('--thr-pruning-proxy', type=float, default=0.05, help='remove proxies gated below this')
+    parser.add_argument('--thr-pruning-proxy', type=float, default=None,
+                        help='with --full-model-dir: remove proxies gated below this (default 0.05)')
     parser.add_argument('--shared-bn-stats', action='store_true', default=None,
                         help="keep the universal blocks' pre-trained BatchNorm statistics (shared by all tasks) "
                         "instead of the task's own, which the released code learns on the target data; "
                         "when retraining, that of --full-model-dir")
-    parser.add_argument('--classifier-init', default='teacher', choices=['teacher', 'fresh'],
-                        help="the student's classifier starts as the teacher's (default, whenever --teacher-fn is "
+    parser.add_argument('--classifier-init', default=None, choices=['teacher', 'fresh'],
+                        help="the student's classifier starts as the teacher's (default whenever --teacher-fn is "
                         "given, with --teacher-coeff 0 too) or fresh, as in the released code (with the Wide "
-                        "ResNet, its final BatchNorm too; docs/differences.md; recorded fresh without a teacher)")
+                        "ResNet, its final BatchNorm too; docs/differences.md; the default without a teacher); "
+                        "when retraining, that of --full-model-dir (the retrained network keeps its classifier)")
     parser.add_argument('--export', default=None, metavar='OUT_DIR',
                         help='write the trained student in --model-dir as a plain network for deployment: '
                         'OUT_DIR/tailored.pt2 (torch.export) and OUT_DIR/tailored.onnx (deploy.py)')
@@ -128,26 +130,33 @@ def check_student_args(args):
         args.teacher_fn = os.path.abspath(args.teacher_fn)  # recorded so that retraining finds it from anywhere
     from_full_student('max_skip', '3', must_match=True)
     from_full_student('backbone', 'resnet34', must_match=True)
+    from_full_student('classifier_init', None, must_match=True)  # a retrained network keeps its classifier
     args.arch = args.backbone
     if args.complexity_coeff is None:
         args.complexity_coeff = 0.0 if args.full_model_dir else 0.3
     if args.lr is None:
         args.lr = 0.01 if args.full_model_dir else 0.1
     check_args(args)
-    if args.n_pruning_universal and not args.full_model_dir:
-        raise UserError("--n-pruning-universal prunes a trained student: pass it with --full-model-dir")
     for name in ('complexity_coeff', 'teacher_coeff', 'n_pruning_universal'):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if not 0 <= args.thr_pruning_proxy < 1:
+    if args.thr_pruning_proxy is not None and not 0 <= args.thr_pruning_proxy < 1:
         raise UserError(f"--thr-pruning-proxy must be in [0, 1), got {args.thr_pruning_proxy}")
+    for flag, given in (('--n-pruning-universal', args.n_pruning_universal > 0),
+                        ('--thr-pruning-proxy', args.thr_pruning_proxy is not None)):
+        if given and not args.full_model_dir:  # a student trained from the teacher would ignore it
+            raise UserError(f"{flag} prunes a trained student: pass it with --full-model-dir")
+    if args.thr_pruning_proxy is None:
+        args.thr_pruning_proxy = 0.05
     if args.max_skip != 'dense':
         args.max_skip = parse_max_skip(args.max_skip, num_blocks(args.backbone))
     if args.teacher_coeff > 0 and not args.teacher_fn:
         raise UserError("--teacher-coeff > 0 needs the teacher's checkpoint: pass --teacher-fn "
                         "(or --teacher-coeff 0 to train without distillation)")
-    if not (args.teacher_fn or args.full_model_dir):  # no teacher to start the classifier from (recorded so)
-        args.classifier_init = 'fresh'
+    if args.classifier_init == 'teacher' and not (args.teacher_fn or args.full_model_dir):
+        raise UserError("--classifier-init teacher starts the classifier from the teacher's: pass --teacher-fn")
+    if args.classifier_init is None:  # (when retraining, a full student that recorded none)
+        args.classifier_init = 'teacher' if args.teacher_fn else 'fresh'
     return inherited_teacher
 
 

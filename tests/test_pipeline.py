@@ -82,7 +82,8 @@ def test_pipeline_run_directories(pipeline):
     assert retrain_args['complexity_coeff'] == 0.0 and retrain_args['teacher_coeff'] == 2  # gamma1 0, gamma2 kept
     assert {'complexity', 'omega', 'ce'} <= set(json.loads(open(student / 'metrics.jsonl').readline()))
     assert not student_args['shared_bn_stats'] and student_args['classifier_init'] == 'teacher'
-    assert not retrain_args['shared_bn_stats']  # the full student's
+    assert not retrain_args['shared_bn_stats'] and retrain_args['classifier_init'] == 'teacher'  # the full student's
+    assert retrain_args['thr_pruning_proxy'] == 0.01 and student_args['thr_pruning_proxy'] == 0.05  # as recorded before
     checkpoint = torch.load(student / 'checkpoint.pth', weights_only=True)
     state = checkpoint['model']['state']
     statistics = ('running_mean', 'running_var', 'num_batches_tracked')
@@ -281,6 +282,12 @@ def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
     ('main_student.py', ['--teacher-coeff', '0', '--device', 'mps'], "invalid --device 'mps'; use auto, cpu or"),
     ('main_teacher.py', ['--epochs', '-1'], '--epochs must be positive'),
     ('main_teacher.py', ['--warmup-epochs', '-1'], '--warmup-epochs must be non-negative'),
+    ('main_teacher.py', ['--warmup-epochs', '2', '--epochs', '2'],
+     '--warmup-epochs 2.0 must be shorter than --epochs 2: the learning rate would never reach --lr'),
+    ('main_student.py', ['--teacher-coeff', '0', '--thr-pruning-proxy', '0'],
+     '--thr-pruning-proxy prunes a trained student: pass it with --full-model-dir'),
+    ('main_student.py', ['--teacher-coeff', '0', '--classifier-init', 'teacher'],
+     "--classifier-init teacher starts the classifier from the teacher's: pass --teacher-fn"),
     ('main_student.py', ['--max-skip', '0'], "--max-skip must be an integer in [1, 8] or 'dense', got '0'"),
     ('main_student.py', ['--thr-pruning-proxy', '1.0'], '--thr-pruning-proxy must be in [0, 1)'),
     ('main_student.py', ['--max-skip', '12'], '--max-skip must be an integer in [1, 8]'),
@@ -527,6 +534,9 @@ def test_retraining_keeps_the_full_students_task_statistics_mode_and_backbone(pi
     result = run('main_student.py', *TINY, '--max-skip', 'dense', '--full-model-dir', student,
                  '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run', expect_ok=False)
     assert_one_line_error(result, 'was trained with --max-skip 3, not dense', 'drop --max-skip')
+    result = run('main_student.py', *TINY, '--classifier-init', 'fresh', '--full-model-dir', student,
+                 '--n-pruning-universal', 1, '--model-dir', tmp_path / 'run', expect_ok=False)
+    assert_one_line_error(result, 'was trained with --classifier-init teacher, not fresh', 'drop --classifier-init')
     result = run('main_student.py', *TINY, '--backbone', 'resnet18', '--teacher-fn', teacher / 'checkpoint.pth',
                  '--full-model-dir', student, '--n-pruning-universal', 1, '--shared-bn-stats',
                  '--model-dir', tmp_path / 'run', expect_ok=False)
@@ -900,7 +910,7 @@ def test_smaller_faults_and_flags(pipeline, workdir, tmp_path):
     assert args.backbone == args.arch == 'resnet18'
     # --help shows the defaults
     assert '(default: 20)' in run('main_teacher.py', '--help').stdout
-    assert '(default: 0.05)' in run('main_student.py', '--help').stdout
+    assert 'images per training step (default: 32)' in run('main_student.py', '--help').stdout
 
 
 def test_awkward_sizes_and_a_full_disk(workdir, tmp_path, monkeypatch):
