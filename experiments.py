@@ -281,6 +281,16 @@ FLAG_COMMANDS = {'task': ('ksweep', 'teacher', 'max-skip', 'backbone'), 'arch': 
                  'archs': ('backbone',), 'max_skip': ('max-skip',)}
 
 
+def check_distinct(flag, given, values):
+    """`flag`'s `values` (what each of the `given` texts means) name each setting once: a repeat would train and
+    draw the same runs twice."""
+    seen = {}
+    for text, value in zip(given, values):
+        if value in seen:
+            raise UserError(f"{flag} names one setting twice ({seen[value]} and {text}): give each once")
+        seen[value] = text
+
+
 def complete_args(args):
     """Fill in the command's defaults; refuse, before anything trains, flags the command would ignore and settings
     a later stage would refuse."""
@@ -320,6 +330,10 @@ def complete_args(args):
     for value in args.max_skip:
         for arch in archs:
             parse_max_skip(value, backbones.num_blocks(arch))
+    max_skips = [parse_max_skip(value, backbones.num_blocks(archs[0])) for value in args.max_skip]
+    for flag, given, values in (('--k', args.k, args.k), ('--archs', archs, archs),
+                                ('--max-skip', args.max_skip, max_skips)):
+        check_distinct(flag, given, values)
     if args.model_root is None:
         name = 'difficulty' if args.command == 'difficulty' else args.task
         args.model_root = os.path.join('checkpoints', 'experiments', name)

@@ -118,6 +118,9 @@ def test_experiments_refuse_what_cannot_run(roots):
     (['ksweep', '--k', 2, '--pretrained', 'imagenet'], '^--pretrained is for the real tasks'),
     (['ksweep', '--k', 2, '--input-size', 0], '^--input-size must be positive, got 0$'),
     (['ksweep', '--k', 2, '--task', 'synth-source'], "^no recipe for task 'synth-source': choose svhn"),
+    (['ksweep', '--k', 2, 3, 2], r'^--k names one setting twice \(2 and 2\): give each once$'),
+    (['backbone', '--k', 2, '--archs', 'resnet18', 'resnet18'], r'^--archs names one setting twice'),
+    (['max-skip', '--k', 2, '--max-skip', 3, 8, 'dense'], r'^--max-skip names one setting twice \(8 and dense\)'),
 ])
 def test_experiments_refuse_ignored_flags_and_impossible_settings_before_training(roots, tmp_path, flags, message):
     """Each of these used to be ignored silently or found only after the teacher (and students) had trained."""
