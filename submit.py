@@ -13,13 +13,15 @@ as a job array, one of the scripts' runs per job, then their summary.
 Flags after `--` go to every run's script (main_*_decathlon.py, main_student.py).  Before anything is submitted,
 each job is checked as its script would check it (its flags and values, the runs it needs: a decathlon task's
 teacher and student, the universal blocks left to prune), so that no job is submitted only to fail.  Finished
-runs are not submitted again (one trained with other values of the flags given is refused); a job preempted or
-reaching its time limit is requeued and continues its run with --resume (submitit's checkpointing); once every
-job has ended the summary is printed (the decathlon table and score, or the sweep's table).  Job logs go to
---log-dir.
+runs are not submitted again (one trained with other values of the flags given is refused), nor is a run whose
+job of an earlier submission is still queued or running (refused; <log-dir>/submitted.json records the jobs); a
+job preempted or reaching its time limit is requeued and continues its run with --resume (submitit's
+checkpointing); once every job has ended the summary is printed (the decathlon table and score, or the sweep's
+table).  Job logs go to --log-dir.
 """
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -241,6 +243,64 @@ def summary(args, jobs):
     return table
 
 
+# sacct's states of a job still queued or running
+ACTIVE_SLURM_STATES = {'PENDING', 'CONFIGURING', 'RUNNING', 'COMPLETING', 'SUSPENDED', 'REQUEUED', 'REQUEUE_HOLD',
+                       'REQUEUE_FED', 'RESIZING', 'SIGNALING', 'STAGE_OUT'}
+
+
+def submissions_path(args):
+    """<log-dir>/submitted.json: the job each run was last submitted as (run directory -> job id and cluster)."""
+    return os.path.join(args.log_dir, 'submitted.json')
+
+
+def earlier_submissions(args):
+    try:
+        with open(submissions_path(args)) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet (or unreadable: as if none)
+        return {}
+
+
+def active_state(args, submission):
+    """The state of the job of an earlier `submission` while it is queued or running, else None."""
+    if submission['cluster'] == 'local':  # the job id is its process's
+        try:
+            with open(f"/proc/{submission['job_id']}/cmdline", 'rb') as f:
+                return 'RUNNING' if b'submitit' in f.read() else None
+        except OSError:
+            return None
+    import submitit
+    state = submitit.SlurmJob(args.log_dir, submission['job_id']).get_info(mode='force').get('State', '')
+    state = (state.split() or [''])[0]  # 'CANCELLED by 1234'
+    return state if state in ACTIVE_SLURM_STATES else None
+
+
+def check_not_running(args, jobs):
+    """No job of an earlier submission (with this --log-dir) may still be queued or running for a run of `jobs`:
+    submitted again, two jobs would train it, the later failing on the run's lock or finding it finished."""
+    submissions = earlier_submissions(args)
+    for job in jobs:
+        submission = submissions.get(os.path.abspath(job.run_dir))
+        state = submission and active_state(args, submission)
+        if state:
+            cancel = 'kill' if submission['cluster'] == 'local' else 'scancel'
+            raise UserError(f"{job.run_dir} is being trained by job {submission['job_id']} of an earlier "
+                            f"submission ({state}): wait for it, or cancel it ({cancel} {submission['job_id']})")
+
+
+def record_submissions(args, jobs, handles):
+    """The jobs just submitted, for `check_not_running` in the next submission."""
+    submissions = earlier_submissions(args)
+    for job, handle in zip(jobs, handles):
+        submissions[os.path.abspath(job.run_dir)] = {'job_id': handle.job_id,
+                                                     'cluster': 'local' if args.local else 'slurm'}
+    try:
+        utils.atomic_write_json(submissions, submissions_path(args))
+    except OSError as error:  # the jobs run all the same
+        print(f"warning: cannot record the jobs in {submissions_path(args)} ({error.strerror or error}): submitted "
+              "again before they end, their runs would get a second job", file=sys.stderr)
+
+
 def job_processes(args):
     """The processes of each job (torchrun's --nproc-per-node): --processes-per-job, else one per GPU, or one."""
     return args.processes_per_job or max(args.gpus_per_job, 1)
@@ -319,9 +379,10 @@ def main(args, script_flags):
         if job.run_dir in run_dirs[:i]:
             raise UserError(f"{'--tasks' if args.command == 'decathlon' else '--k'} repeats a value: two jobs would "
                             f"write {job.run_dir}; give each value once")
+    pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
+    check_not_running(args, pending)
     for job in jobs:
         check_job(job, job_processes(args))
-    pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
     for job in jobs:
         if job not in pending:
             print(f"{job.run_dir}: finished, not submitted again")
@@ -330,6 +391,7 @@ def main(args, script_flags):
         executor = make_executor(args)
         with executor.batch():  # one job array
             submitted = [executor.submit(job) for job in pending]
+        record_submissions(args, pending, submitted)
     for job, handle in zip(pending, submitted):
         print(f"job {handle.job_id}: {job.script} -> {job.run_dir}")
     if args.no_wait:

@@ -57,6 +57,13 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, student
     flags = [str(flag) for flag in common] + ['--epochs', '4', '--lr', '0.01', '--thr-pruning-proxy', '0']
     jobs = submit.main(args, flags)
     assert len(jobs) == 2
+    recorded = json.load(open(tmp_path / 'jobs' / 'submitted.json'))
+    assert recorded == {str(tmp_path / f'pruned-k{k}'): {'job_id': job.job_id, 'cluster': 'local'}
+                        for k, job in zip((1, 2), jobs)}
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'pruned-k1'} is being trained by job {jobs[0].job_id} of an "
+                                        rf"earlier submission \(RUNNING\): wait for it, or cancel it \(kill "):
+        submit.main(args, flags)  # submitted again while its jobs run: refused, not submitted twice
+    assert json.load(open(tmp_path / 'jobs' / 'submitted.json')) == recorded
     preempted = tmp_path / 'pruned-k2'
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.exists(checkpoint_path(preempted)) and not jobs[1].done():
@@ -163,6 +170,32 @@ def test_without_slurm_and_without_local_nothing_runs_here(student, tmp_path):
                                         r'on this machine$'):
         submit.main(args, ['--thr-pruning-proxy', '0'])
     assert not (tmp_path / 'runs').exists()
+
+
+def test_a_slurm_job_still_queued_is_not_submitted_again(student, tmp_path, monkeypatch):
+    """The job a run was submitted as is asked of SLURM (submitit calls sacct; a stand-in here): while it is queued
+    or running the run is not submitted again; once it has ended (or cannot be asked of) it is."""
+    log_dir, run_dir = tmp_path / 'jobs', tmp_path / 'runs' / 'pruned-k1'
+    os.makedirs(log_dir)
+    (log_dir / 'submitted.json').write_text(json.dumps({str(run_dir): {'job_id': '4242_0', 'cluster': 'slurm'}}))
+    sacct = tmp_path / 'bin' / 'sacct'
+    os.makedirs(sacct.parent)
+    monkeypatch.setenv('PATH', f"{sacct.parent}{os.pathsep}{os.environ['PATH']}")
+    args = submit.get_args_parser().parse_args(['--no-wait', '--log-dir', str(log_dir), 'sweep', '--full-model-dir',
+                                                str(student), '--model-root', str(tmp_path / 'runs'), '--k', '1'])
+    for state, refused in (('PENDING', True), ('RUNNING', True), ('COMPLETED', False), ('CANCELLED by 7', False)):
+        sacct.write_text(f"#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242_0|{state}|\\n'\n")
+        sacct.chmod(0o755)
+        if refused:
+            match = (rf"^{run_dir} is being trained by job 4242_0 of an earlier submission \({state}\): wait for it, "
+                     r"or cancel it \(scancel 4242_0\)$")
+        else:  # past the check: submitted, which needs SLURM
+            match = r'^no SLURM here'
+        with pytest.raises(UserError, match=match):
+            submit.main(args, ['--thr-pruning-proxy', '0'])
+    sacct.unlink()  # no sacct: as before the jobs were recorded
+    with pytest.raises(UserError, match=r'^no SLURM here'):
+        submit.main(args, ['--thr-pruning-proxy', '0'])
 
 
 def test_sweep_k_and_full_model_dir_are_checked(student, tmp_path):
