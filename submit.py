@@ -357,7 +357,8 @@ def get_args_parser():
 
 def check_submit_flags(args):
     """submit.py's own flags: counts that must be positive (--gpus-per-job non-negative), no SLURM settings with
-    --local."""
+    --local, a --log-dir that can be written."""
+    utils.require_folder(args.log_dir, '--log-dir')
     for name in ('processes_per_job', 'cpus_per_task', 'timeout_min', 'array_parallelism'):
         value = getattr(args, name)
         if value is not None and value < 1:

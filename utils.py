@@ -165,8 +165,9 @@ def require_folder(path, flag):
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file: name a folder")
     folder = _nearest_existing(path)
-    if os.path.isdir(folder):  # under a file, creating it fails and says so
-        _require_writable(folder, path, flag)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path} lies under {folder}, which is a file")
+    _require_writable(folder, path, flag)
 
 
 def _nearest_existing(path):

@@ -120,6 +120,9 @@ def test_submit_flags_are_checked(tmp_path):
     for flag in ('--partition', '--account'):
         refused(tmp_path, [flag, 'x', *sweep], [], rf"^{flag} is a SLURM setting, which --local jobs .* do not use: "
                 rf"drop {flag} or --local$")
+    (tmp_path / 'afile').write_text('')  # submitit's traceback, after every job had been checked
+    refused(tmp_path, ['--log-dir', tmp_path / 'afile' / 'jobs', *sweep], [],
+            rf"^--log-dir {tmp_path / 'afile' / 'jobs'} lies under {tmp_path / 'afile'}, which is a file$")
 
 
 def test_decathlon_tasks_are_checked(tmp_path):
