@@ -522,8 +522,6 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         record = {key: value / seen for key, value in sums.items() if key != 'correct'}
         record.update(epoch=epoch, train_acc=100.0 * sums.get('correct', 0) / max(seen, 1), test_acc=accuracy,
                       lr=lr, epoch_time=train_time)
-        if main_process:
-            metrics.write(**record)
         logger.info(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         checkpoint = {'model': state, 'optimizer': optimizer.state_dict(),
                       'scheduler': scheduler.state_dict(), 'scaler': precision.scaler.state_dict(),
@@ -532,11 +530,12 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
                       'accuracy': accuracy, 'finished': epoch + 1 == args.epochs}
         checkpoint.update(extra_checkpoint or {})
         try:
-            if main_process:
+            if main_process:  # the metrics first: --resume drops those of epochs after its checkpoint's
+                metrics.write(**record)
                 utils.atomic_save(checkpoint, checkpoint_path(args.model_dir))
         except OSError as error:  # a full disk, a vanished folder: the previous checkpoint is intact
-            raise UserError(f"cannot save the checkpoint of epoch {epoch} in {args.model_dir}: "
-                            f"{error.strerror or error}; the previous checkpoint, if any, is kept") from None
+            raise UserError(f"cannot save epoch {epoch} in {args.model_dir}: {error.strerror or error}; the previous "
+                            "checkpoint, if any, is kept") from None
     utils.barrier()  # under torchrun: what runs next in any process reads the run as saved
     return accuracy
 

@@ -937,8 +937,22 @@ def test_awkward_sizes_and_a_full_disk(workdir, tmp_path, monkeypatch):
         atomic_save(obj, path)
 
     monkeypatch.setattr(utils, 'atomic_save', save_once)
-    with pytest.raises(UserError, match='cannot save the checkpoint of epoch 1 .*No space left on device; '
-                                        'the previous checkpoint, if any, is kept'):
+    with pytest.raises(UserError, match=f"^cannot save epoch 1 in {tmp_path / 'full'}: No space left on device; "
+                                        "the previous checkpoint, if any, is kept$"):
+        main_teacher.main(args)
+    assert torch.load(tmp_path / 'full' / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+    monkeypatch.undo()
+    # the same while appending epoch 1's metrics (a traceback, before)
+    write = utils.MetricsLog.write
+
+    def write_once(self, **record):
+        if record['epoch'] == 1:
+            raise OSError(28, 'No space left on device')
+        write(self, **record)
+
+    monkeypatch.setattr(utils.MetricsLog, 'write', write_once)
+    args.force = True
+    with pytest.raises(UserError, match=f"^cannot save epoch 1 in {tmp_path / 'full'}: No space left on device; "):
         main_teacher.main(args)
     assert torch.load(tmp_path / 'full' / 'checkpoint.pth', weights_only=True)['epoch'] == 0
 
