@@ -256,9 +256,12 @@ def submissions_path(args):
 def earlier_submissions(args):
     try:
         with open(submissions_path(args)) as f:
-            return json.load(f)
+            submissions = json.load(f)
     except (OSError, ValueError):  # none yet (or unreadable: as if none)
         return {}
+    if not isinstance(submissions, dict):
+        return {}
+    return {run: job for run, job in submissions.items() if isinstance(job, dict) and {'job_id', 'cluster'} <= set(job)}
 
 
 def active_state(args, submission):

@@ -196,9 +196,12 @@ def test_a_slurm_job_still_queued_is_not_submitted_again(student, tmp_path, monk
             match = r'^no SLURM here'
         with pytest.raises(UserError, match=match):
             submit.main(args, ['--thr-pruning-proxy', '0'])
-    sacct.unlink()  # no sacct: as before the jobs were recorded
-    with pytest.raises(UserError, match=r'^no SLURM here'):
-        submit.main(args, ['--thr-pruning-proxy', '0'])
+    sacct.unlink()  # no sacct, or an unreadable record: as before the jobs were recorded
+    for record in (None, '[1, 2]', '{"x": 3}', '{'):
+        if record is not None:
+            (log_dir / 'submitted.json').write_text(record)
+        with pytest.raises(UserError, match=r'^no SLURM here'):
+            submit.main(args, ['--thr-pruning-proxy', '0'])
 
 
 def test_sweep_k_and_full_model_dir_are_checked(student, tmp_path):
