@@ -548,7 +548,8 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
         path = checkpoint_path(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if run_kind(checkpoint) != 'teacher':
-        raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py")
+        but = " but a student's" if run_kind(checkpoint) == 'student' else ''
+        raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py{but}")
     saved, classes = checkpoint['args'], checkpoint['num_classes']
     if arch is not None and saved['arch'] != arch:
         raise UserError(f"teacher {path} is a {saved['arch']}, the student needs a {arch} teacher (--backbone)")
@@ -581,7 +582,8 @@ def load_student(model_dir, device, pretrained=None):
     run = checkpoint_path(model_dir)
     checkpoint = utils.load_checkpoint(run, 'student checkpoint')
     if run_kind(checkpoint) != 'student':
-        raise UserError(f"{run} is not a student checkpoint written by main_student.py")
+        but = " but a teacher's (main_teacher.py --evaluate)" if run_kind(checkpoint) == 'teacher' else ''
+        raise UserError(f"{run} is not a student checkpoint written by main_student.py{but}")
     saved, pack = checkpoint['args'], checkpoint['model']
     meta = pack['meta']
     if saved['pretrained'] is None and 'universal' not in pack:

@@ -1011,6 +1011,14 @@ def test_unreadable_or_foreign_checkpoints_are_refused_in_one_line_and_force_rep
     torch.save(checkpoint, unfinished / 'checkpoint.pth')
     result = run('main_teacher.py', *common, '--model-dir', unfinished, '--resume', '--epochs', 3, expect_ok=False)
     assert_one_line_error(result, "is a student's: resume it with main_student.py")
+    teacher, student = pipeline[0], pipeline[1]  # evaluated or exported by the other script: said so
+    result = run('main_teacher.py', '--model-dir', student, '--evaluate', expect_ok=False)
+    assert_one_line_error(result, f"{student / 'checkpoint.pth'} is not a teacher checkpoint written by "
+                          "main_teacher.py but a student's")
+    for command in (['--evaluate'], ['--export', tmp_path / 'out']):
+        result = run('main_student.py', '--model-dir', teacher, *command, expect_ok=False)
+        assert_one_line_error(result, f"{teacher / 'checkpoint.pth'} is not a student checkpoint written by "
+                              "main_student.py but a teacher's (main_teacher.py --evaluate)")
 
 
 def test_a_student_on_random_universal_weights_refuses_other_weights(workdir, tmp_path):
