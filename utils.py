@@ -400,11 +400,18 @@ class MetricsLog:
             f.write(json.dumps(record) + '\n')
 
     def truncate_after(self, epoch):
-        """Drop records past `epoch` (a resumed run rewrites them)."""
+        """Drop records past `epoch` (a resumed run rewrites them), and a line torn by a failed write."""
         if not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if json.loads(line).get('epoch', -1) <= epoch]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get('epoch', -1) <= epoch:
+                    kept.append(line.rstrip('\n') + '\n')
         atomic_write_text(''.join(kept), self.path)
 
 

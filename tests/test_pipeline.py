@@ -459,6 +459,8 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
     run('main_teacher.py', *args, '--model-dir', tmp_path / 'straight')
     interrupted = tmp_path / 'interrupted'
     kill_after_first_epoch('main_teacher.py', args, interrupted)
+    with open(interrupted / 'metrics.jsonl', 'a') as f:  # and a line torn by a failed write (a full disk)
+        f.write('{"loss": 2.3, "epo')
     run('main_teacher.py', *args, '--model-dir', interrupted, '--resume')
     straight = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)
     resumed = torch.load(interrupted / 'checkpoint.pth', weights_only=True)
