@@ -77,11 +77,17 @@ def _check_integers(array, low, high, what, path, task):
 
 def load_rgb_image(path):
     """Decodes an image file into an RGB PIL image (16-bit grey levels scaled to 8 bits, where PIL's conversion
-    would clip them); a damaged file raises a one-line UserError."""
+    would clip them); a damaged file, or one of 32-bit or floating-point pixels (no fixed range), raises a one-line
+    UserError."""
     try:
         with Image.open(path) as image:
-            if image.mode.startswith('I;16'):
+            # Pillow opens 16-bit PNG and TIFF files as 'I;16', 16-bit PGMs (and, in older versions, PNGs) as 'I'
+            if image.mode.startswith('I;16') or image.mode == 'I' and image.format in ('PNG', 'PPM'):
                 image = Image.fromarray(np.round(np.asarray(image, dtype=np.float32) / 257).astype(np.uint8))
+            elif image.mode in ('I', 'F'):
+                kind = 'floating-point' if image.mode == 'F' else '32-bit integer'
+                raise UserError(f"image file {path} holds {kind} pixels, which have no fixed range: convert it to "
+                                "8 or 16 bits per channel")
             return image.convert('RGB')
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f'corrupt image file {path}: {_one_line(error)}') from error

@@ -271,11 +271,20 @@ def test_your_own_images_in_imagefolder_layout(tmp_path):
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """PNG and TIFF (which Pillow opens as 'I;16') and PGM (as 'I'): PIL's own conversion made 99.6 % of them white;
+    32-bit and floating-point pixels, of no fixed range, are refused rather than clipped."""
     levels = np.linspace(0, 65535, 40 * 44).reshape(40, 44).astype(np.uint16)  # a depth map or a medical scan
-    Image.fromarray(levels).save(tmp_path / 'grey16.png')
-    rgb = np.asarray(dataloaders.load_rgb_image(tmp_path / 'grey16.png'))
-    expected = np.round(levels / 257).astype(np.uint8)  # PIL's own conversion made 99.6 % of it white
-    assert rgb.shape == (40, 44, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    expected = np.round(levels / 257).astype(np.uint8)
+    for name in ('grey16.png', 'grey16.tif', 'grey16.pgm'):
+        Image.fromarray(levels).save(tmp_path / name)
+        rgb = np.asarray(dataloaders.load_rgb_image(tmp_path / name))
+        assert rgb.shape == (40, 44, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3)), name
+    Image.fromarray(levels.astype(np.int32) * 3, 'I').save(tmp_path / 'int32.tif')
+    Image.fromarray(levels.astype(np.float32) / 65535, 'F').save(tmp_path / 'float.tif')
+    for name, kind in (('int32.tif', '32-bit integer'), ('float.tif', 'floating-point')):
+        with pytest.raises(UserError, match=f"^image file {tmp_path / name} holds {kind} pixels, which have no fixed "
+                                            "range: convert it to 8 or 16 bits per channel$"):
+            dataloaders.load_rgb_image(tmp_path / name)
 
 
 @pytest.mark.parametrize('task', ['folder:pets', 'synth-shapes'])
