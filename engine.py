@@ -574,6 +574,12 @@ def frozen_teacher(model):
     return model
 
 
+def missing_weights(weights, model_dir):
+    """The refusal when the universal weights file `weights` the run in `model_dir` recorded is gone."""
+    return UserError(f"the universal weights {weights} that {model_dir} was trained on are missing: put them back, "
+                     "or pass --pretrained with the file where it is now")
+
+
 def load_student(model_dir, device, pretrained=None):
     """A trained student rebuilt from its run directory (its args.json-recorded setup + task pack), on the
     universal weights it recorded or, given `pretrained` (a --pretrained value), on those: the same file moved, or
@@ -598,9 +604,8 @@ def load_student(model_dir, device, pretrained=None):
         raise UserError(f"{run} was trained on the universal weights {saved['pretrained']}, which it does not hold: "
                         "--pretrained none cannot rebuild it; name the weights file")
     if weights not in (None, 'imagenet') and not os.path.isfile(weights):
-        raise UserError(f"--pretrained {weights}: no such file" if pretrained is not None else
-                        f"the universal weights {weights} that {model_dir} was trained on are missing: put them back, "
-                        "or pass --pretrained with the file where it is now")
+        raise UserError(f"--pretrained {weights}: no such file") if pretrained is not None else \
+            missing_weights(weights, model_dir)
     student = create_student(saved['backbone'], meta['num_classes'], saved['max_skip'], weights,
                              saved['input_size'], task_bn_stats=meta.get('task_bn_stats', False))
     attach_run_state(student, pack, run, weights)

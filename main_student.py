@@ -29,9 +29,9 @@ from deploy import export, preprocessing_steps
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader,
-                    fingerprint, fit, load_student, load_teacher, make_optimizer, param_groups, prepare_run_dir,
-                    run_evaluation_transform, run_kind, run_state, unfinished_note, universal_fingerprint,
-                    use_cuda_graph)
+                    fingerprint, fit, load_student, load_teacher, make_optimizer, missing_weights, param_groups,
+                    prepare_run_dir, run_evaluation_transform, run_kind, run_state, unfinished_note,
+                    universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -98,6 +98,8 @@ def check_student_args(args):
         full_args = full['args']
         if args.pretrained is None:  # else where its universal weights are now (load_student checks them)
             args.pretrained = full_args['pretrained'] or 'none'
+            if args.pretrained not in ('none', 'imagenet') and not os.path.isfile(args.pretrained):
+                raise missing_weights(args.pretrained, args.full_model_dir)
     if args.pretrained is None:
         args.pretrained = 'imagenet'
 

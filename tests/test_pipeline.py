@@ -246,13 +246,17 @@ def test_a_student_is_rebuilt_on_its_own_universal_weights_wherever_they_are(pip
     result = run(*evaluate, expect_ok=False)
     assert_one_line_error(result, f"the universal weights {tmp_path / 'backbone.pth'} that {tmp_path / 'run'} was "
                           'trained on are missing: put them back, or pass --pretrained with the file where it is now')
+    prune = ['--full-model-dir', tmp_path / 'run', '--n-pruning-universal', 1, '--model-dir', tmp_path / 'pruned',
+             '--thr-pruning-proxy', 0, *TINY[4:], '--epochs', 1, '--lr', 0.01]
+    result = run('main_student.py', *prune, expect_ok=False)  # it said: --pretrained ...: no such file
+    assert_one_line_error(result, f"the universal weights {tmp_path / 'backbone.pth'} that {tmp_path / 'run'} was "
+                          'trained on are missing: put them back, or pass --pretrained with the file where it is now')
     moved = ['--pretrained', workdir / 'backbone.pth']
     out = run(*evaluate, *moved).stdout
     assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
     run('main_student.py', '--model-dir', tmp_path / 'run', '--export', tmp_path / 'deploy', *moved)
     assert sorted(os.listdir(tmp_path / 'deploy')) == ['tailored.onnx', 'tailored.pt2']
-    run('main_student.py', '--full-model-dir', tmp_path / 'run', '--n-pruning-universal', 1, '--model-dir',
-        tmp_path / 'pruned', '--thr-pruning-proxy', 0, *TINY[4:], '--epochs', 1, '--lr', 0.01, *moved)
+    run('main_student.py', *prune, *moved)
     assert json.load(open(tmp_path / 'pruned' / 'args.json'))['pretrained'] == str(workdir / 'backbone.pth')
 
 
