@@ -118,7 +118,13 @@ def evaluation_loader(args, checkpoint, num_classes, network_settings):
                         f"pass --task {saved['task']}")
     args.input_size = saved['input_size']
     args.classes = saved.get('classes')
-    _, test_loader, data_classes = build_loaders(args)
+    try:
+        _, test_loader, data_classes = build_loaders(args)
+    except UserError as error:  # data not found, or not the run's: where the run found them helps
+        recorded = saved.get('data_dir')
+        if recorded is None or os.path.abspath(recorded) == os.path.abspath(args.data_dir):
+            raise
+        raise UserError(f"{utils.user_error_line(error)} (the run was trained with --data-dir {recorded})") from None
     if data_classes != num_classes:
         raise UserError(f"{args.model_dir} predicts {num_classes} classes, the {args.task} data in "
                         f"{args.data_dir} has {data_classes}")

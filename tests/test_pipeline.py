@@ -260,6 +260,16 @@ def test_a_student_is_rebuilt_on_its_own_universal_weights_wherever_they_are(pip
     assert json.load(open(tmp_path / 'pruned' / 'args.json'))['pretrained'] == str(workdir / 'backbone.pth')
 
 
+def test_evaluating_a_run_on_data_it_cannot_find_names_the_data_dir_it_was_trained_with(workdir, tmp_path):
+    write_image_folder(tmp_path / 'images', splits={'train': {'cat': 4, 'dog': 4}, 'val': {'cat': 2, 'dog': 2}})
+    run('main_teacher.py', '--task', 'folder:pets', '--data-dir', tmp_path / 'images', '--input-size', 32,
+        '--workers', 0, '--batch-size', 4, '--device', 'cpu', '--arch', 'resnet18', '--pretrained',
+        workdir / 'backbone.pth', '--epochs', 1, '--model-dir', tmp_path / 'run')
+    result = run('main_teacher.py', '--model-dir', tmp_path / 'run', '--evaluate', '--device', 'cpu', expect_ok=False)
+    assert_one_line_error(result, 'folder:pets: data/pets/train is missing; put the images in',
+                          f"(the run was trained with --data-dir {tmp_path / 'images'})")
+
+
 def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
     """Ctrl-C at a terminal.  The script starts with SIGINT's default action whatever this process has: started in
     the background of a non-interactive shell, it inherits SIGINT ignored, and Python then never raises
