@@ -162,6 +162,11 @@ def export(student, out_dir, metadata=None):
     return export_network(TailoredNetwork(student), student.input_size, out_dir, 'tailored', metadata)
 
 
+def exported_paths(out_dir, name='tailored'):
+    """The two files `export_network` writes."""
+    return os.path.join(out_dir, f'{name}.pt2'), os.path.join(out_dir, f'{name}.onnx')
+
+
 def export_network(network, input_size, out_dir, name, metadata=None):
     """`network` (images -> logits) as `out_dir`/<name>.pt2 and `out_dir`/<name>.onnx, any batch size (the ONNX
     dimension 'batch'), each entry of `metadata` (e.g. 'classes', 'preprocessing') as JSON in both: the .pt2's
@@ -171,7 +176,7 @@ def export_network(network, input_size, out_dir, name, metadata=None):
     except ImportError:
         raise UserError("exporting to ONNX needs the onnx and onnxscript packages: "
                         "pip install -r requirements.txt") from None
-    paths = os.path.join(out_dir, f'{name}.pt2'), os.path.join(out_dir, f'{name}.onnx')
+    paths = exported_paths(out_dir, name)
     utils.require_folder(out_dir, '--export')
     for path in paths:
         if os.path.isdir(path):

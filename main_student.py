@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import utils
 from backbones import num_blocks
-from deploy import export, preprocessing_steps
+from deploy import export, exported_paths, preprocessing_steps
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader,
@@ -79,7 +79,10 @@ def get_args_parser(add_help=True):
                         "when retraining, that of --full-model-dir (the retrained network keeps its classifier)")
     parser.add_argument('--export', default=None, metavar='OUT_DIR',
                         help='write the trained student in --model-dir as a plain network for deployment: '
-                        'OUT_DIR/tailored.pt2 (torch.export) and OUT_DIR/tailored.onnx (deploy.py)')
+                        'OUT_DIR/tailored.pt2 (torch.export) and OUT_DIR/tailored.onnx (deploy.py; an earlier '
+                        'export there only with --force)')
+    parser.add_argument('--force', action='store_true', help='overwrite a run directory holding a run (with '
+                        '--export, an earlier export)')
     return parser
 
 
@@ -166,6 +169,15 @@ def check_student_args(args):
 STUDENT_RUN_SETTINGS = ('input_size', 'backbone', 'max_skip', 'shared_bn_stats')
 
 
+def check_export_dir(out_dir, force):
+    """--export OUT_DIR: a folder that can be written, holding no earlier export unless --force replaces it."""
+    utils.require_folder(out_dir, '--export')
+    existing = [path for path in exported_paths(out_dir) if os.path.exists(path)]
+    if existing and not force:
+        raise UserError(f"--export {out_dir} already holds {os.path.basename(existing[0])}: pass --force to replace "
+                        "it, or export elsewhere")
+
+
 def export_run(args):
     """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
     student, checkpoint = load_student(args.model_dir, torch.device('cpu'), args.pretrained)
@@ -202,7 +214,7 @@ def main(args):
         raise UserError("--evaluate and --export are separate commands: pass one of them")
     if args.export is not None:
         utils.require_one_process('--export')
-        utils.require_folder(args.export, '--export')
+        check_export_dir(args.export, args.force)
     if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
         raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "
                         "prune it first (--full-model-dir RUN --n-pruning-universal K --model-dir NEW), then pass NEW")

@@ -148,6 +148,11 @@ def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path)
             expected = student.eval()(images)[0]
             assert (program(images) - expected).abs().max() <= 1e-5 * expected.abs().max()
     result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                        '--model-root', models, '--export', tmp_path / 'deploy')  # again: refused before any
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: --export {tmp_path / 'deploy' / 'dtd'} already holds tailored.pt2: pass --force to replace it, "
+        "or export elsewhere")
+    result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                         '--model-root', models, '--export', '')
     assert result.returncode == 1 and result.stderr.strip() == 'error: --export needs the folder to write to'
     shutil.rmtree(models / 'dtd' / 'pruned')

@@ -256,6 +256,15 @@ def test_a_student_is_rebuilt_on_its_own_universal_weights_wherever_they_are(pip
     assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
     run('main_student.py', '--model-dir', tmp_path / 'run', '--export', tmp_path / 'deploy', *moved)
     assert sorted(os.listdir(tmp_path / 'deploy')) == ['tailored.onnx', 'tailored.pt2']
+    exported = (tmp_path / 'deploy' / 'tailored.pt2').read_bytes()
+    (tmp_path / 'deploy' / 'tailored.pt2').write_bytes(b'an earlier export')
+    result = run('main_student.py', '--model-dir', tmp_path / 'run', '--export', tmp_path / 'deploy', *moved,
+                 expect_ok=False)  # it replaced it silently
+    assert_one_line_error(result, f"--export {tmp_path / 'deploy'} already holds tailored.pt2: pass --force to "
+                          "replace it, or export elsewhere")
+    assert (tmp_path / 'deploy' / 'tailored.pt2').read_bytes() == b'an earlier export'
+    run('main_student.py', '--model-dir', tmp_path / 'run', '--export', tmp_path / 'deploy', *moved, '--force')
+    assert len((tmp_path / 'deploy' / 'tailored.pt2').read_bytes()) == len(exported)
     run('main_student.py', *prune, *moved)
     assert json.load(open(tmp_path / 'pruned' / 'args.json'))['pretrained'] == str(workdir / 'backbone.pth')
 
