@@ -511,6 +511,9 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
             out = train_step(images, labels)  # under torchrun: 'correct' summed over the processes, the rest averaged
             values = utils.all_reduce_sum(torch.stack([value.float() for value in out.values()])).tolist()
             out = {key: value if key == 'correct' else value / utils.world_size() for key, value in zip(out, values)}
+            if not math.isfinite(out['loss']) and resume_from is None and epoch == step == 0:
+                raise UserError(f"the loss is {out['loss']} on the first batch, before any update: the network the "
+                                "run starts from (its weights) or the data give it, not --lr")
             if not math.isfinite(out['loss']):
                 raise UserError(f"training diverged at epoch {epoch}, step {step} (loss {out['loss']}); lower --lr "
                                 f"(the last good checkpoint in {args.model_dir}, if any, is kept)")

@@ -1090,3 +1090,10 @@ def test_pre_trained_weights_with_non_finite_values_are_refused_before_training(
     assert_one_line_error(result, f"pre-trained weights {tmp_path / 'nan.pth'} holds non-finite values "
                                   "(layer1.0.conv1.weight): name another weights file")
     assert not (tmp_path / 'run').exists()
+    state = torch.load(workdir / 'backbone.pth', weights_only=True)
+    state['layer4.1.bn2.weight'] *= 1e38  # finite, but the logits overflow
+    torch.save(state, tmp_path / 'huge.pth')
+    result = run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', tmp_path / 'huge.pth', '--model-dir',
+                 tmp_path / 'run', expect_ok=False)  # it said: training diverged ...; lower --lr
+    assert_one_line_error(result, 'the loss is nan on the first batch, before any update: the network the run starts '
+                          'from (its weights) or the data give it, not --lr')
