@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import math
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -219,7 +220,12 @@ class ImageFolderSplit(Dataset):
         self.classes = classes or found
         others = sorted(set(found) - set(self.classes))
         if others:
-            raise UserError(f"{path} holds classes the training split lacks: {', '.join(others)}; put the "
+            known = {unicodedata.normalize('NFC', class_name) for class_name in self.classes}
+            lookalikes = [other for other in others if unicodedata.normalize('NFC', other) in known]
+            hint = (f" ({', '.join(lookalikes)}: the training folder of that name is spelt in other Unicode "
+                    "characters, as one system writes accents composed and another decomposed; rename one)"
+                    if lookalikes else '')
+            raise UserError(f"{path} holds classes the training split lacks: {', '.join(others)}{hint}; put the "
                             f"images in {layout}")
         per_class = [[(file, label) for file in _image_files(os.path.join(path, class_name))] if class_name in found
                      else [] for label, class_name in enumerate(self.classes)]

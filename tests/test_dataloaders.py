@@ -358,6 +358,10 @@ def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     ('folder:pets', {'train': {'cat': 1, 'dog': 1}}, "folder:pets: {root}/pets/val is missing"),
     ('folder:pets', {'train': {'cat': 1, 'dog': 1}, 'val': {'cat': 1, 'cow': 1}},
      "{root}/pets/val holds classes the training split lacks: cow; put the images in"),
+    ('folder:pets', {'train': {'caf\u00e9': 1, 'dog': 1}, 'val': {'cafe\u0301': 1}},  # composed, decomposed
+     "{root}/pets/val holds classes the training split lacks: cafe\u0301 (cafe\u0301: the training folder of that name "
+     "is spelt in other Unicode characters, as one system writes accents composed and another decomposed; rename "
+     "one); put the images in"),
     ('folder:pets', {'train': {'cat': 1, 'dog': 0}, 'val': {'cat': 1}},
      "{root}/pets/train: classes without images: dog; put the images in"),
     ('folder:pets', {'train': {'cat': 2}, 'val': {'cat': 1}},
