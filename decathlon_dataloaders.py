@@ -355,4 +355,7 @@ def submission_entries(predictions, dataset):
 def write_submission(entries, path):
     """Write a results file for the evaluation server: the JSON list of entries (from submission_entries,
     concatenated over the tasks to submit)."""
-    atomic_write_json(list(entries), path)
+    try:
+        atomic_write_json(list(entries), path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}; make its folder writable") from None

@@ -150,7 +150,8 @@ def check_student_args(args):
     for flag, given in (('--n-pruning-universal', args.n_pruning_universal > 0),
                         ('--thr-pruning-proxy', args.thr_pruning_proxy is not None)):
         if given and not args.full_model_dir:  # a student trained from the teacher would ignore it
-            raise UserError(f"{flag} prunes a trained student: pass it with --full-model-dir")
+            prune = '--prune' if getattr(args, 'decathlon', False) else '--full-model-dir'
+            raise UserError(f"{flag} prunes a trained student: pass it with {prune}")
     if args.thr_pruning_proxy is None:
         args.thr_pruning_proxy = 0.05
     if args.max_skip != 'dense':
@@ -216,8 +217,12 @@ def main(args):
         utils.require_one_process('--export')
         check_export_dir(args.export, args.force)
     if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
-        raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "
-                        "prune it first (--full-model-dir RUN --n-pruning-universal K --model-dir NEW), then pass NEW")
+        command = '--export' if args.export else '--evaluate'
+        if getattr(args, 'decathlon', False):  # with --prune, <task>/pruned
+            raise UserError(f"{command} takes the task's run as it is: drop --n-pruning-universal (prune with --prune "
+                            f"and the pruning flags first, then {command} it with --prune)")
+        raise UserError(f"{command} takes the run in --model-dir as it is: prune it first (--full-model-dir RUN "
+                        "--n-pruning-universal K --model-dir NEW), then pass NEW")
     if args.export:
         return export_run(args)
     if args.evaluate:

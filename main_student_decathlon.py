@@ -106,7 +106,8 @@ def required_final_run(task, task_dir):
     """`final_run`, or a one-line refusal that says what to do."""
     run_dir = final_run(task_dir)
     if run_dir is None and run_status(os.path.join(task_dir, 'student')) == 'unfinished':
-        raise UserError(f"the {task} student in {task_dir} is unfinished: finish it with --task {task} --resume")
+        raise UserError(f"the {task} student in {task_dir} is unfinished: finish it with --task {task} --resume "
+                        "and the flags it was started with (its args.json)")
     if run_dir is None:
         raise UserError(f"no finished student for {task} in {task_dir}; train it first")
     return run_dir
@@ -118,7 +119,7 @@ def summary(args):
     for task_args in task_runs(args):
         task_dir = os.path.dirname(task_args.model_dir)
         run_dir = required_final_run(task_args.task, task_dir)
-        student, checkpoint = load_student(run_dir, 'cpu')
+        student, checkpoint = load_student(run_dir, 'cpu', args.pretrained)  # given: where the weights are now
         stats = student.stats()
         teacher_path = checkpoint_path(os.path.join(task_dir, 'teacher'))
         teacher_acc = utils.load_checkpoint(teacher_path)['accuracy'] if os.path.exists(teacher_path) else None

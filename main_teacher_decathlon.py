@@ -17,7 +17,7 @@ import sys
 import main_teacher
 import utils
 from engine import checkpoint_path, load_teacher, run_status
-from decathlon_dataloaders import DECATHLON_TASKS, available_tasks, crop_size
+from decathlon_dataloaders import DECATHLON_TASKS, available_tasks, check_task, crop_size
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
 
@@ -65,6 +65,8 @@ def task_runs(args):
         raise UserError("decathlon runs go to <model-root>/<task>/<stage>: pass --model-root, not --model-dir")
     if args.train_splits not in ('train', 'train,val'):  # val alone, or twice, would inflate the val accuracy
         raise UserError(f"--train-splits takes 'train' or 'train,val', got {args.train_splits!r}")
+    if args.task != 'all':
+        check_task(args.task)  # a misspelt task is no missing run
     tasks = available_tasks(args.data_dir) if args.task == 'all' else [args.task]
     if not tasks:
         raise UserError(f"no decathlon task found under {args.data_dir}/decathlon-1.0; run "
@@ -91,7 +93,12 @@ def run_tasks(args, main):
             continue
         if args.task == 'all' and args.resume and status is None:
             task_args.resume = False
-        results[task_args.task] = main(task_args)
+        try:
+            results[task_args.task] = main(task_args)
+        except UserError as error:
+            if args.task != 'all':
+                raise
+            raise UserError(f"{task_args.task}: {utils.user_error_line(error)}") from None  # which task failed
     return results
 
 

@@ -161,7 +161,8 @@ def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path)
         result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
                             '--model-root', models, command, *([tmp_path / 'deploy2'] if command == '--export' else []))
         assert result.returncode == 1 and result.stderr.strip() == (
-            f"error: the dtd student in {models / 'dtd'} is unfinished: finish it with --task dtd --resume")
+            f"error: the dtd student in {models / 'dtd'} is unfinished: finish it with --task dtd --resume and the "
+            "flags it was started with (its args.json)")
     assert not (tmp_path / 'deploy2').exists()
 
 
@@ -419,10 +420,47 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
              f"^--export-backbone {tmp_path / 'afile'} exists: pass --force to replace it"),
             (main_teacher_decathlon, ['--evaluate', '--force', '--export-backbone',
                                       str(tmp_path / 'models' / 'svhn' / 'teacher' / 'checkpoint.pth')],
-             "is the run's own checkpoint: name another file$")):
+             "is the run's own checkpoint: name another file$"),
+            (main_teacher_decathlon, ['--task', 'svhm', '--evaluate'], "^unknown decathlon task 'svhm'; valid tasks"),
+            (main_student_decathlon, ['--task', 'svhm', '--export', 'out'], "^unknown decathlon task 'svhm'"),
+            # the pruning flags' hints name the decathlon script's flags, not main_student.py's
+            (main_student_decathlon, ['--pretrained', 'none', '--thr-pruning-proxy', '0.01'],
+             '^--thr-pruning-proxy prunes a trained student: pass it with --prune$'),
+            (main_student_decathlon, ['--prune', '--evaluate', '--n-pruning-universal', '2'],
+             "^--evaluate takes the task's run as it is: drop --n-pruning-universal \\(prune with --prune")):
         with pytest.raises(utils.UserError, match=message):
             module.main(module.get_args_parser().parse_args(common + flags))
     assert os.listdir(tmp_path) == ['afile']
+
+
+def test_a_task_failing_under_task_all_is_named_and_a_summary_takes_moved_weights(decathlon, tmp_path):
+    result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'], '--model-root',
+                        decathlon['models'], '--prune', '--n-pruning-universal', 99, '--workers', 0)
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == (  # svhn skipped: its pruned run is finished
+        'error: dtd: cannot prune 99 universal blocks: 12 are left')
+    assert not (decathlon['models'] / 'dtd' / 'pruned').exists()
+    models = tmp_path / 'models'  # their universal weights moved: --summary takes --pretrained where they are now
+    shutil.copytree(decathlon['models'], models)
+    os.rename(models / 'universal.pth.tar', tmp_path / 'moved.pth.tar')
+    for run_dir in ('svhn/student', 'svhn/pruned', 'dtd/student'):
+        checkpoint = torch.load(models / run_dir / 'checkpoint.pth', weights_only=False)
+        checkpoint['args']['pretrained'] = str(models / 'universal.pth.tar')  # as if trained there
+        torch.save(checkpoint, models / run_dir / 'checkpoint.pth')
+    summary = ['main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'], '--model-root', models,
+               '--summary']
+    result = run_script(*summary)
+    assert result.returncode == 1 and 'are missing: put them back, or pass --pretrained' in result.stderr
+    out, = run_commands((*summary, '--pretrained', tmp_path / 'moved.pth.tar'))
+    assert 'decathlon score' in out
+
+
+def test_submissions_that_cannot_be_written_are_one_line(tmp_path):
+    """--summary and --write-submission in a folder that cannot be written ended in a traceback."""
+    from decathlon_dataloaders import write_submission
+    (tmp_path / 'afile').write_text('')
+    path = tmp_path / 'afile' / 'results.json'
+    with pytest.raises(utils.UserError, match=f"^cannot write {path}: File exists; make its folder writable$"):
+        write_submission([], str(path))
 
 
 def test_missing_released_weights_name_the_download_command(tmp_path, monkeypatch):
