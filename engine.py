@@ -180,8 +180,25 @@ def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
 
 
 def finished_run_differences(model_dir, wanted):
-    """`setting_differences` of the finished run in `model_dir`: NOT_TRAINING_SETTINGS are not compared."""
-    return setting_differences(utils.load_checkpoint(checkpoint_path(model_dir))['args'], wanted)
+    """`setting_differences` of the finished run in `model_dir` (NOT_TRAINING_SETTINGS are not compared), then
+    `stale_sources`."""
+    return setting_differences(utils.load_checkpoint(checkpoint_path(model_dir))['args'], wanted) + \
+        stale_sources(model_dir)
+
+
+def stale_sources(model_dir):
+    """The runs that the run in `model_dir` was trained from (its teacher, the student it was pruned from) and that
+    were trained again since, as 'an earlier <checkpoint> (trained again since)': the fingerprints it recorded."""
+    checkpoint = utils.load_checkpoint(checkpoint_path(model_dir))
+    stale = []
+    for key, setting, current in (('teacher_sha256', 'teacher_fn', lambda source: fingerprint(source['model'].items())),
+                                  ('full_sha256', 'full_model_dir', lambda source: pack_fingerprint(source['model']))):
+        path = checkpoint['args'].get(setting)
+        path = checkpoint_path(path) if path and os.path.isdir(path) else path
+        if checkpoint.get(key) and path and os.path.isfile(path) and \
+                current(utils.load_checkpoint(path)) != checkpoint[key]:
+            stale.append(f"an earlier {path} (trained again since)")
+    return stale
 
 
 def check_run_dir(args):
@@ -628,6 +645,12 @@ def fingerprint(named_tensors):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def pack_fingerprint(pack):
+    """The `fingerprint` of a student checkpoint's task pack: what it learnt (a student trained again has
+    another); a pruned run records its full student's."""
+    return fingerprint(sorted(pack['state'].items()))
 
 
 def universal_fingerprint(student):

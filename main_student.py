@@ -29,8 +29,8 @@ from deploy import export, exported_paths, preprocessing_steps
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader,
-                    fingerprint, fit, load_student, load_teacher, make_optimizer, missing_weights, param_groups,
-                    prepare_run_dir, run_evaluation_transform, run_kind, run_state, unfinished_note,
+                    fingerprint, fit, load_student, load_teacher, make_optimizer, missing_weights, pack_fingerprint,
+                    param_groups, prepare_run_dir, run_evaluation_transform, run_kind, run_state, unfinished_note,
                     universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
@@ -245,7 +245,7 @@ def main(args):
         check_teacher(args.teacher_fn, teacher_sha256, existing.get('teacher_sha256') if args.resume else None,
                       args.model_dir, "put it back, or start the run again with --force")
     if args.full_model_dir:  # first: its universal weights may have moved (--pretrained names where)
-        full, _ = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
+        full, full_checkpoint = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
     student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
                              task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:
@@ -295,7 +295,9 @@ def main(args):
     train_step = TrainStep(student, loss_fn, optimizer, precision, args.cuda_graph)
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    lambda: run_state(student, args.pretrained, universal_sha256), resume_from, logger, precision,
-                   extra_checkpoint={'teacher_sha256': teacher_sha256})
+                   extra_checkpoint={'teacher_sha256': teacher_sha256,  # and the student it was pruned from
+                                     'full_sha256': pack_fingerprint(full_checkpoint['model']) if args.full_model_dir
+                                     else None})
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     if utils.is_main_process():

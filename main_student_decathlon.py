@@ -22,7 +22,7 @@ import utils
 from dataloaders import loader_options
 from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
                                    write_submission)
-from engine import checkpoint_path, load_student, predict, run_status
+from engine import checkpoint_path, load_student, predict, run_status, stale_sources
 from main_teacher_decathlon import add_decathlon_args, check_default_weights, run_tasks, task_runs
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
@@ -110,6 +110,11 @@ def required_final_run(task, task_dir):
                         "and the flags it was started with (its args.json)")
     if run_dir is None:
         raise UserError(f"no finished student for {task} in {task_dir}; train it first")
+    stale = stale_sources(run_dir)
+    if stale:
+        stage = '--prune ' if os.path.basename(run_dir) == 'pruned' else ''
+        raise UserError(f"the {task} run {run_dir} was trained from {stale[0]}: train it again (--task {task} "
+                        f"{stage}--force and its flags)")
     return run_dir
 
 

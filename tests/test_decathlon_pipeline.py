@@ -445,6 +445,8 @@ def test_a_task_failing_under_task_all_is_named_and_a_summary_takes_moved_weight
     for run_dir in ('svhn/student', 'svhn/pruned', 'dtd/student'):
         checkpoint = torch.load(models / run_dir / 'checkpoint.pth', weights_only=False)
         checkpoint['args']['pretrained'] = str(models / 'universal.pth.tar')  # as if trained there
+        if run_dir == 'svhn/pruned':
+            checkpoint['args']['full_model_dir'] = str(models / 'svhn' / 'student')
         torch.save(checkpoint, models / run_dir / 'checkpoint.pth')
     summary = ['main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'], '--model-root', models,
                '--summary']
@@ -452,6 +454,15 @@ def test_a_task_failing_under_task_all_is_named_and_a_summary_takes_moved_weight
     assert result.returncode == 1 and 'are missing: put them back, or pass --pretrained' in result.stderr
     out, = run_commands((*summary, '--pretrained', tmp_path / 'moved.pth.tar'))
     assert 'decathlon score' in out
+    student = torch.load(models / 'svhn' / 'student' / 'checkpoint.pth', weights_only=False)
+    student['model']['state']['gate_logits'] += 0.5  # as if the student were trained again (--force)
+    torch.save(student, models / 'svhn' / 'student' / 'checkpoint.pth')
+    for command in (['--summary'], ['--export', tmp_path / 'deploy']):  # they took the stale pruned run
+        result = run_script(*summary[:-1], *command, '--pretrained', tmp_path / 'moved.pth.tar')
+        assert result.returncode == 1 and result.stderr.strip() == (
+            f"error: the svhn run {models / 'svhn' / 'pruned'} was trained from an earlier "
+            f"{models / 'svhn' / 'student' / 'checkpoint.pth'} (trained again since): train it again (--task svhn "
+            "--prune --force and its flags)")
 
 
 def test_submissions_that_cannot_be_written_are_one_line(tmp_path):

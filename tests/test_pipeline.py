@@ -708,6 +708,14 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     with pytest.raises(UserError, match='teacher holds a finished run trained with --seed 0, not 1; --arch resnet18, '
                                         'not resnet34: pass --force'):
         demo.run_demo('synth-digits', recipe, args)
+    args.arch, args.seed = 'resnet18', 0  # the teacher trained again (--force) under a finished student: refused
+    teacher = torch.load(tmp_path / 'teacher' / 'checkpoint.pth', weights_only=False)
+    teacher['model']['fc.bias'] += 1
+    torch.save(teacher, tmp_path / 'teacher' / 'checkpoint.pth')
+    with pytest.raises(UserError, match=re.escape(f"student holds a finished run trained with an earlier "
+                                                  f"{tmp_path / 'teacher' / 'checkpoint.pth'} (trained again since): "
+                                                  "pass --force")):
+        demo.run_demo('synth-digits', recipe, args)
 
 
 def test_an_interrupted_demo_stage_is_resumed_when_run_again(workdir, tmp_path):
