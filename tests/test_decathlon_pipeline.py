@@ -486,3 +486,12 @@ def test_missing_released_weights_name_the_download_command(tmp_path, monkeypatc
                                                   r'`python checkpoints/download_models.py`, or pass --pretrained'):
             module.main(module.get_args_parser().parse_args(common + flags))
     assert not os.listdir(tmp_path)
+    # --resume of a run trained from other weights, without its flags: those are named, not the released weights
+    run = tmp_path / 'models' / 'svhn' / 'teacher'
+    os.makedirs(run)
+    torch.save({'finished': False, 'epoch': 0, 'num_classes': 10, 'model': {},
+                'args': {**vars(main_teacher_decathlon.get_args_parser().parse_args(common)), 'pretrained': None,
+                         'model_dir': str(run), 'arch': 'wide_resnet26', 'input_size': 64}}, run / 'checkpoint.pth')
+    with pytest.raises(utils.UserError, match=rf"^--resume: the run in {run} was trained with --pretrained None, not "
+                                              rf"{missing}; resume it with its own flags"):
+        main_teacher_decathlon.main(main_teacher_decathlon.get_args_parser().parse_args(common + ['--resume']))
