@@ -182,17 +182,16 @@ def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
 def finished_run_differences(model_dir, wanted):
     """`setting_differences` of the finished run in `model_dir` (NOT_TRAINING_SETTINGS are not compared), then
     `stale_sources`."""
-    return setting_differences(utils.load_checkpoint(checkpoint_path(model_dir))['args'], wanted) + \
-        stale_sources(model_dir)
-
-
-def stale_sources(model_dir):
-    """The runs that the run in `model_dir` was trained from (its teacher, the student it was pruned from) and that
-    were trained again since, as 'an earlier <checkpoint> (trained again since)': the fingerprints it recorded."""
     checkpoint = utils.load_checkpoint(checkpoint_path(model_dir))
+    return setting_differences(checkpoint['args'], wanted) + stale_sources(checkpoint)
+
+
+def stale_sources(checkpoint):
+    """The runs that the run of `checkpoint` was trained from (its teacher, the student it was pruned from) and that
+    were trained again since, as 'an earlier <checkpoint> (trained again since)': the fingerprints it recorded."""
     stale = []
-    for key, setting, current in (('teacher_sha256', 'teacher_fn', lambda source: fingerprint(source['model'].items())),
-                                  ('full_sha256', 'full_model_dir', lambda source: pack_fingerprint(source['model']))):
+    for key, setting, current in (('teacher_sha256', 'teacher_fn', teacher_fingerprint),
+                                  ('full_sha256', 'full_model_dir', student_fingerprint)):
         path = checkpoint['args'].get(setting)
         path = checkpoint_path(path) if path and os.path.isdir(path) else path
         if checkpoint.get(key) and path and os.path.isfile(path) and \
@@ -528,10 +527,10 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
             out = train_step(images, labels)  # under torchrun: 'correct' summed over the processes, the rest averaged
             values = utils.all_reduce_sum(torch.stack([value.float() for value in out.values()])).tolist()
             out = {key: value if key == 'correct' else value / utils.world_size() for key, value in zip(out, values)}
-            if not math.isfinite(out['loss']) and resume_from is None and epoch == step == 0:
-                raise UserError(f"the loss is {out['loss']} on the first batch, before any update: the network the "
-                                "run starts from (its weights) or the data give it, not --lr")
             if not math.isfinite(out['loss']):
+                if resume_from is None and epoch == step == 0:
+                    raise UserError(f"the loss is {out['loss']} on the first batch, before any update: the network "
+                                    "the run starts from (its weights) or the data give it, not --lr")
                 raise UserError(f"training diverged at epoch {epoch}, step {step} (loss {out['loss']}); lower --lr "
                                 f"(the last good checkpoint in {args.model_dir}, if any, is kept)")
             scheduler.step()
@@ -647,10 +646,15 @@ def fingerprint(named_tensors):
     return digest.hexdigest()
 
 
-def pack_fingerprint(pack):
-    """The `fingerprint` of a student checkpoint's task pack: what it learnt (a student trained again has
-    another); a pruned run records its full student's."""
-    return fingerprint(sorted(pack['state'].items()))
+def teacher_fingerprint(checkpoint):
+    """The `fingerprint` of a teacher checkpoint's weights: a student records its teacher's."""
+    return fingerprint(checkpoint['model'].items())
+
+
+def student_fingerprint(checkpoint):
+    """The `fingerprint` of a student checkpoint's task pack, what it learnt (a student trained again has
+    another): a pruned run records its full student's."""
+    return fingerprint(sorted(checkpoint['model']['state'].items()))
 
 
 def universal_fingerprint(student):

@@ -28,10 +28,10 @@ from backbones import num_blocks
 from deploy import export, exported_paths, preprocessing_steps
 from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
-                    check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader,
-                    fingerprint, fit, load_student, load_teacher, make_optimizer, missing_weights, pack_fingerprint,
-                    param_groups, prepare_run_dir, run_evaluation_transform, run_kind, run_state, unfinished_note,
-                    universal_fingerprint, use_cuda_graph)
+                    check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit,
+                    load_student, load_teacher, make_optimizer, missing_weights, param_groups, prepare_run_dir,
+                    run_evaluation_transform, run_kind, run_state, student_fingerprint, teacher_fingerprint,
+                    unfinished_note, universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -150,8 +150,7 @@ def check_student_args(args):
     for flag, given in (('--n-pruning-universal', args.n_pruning_universal > 0),
                         ('--thr-pruning-proxy', args.thr_pruning_proxy is not None)):
         if given and not args.full_model_dir:  # a student trained from the teacher would ignore it
-            prune = '--prune' if getattr(args, 'decathlon', False) else '--full-model-dir'
-            raise UserError(f"{flag} prunes a trained student: pass it with {prune}")
+            raise UserError(f"{flag} prunes a trained student: pass it with --full-model-dir")
     if args.thr_pruning_proxy is None:
         args.thr_pruning_proxy = 0.05
     if args.max_skip != 'dense':
@@ -217,12 +216,8 @@ def main(args):
         utils.require_one_process('--export')
         check_export_dir(args.export, args.force)
     if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
-        command = '--export' if args.export else '--evaluate'
-        if getattr(args, 'decathlon', False):  # with --prune, <task>/pruned
-            raise UserError(f"{command} takes the task's run as it is: drop --n-pruning-universal (prune with --prune "
-                            f"and the pruning flags first, then {command} it with --prune)")
-        raise UserError(f"{command} takes the run in --model-dir as it is: prune it first (--full-model-dir RUN "
-                        "--n-pruning-universal K --model-dir NEW), then pass NEW")
+        raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "
+                        "prune it first (--full-model-dir RUN --n-pruning-universal K --model-dir NEW), then pass NEW")
     if args.export:
         return export_run(args)
     if args.evaluate:
@@ -238,7 +233,7 @@ def main(args):
     teacher = None
     if distill or teacher_classifier:  # also without distillation (gamma2 0), for a like-for-like ablation
         teacher, teacher_checkpoint = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
-    teacher_sha256 = fingerprint(teacher_checkpoint['model'].items()) if distill else None  # recorded with the run
+    teacher_sha256 = teacher_fingerprint(teacher_checkpoint) if distill else None  # recorded with the run
     if distill:
         check_teacher(args.teacher_fn, teacher_sha256, full_students_teacher, f"the student in {args.full_model_dir}",
                       f"pass --teacher-fn {args.teacher_fn} to retrain with it as it is now")
@@ -296,7 +291,7 @@ def main(args):
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    lambda: run_state(student, args.pretrained, universal_sha256), resume_from, logger, precision,
                    extra_checkpoint={'teacher_sha256': teacher_sha256,  # and the student it was pruned from
-                                     'full_sha256': pack_fingerprint(full_checkpoint['model']) if args.full_model_dir
+                                     'full_sha256': student_fingerprint(full_checkpoint) if args.full_model_dir
                                      else None})
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')

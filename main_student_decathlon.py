@@ -110,7 +110,7 @@ def required_final_run(task, task_dir):
                         "and the flags it was started with (its args.json)")
     if run_dir is None:
         raise UserError(f"no finished student for {task} in {task_dir}; train it first")
-    stale = stale_sources(run_dir)
+    stale = stale_sources(utils.load_checkpoint(checkpoint_path(run_dir)))
     if stale:
         stage = '--prune ' if os.path.basename(run_dir) == 'pruned' else ''
         raise UserError(f"the {task} run {run_dir} was trained from {stale[0]}: train it again (--task {task} "
@@ -196,6 +196,15 @@ def main(args):
     if args.full_model_dir:
         raise UserError("a decathlon student is pruned from <model-root>/<task>/student: pass --prune, "
                         "not --full-model-dir")
+    pruning = [flag for flag, given in (('--n-pruning-universal', args.n_pruning_universal > 0),
+                                        ('--thr-pruning-proxy', args.thr_pruning_proxy is not None)) if given]
+    if pruning and args.evaluate:  # with --prune, <task>/pruned
+        raise UserError(f"--evaluate takes the task's run as it is: drop {pruning[0]} (prune with --prune and the "
+                        "pruning flags first, then --evaluate it with --prune)")
+    if pruning and commands:
+        raise UserError(f"{commands[0]} takes each task's final run as it is: drop {pruning[0]}")
+    if pruning and not args.prune:  # main_student.py's hint would name --full-model-dir, refused here
+        raise UserError(f"{pruning[0]} prunes a trained student: pass it with --prune")
     if commands[:1] in (['--summary'], ['--export']):
         utils.require_one_process(commands[0])
     if args.summary:

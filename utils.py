@@ -164,24 +164,7 @@ def require_folder(path, flag):
         raise UserError(f"{flag} needs the folder to write to")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file: name a folder")
-    folder = _nearest_existing(path)
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path} lies under {folder}, which is a file")
-    _require_writable(folder, path, flag)
-
-
-def _nearest_existing(path):
-    """`path`, or the nearest existing folder above it."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _require_writable(folder, path, flag):
-    """Files can be created in `folder` (where `flag` `path` will be written)."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {folder} cannot be written; choose a folder you can write")
+    _require_writable_place(path, path, flag)
 
 
 def require_file_path(path, flag):
@@ -189,10 +172,19 @@ def require_file_path(path, flag):
     written."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"{flag} {path} names a folder: name the file to write")
-    folder = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    _require_writable_place(os.path.dirname(os.path.abspath(path)), path, flag)
+
+
+def _require_writable_place(folder, path, flag):
+    """`folder` (where `flag` `path` will be written), or the nearest existing folder above it, is a folder in
+    which files can be created."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path} lies under {folder}, which is a file")
-    _require_writable(folder, path, flag)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {folder} cannot be written; choose a folder you can write")
 
 
 def error_reason(error):

@@ -426,6 +426,8 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
             # the pruning flags' hints name the decathlon script's flags, not main_student.py's
             (main_student_decathlon, ['--pretrained', 'none', '--thr-pruning-proxy', '0.01'],
              '^--thr-pruning-proxy prunes a trained student: pass it with --prune$'),
+            (main_student_decathlon, ['--summary', '--thr-pruning-proxy', '0.01'],
+             "^--summary takes each task's final run as it is: drop --thr-pruning-proxy$"),
             (main_student_decathlon, ['--prune', '--evaluate', '--n-pruning-universal', '2'],
              "^--evaluate takes the task's run as it is: drop --n-pruning-universal \\(prune with --prune")):
         with pytest.raises(utils.UserError, match=message):
