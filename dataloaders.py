@@ -19,7 +19,7 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
@@ -211,7 +211,7 @@ class ImageFolderSplit(Dataset):
     (images in sub-folders of a class folder too; hidden files and folders, such as .ipynb_checkpoints or macOS's
     ._ files, and files of other extensions skipped); yields (PIL image, class).
     The classes are numbered in the sorted order of the training split's folders (`classes`); another split may
-    hold fewer of them, not others. `samples` take the classes in turn; `source` is the split's folder."""
+    hold fewer of them, not others. `samples` holds (file, class) pairs; `source` is the split's folder."""
 
     def __init__(self, root, name, split, classes=None):
         path = self.source = os.path.join(root, name, split)
@@ -229,9 +229,8 @@ class ImageFolderSplit(Dataset):
                             f"images in {layout}")
         per_class = [[(file, label) for file in _image_files(os.path.join(path, class_name))] if class_name in found
                      else [] for label, class_name in enumerate(self.classes)]
-        # the classes in turn (first images of each class, then the second ones, ...), so that --train-limit
-        # and --test-limit, which keep the first N, keep every class
-        self.samples = [sample for turn in itertools.zip_longest(*per_class) for sample in turn if sample]
+        self.samples = [sample for samples in per_class for sample in samples]
+        self.labels = [label for _, label in self.samples]
         if classes is None:  # the training split defines the classes: two or more, each with images
             empty = [class_name for class_name, samples in zip(self.classes, per_class) if not samples]
             if len(self.classes) < 2 or empty:
@@ -375,11 +374,12 @@ class VOCObjectCrops(Dataset):
 
 
 class TransformedDataset(Dataset):
-    """Applies `transform` to the images of a dataset of (image, label) pairs."""
+    """Applies `transform` to the images of a dataset of (image, label) pairs; `labels` are the dataset's."""
 
     def __init__(self, dataset, transform):
         self.dataset = dataset
         self.transform = transform
+        self.labels = dataset.labels
 
     def __len__(self):
         return len(self.dataset)
@@ -504,11 +504,19 @@ class SeededSamples(Dataset):
 
 def training_loader(train_set, batch_size, workers, seed, rank=0, world_size=1, augment=None):
     """The training loader of process `rank` of `world_size`: its share of each epoch's shuffled order, drawn
-    from `seed` (`ShuffledShard`), without a last batch of one image (BatchNorm cannot train on it).  In-memory
-    synthetic splits give their batched transform `augment` (`SyntheticLoader`); datasets of image files a
-    DataLoader with `workers` processes, each image's random augmentation seeded by its place (`SeededShard`)."""
+    from `seed` (`ShuffledShard`), in full batches only: the released code ends each epoch at its first
+    incomplete batch, so every step normalises over `batch_size` images (and a CUDA graph replays every step).
+    A split smaller than one batch is one batch (of two images at least: BatchNorm cannot train on one).
+    In-memory synthetic splits give their batched transform `augment` (`SyntheticLoader`); datasets of image
+    files a DataLoader with `workers` processes, each image's random augmentation seeded by its place
+    (`SeededShard`)."""
+    share = math.ceil(len(train_set) / world_size)
+    if share < 2:
+        raise UserError(f"the training split has {len(train_set)} image{'s' if len(train_set) > 1 else ''} for "
+                        f"{world_size} process{'es' if world_size > 1 else ''}: BatchNorm cannot train on a batch of "
+                        "one (--train-limit?)")
+    drop_last = share >= batch_size
     generator = torch.Generator().manual_seed(seed)
-    drop_last = math.ceil(len(train_set) / world_size) % batch_size == 1
     if augment is not None:
         return SyntheticLoader(train_set, batch_size, augment, ShuffledShard(len(train_set), generator, rank,
                                                                               world_size), drop_last)
@@ -584,9 +592,10 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
                     eval_batch_size=None, train_limit=None, test_limit=None, rank=0, world_size=1):
     """(train_loader, test_loader, num_classes) of `task`; the training order is shuffled from `seed`.
 
-    `train_limit` / `test_limit` keep only the first N images of a split (quick runs, tests).  Under torchrun,
-    process `rank` of `world_size` gets its share of each split (`ShuffledShard`; every world_size-th test
-    image).  Synthetic tasks, held in memory, get `SyntheticLoader`s (batched augmentation, no workers)."""
+    `train_limit` / `test_limit` keep only N images of a split, every class's first ones (`first_images`; quick
+    runs, tests).  Under torchrun, process `rank` of `world_size` gets its share of each split (`ShuffledShard`;
+    every world_size-th test image).  Synthetic tasks, held in memory, get `SyntheticLoader`s (batched
+    augmentation, no workers)."""
     if task in SYNTHETIC_TASKS:
         train_set = make_synthetic(task, 'train', num_images=train_limit)
         test_set = make_synthetic(task, 'test', num_images=test_limit)
@@ -595,10 +604,7 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
         num_classes = SYNTHETIC_TASKS[task]
     else:
         train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed)
-        if train_limit is not None:
-            train_set = Subset(train_set, range(min(train_limit, len(train_set))))
-        if test_limit is not None:
-            test_set = Subset(test_set, range(min(test_limit, len(test_set))))
+        train_set, test_set = first_images(train_set, train_limit), first_images(test_set, test_limit)
     test_share = range(rank, len(test_set), world_size)
     if task in SYNTHETIC_TASKS:
         return (training_loader(train_set, batch_size, workers, seed, rank, world_size, train_augment),
@@ -607,6 +613,21 @@ def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=
     test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, sampler=test_share,
                              **loader_options(workers))
     return train_loader, test_loader, num_classes
+
+
+def first_images(dataset, limit):
+    """`dataset` cut to `limit` images for a quick run (--train-limit, --test-limit; None keeps them all): the
+    first image of every class, then the second ones, and so on, kept in the split's order, so that a limit
+    keeps every class in whatever order the split lists its images (VOC's balanced crops come a class at a
+    time).  `dataset` has `labels`, or is a ConcatDataset of such datasets."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    per_class = {}
+    for index, label in enumerate(label for part in parts for label in part.labels):
+        per_class.setdefault(label, []).append(index)
+    turns = itertools.zip_longest(*per_class.values())
+    return Subset(dataset, sorted([index for turn in turns for index in turn if index is not None][:limit]))
 
 
 def loader_options(workers):

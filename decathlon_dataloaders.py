@@ -17,10 +17,10 @@ import os
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
-from dataloaders import loader_options, training_loader
+from dataloaders import first_images, loader_options, training_loader
 from utils import UserError, atomic_write_json
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
@@ -88,6 +88,34 @@ PREPROCESSING = {
 MEAN_STD_FILE = 'decathlon_mean_std.json'
 DOWNLOAD_HINT = ('run `python data/download_decathlon.py` for the real data or '
                  '`python data/make_synthetic_decathlon.py` for the offline miniature, or pass --data-dir')
+IMAGENET_ARCHIVE = 'decathlon-1.0-data-imagenet.tar'  # the imagenet12 images: from image-net.org only
+
+
+def images_hint(task, data_dir):
+    """How to get the images of `task`: imagenet12's are not in the public download."""
+    if task != 'imagenet12':
+        return DOWNLOAD_HINT
+    return (f'the imagenet12 images are not public: download {IMAGENET_ARCHIVE} from https://image-net.org '
+            f'(account required, Visual Decathlon download) and extract it with '
+            f'`tar -xf {IMAGENET_ARCHIVE} -C {os.path.join(decathlon_root(data_dir), "data")}`')
+
+
+def missing_files(paths):
+    """The files among `paths` that are not there, found with one listing per folder rather than one look-up
+    per file (a split of imagenet12 names over a million)."""
+    by_folder = {}
+    for path in paths:
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
+    missing = []
+    for folder, files in by_folder.items():
+        try:
+            present = set(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            present = set()
+        except OSError as error:
+            raise UserError(f"cannot read {folder}: {error.strerror}; fix its permissions") from None
+        missing += [path for path in files if os.path.basename(path) not in present]
+    return missing
 
 
 def check_task(task):
@@ -220,7 +248,7 @@ def _load_image(path):
     try:
         with Image.open(path) as image:
             return image.convert('RGB')
-    except FileNotFoundError as error:
+    except FileNotFoundError as error:  # removed after the dataset checked it
         raise UserError(f"image file {path} is missing; {DOWNLOAD_HINT}") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"corrupt image file {path}: {' '.join(str(error).split())}") from error
@@ -257,6 +285,10 @@ class DecathlonDataset(Dataset):
             raise UserError(f"the {split} split of {task} has no images ({path}); {DOWNLOAD_HINT}")
         self.image_ids = [image['id'] for image in images]
         self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
+        missing = missing_files(self.paths)
+        if missing:  # now, not at the batch that reads the first of them
+            raise UserError(f"{len(missing)} of the {len(self.paths)} images of the {split} split of {task} are "
+                            f"missing ({missing[0]} the first); {images_hint(task, data_dir)}")
         if split == 'test_stripped':
             self.labels = [-1] * len(images)
         else:
@@ -308,11 +340,8 @@ def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val
         if dataset.num_classes != num_classes:
             raise UserError(f"decathlon task {task}: split {dataset.split} has {dataset.num_classes} classes "
                             f"but {eval_split} has {num_classes}; the annotation files do not match")
-    train_set = ConcatDataset(train_sets)
-    if train_limit is not None:
-        train_set = Subset(train_set, range(min(train_limit, len(train_set))))
-    if test_limit is not None:
-        eval_set = Subset(eval_set, range(min(test_limit, len(eval_set))))
+    train_set = first_images(ConcatDataset(train_sets), train_limit)
+    eval_set = first_images(eval_set, test_limit)
     train_loader = training_loader(train_set, batch_size, workers, seed, rank, world_size)
     eval_loader = DataLoader(eval_set, batch_size=batch_size, sampler=range(rank, len(eval_set), world_size),
                              **loader_options(workers))

@@ -65,9 +65,6 @@ def build_loaders(args):
         classes = task_classes(args.task, args.data_dir)
         check_classes(getattr(args, 'classes', None), classes, args)
         args.classes = classes  # recorded with the run
-    if len(loaders[0]) == 0:
-        raise UserError(f"the training set of {args.task} has fewer than 2 images (--train-limit?): "
-                        "BatchNorm cannot train on a batch of one")
     return loaders
 
 

@@ -33,8 +33,9 @@ def get_args_parser(add_help=True):
                         help="'imagenet' (torchvision's weights), a local state-dict file, or 'none'")
     parser.add_argument('--input-size', type=int, default=None,
                         help="training/test crop size (default 224; --evaluate takes the run's)")
-    parser.add_argument('--train-limit', type=int, default=None, help='use only the first N training images')
-    parser.add_argument('--test-limit', type=int, default=None, help='use only the first N test images')
+    parser.add_argument('--train-limit', type=int, default=None,
+                        help="use only N training images (quick runs): each class's first ones")
+    parser.add_argument('--test-limit', type=int, default=None, help="use only N test images: each class's first ones")
     parser.add_argument('--epochs', type=int, default=20, help='training epochs')
     parser.add_argument('--batch-size', type=int, default=64, help='images per training step')
     parser.add_argument('--lr', type=float, default=0.01, help='initial learning rate')

@@ -17,7 +17,7 @@ import sys
 import main_teacher
 import utils
 from engine import checkpoint_path, load_teacher, run_status
-from decathlon_dataloaders import DECATHLON_TASKS, available_tasks, check_task, crop_size
+from decathlon_dataloaders import DECATHLON_TASKS, SPLITS, DecathlonDataset, available_tasks, check_task, crop_size
 from utils import UserError
 from wide_nettailor import DEFAULT_WEIGHTS
 
@@ -90,8 +90,9 @@ def task_runs(args):
 
 def run_tasks(args, main):
     """`main` on every task; a dict task -> its result.  With --task all, finished runs are skipped
-    (--force reruns them), and --resume continues the interrupted one and starts those not begun."""
-    results = {}
+    (--force reruns them), --resume continues the interrupted one and starts those not begun, and the images of
+    every task to run are checked before the first one starts."""
+    runs = []
     for task_args in task_runs(args):
         status = run_status(task_args.model_dir)
         if args.task == 'all' and not (args.force or args.evaluate) and status == 'finished':
@@ -99,6 +100,13 @@ def run_tasks(args, main):
             continue
         if args.task == 'all' and args.resume and status is None:
             task_args.resume = False
+        runs.append(task_args)
+    if args.task == 'all':
+        for task_args in runs:
+            for split in splits_read(task_args):
+                DecathlonDataset(task_args.task, split, args.data_dir)  # refuses missing images
+    results = {}
+    for task_args in runs:
         try:
             results[task_args.task] = main(task_args)
         except UserError as error:
@@ -106,6 +114,14 @@ def run_tasks(args, main):
                 raise
             raise UserError(f"{task_args.task}: {utils.user_error_line(error)}") from None  # which task failed
     return results
+
+
+def splits_read(args):
+    """The decathlon splits a task's run reads: its training splits unless it only evaluates, the evaluation
+    split, and test_stripped for a submission."""
+    read = {args.eval_split} | (set() if args.evaluate else set(args.train_splits))
+    submission = getattr(args, 'write_submission', False)  # main_student_decathlon.py's flag
+    return [split for split in SPLITS if split in read or split == 'test_stripped' and submission]
 
 
 def complete_task_args(args):

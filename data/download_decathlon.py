@@ -21,14 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchvision.datasets.utils import download_url, extract_archive  # noqa: E402
 
 from decathlon_dataloaders import (DECATHLON_TASKS, MEAN_STD_FILE, SPLITS, annotation_path,  # noqa: E402
-                                   decathlon_root)
+                                   decathlon_root, images_hint, missing_files)
 import utils  # noqa: E402
 from utils import UserError  # noqa: E402
 
 MIRROR = 'http://www.robots.ox.ac.uk/~vgg/share/'
 DEVKIT_ARCHIVE = 'decathlon-1.0-devkit.tar.gz'
 DATA_ARCHIVE = 'decathlon-1.0-data.tar.gz'
-IMAGENET_ARCHIVE = 'decathlon-1.0-data-imagenet.tar'
 PUBLIC_TASKS = [task for task in DECATHLON_TASKS if task != 'imagenet12']
 
 
@@ -84,7 +83,7 @@ def images_present(data_dir, task):
             return False
         with open(path) as f:
             images = json.load(f).get('images', [])
-        if not images or not all(os.path.isfile(os.path.join(root, image['file_name'])) for image in images):
+        if not images or missing_files([os.path.join(root, image['file_name']) for image in images]):
             return False
     return True
 
@@ -132,9 +131,7 @@ def main(argv=None):
     if images_present(args.data_dir, 'imagenet12'):
         print('imagenet12: images present')
     else:
-        print(f'imagenet12: images are not public; download {IMAGENET_ARCHIVE} from https://image-net.org '
-              f'(account required, Visual Decathlon download) and extract it with '
-              f'`tar -xf {IMAGENET_ARCHIVE} -C {image_folder}`')
+        print(f"imagenet12: {images_hint('imagenet12', args.data_dir)}")
     print(f'Visual Decathlon in {root}')
 
 

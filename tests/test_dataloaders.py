@@ -213,7 +213,7 @@ def test_flowers_loaders_shapes_and_seeded_shuffle(tmp_path):
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
     assert labels.tolist() == [101, 4, 0]
     batches = [labels.tolist() for _, labels in train_loader]
-    assert [len(b) for b in batches] == [3]  # a last batch of one is dropped: BatchNorm cannot train on it
+    assert [len(b) for b in batches] == [3]  # 4 images: full batches only
     assert set(sum(batches, [])) < {0, 1, 2, 6}
     again, _, _ = get_dataloaders('flowers', tmp_path, batch_size=3, workers=0, input_size=32, seed=5)
     assert [labels.tolist() for _, labels in again] == batches
@@ -257,16 +257,16 @@ def test_your_own_images_in_imagefolder_layout(tmp_path):
     assert num_classes == 3 and len(train_set) == 7 and len(test_set) == 3  # nested images in, others out
     raw_train, raw_test = train_set.dataset, test_set.dataset
     assert raw_train.classes == raw_test.classes == ['cat', 'dog', 'eel']  # sorted, val numbered as train
-    assert [label for _, label in raw_train.samples] == [0, 1, 2, 0, 1, 0, 0]  # the classes in turn
+    assert raw_train.labels == [label for _, label in raw_train.samples] == [0, 0, 0, 0, 1, 1, 2]
     assert [(os.path.relpath(path, base), label) for path, label in raw_test.samples] == [
-        ('val/cat/0.png', 0), ('val/eel/0.png', 2), ('val/cat/1.png', 0)]
-    image, label = test_set[1]
+        ('val/cat/0.png', 0), ('val/cat/1.png', 0), ('val/eel/0.png', 2)]
+    image, label = test_set[2]
     assert image.shape == (3, 32, 32) and label == 2 and image[2].mean() > image[0].mean()  # blue eel, normalised
     train_loader, _, classes = get_dataloaders('folder:pets', tmp_path, batch_size=7, workers=0, input_size=32)
     assert classes == 3 and [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 0, 0, 0, 1, 1, 2]]
     train_loader, test_loader, _ = get_dataloaders('folder:pets', tmp_path, batch_size=3, workers=0, input_size=32,
                                                    train_limit=3, test_limit=2)
-    assert [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 1, 2]]  # every class kept
+    assert [sorted(labels.tolist()) for _, labels in train_loader] == [[0, 1, 2]]  # every class kept (first_images)
     assert [labels.tolist() for _, labels in test_loader] == [[0, 2]]
 
 
@@ -302,11 +302,31 @@ def test_training_augmentation_follows_the_images_place_not_the_processes_or_wor
 
     whole = batches(8)
     halves = [batches(4, rank, 2) for rank in (0, 1)]
-    assert [len(images) for images in whole] == [8, 4, 8, 4]
+    assert [len(images) for images in whole] == [8, 8]  # two epochs of one full batch: 4 images left out of each
     for step, images in enumerate(whole):  # process r holds the places r, r + 2, ... of the order
         assert torch.equal(images, torch.stack([halves[0][step], halves[1][step]], 1).flatten(0, 1)), step
     if task.startswith('folder:'):
         assert all(torch.equal(a, b) for a, b in zip(batches(8, workers=2), whole))
+
+
+@pytest.mark.parametrize('task', ['folder:pets', 'synth-shapes'])
+def test_training_loaders_give_full_batches_only(tmp_path, task):
+    """As the released code trains: each epoch ends at its first incomplete batch, whatever its size; a split
+    smaller than one batch is one batch, unless it is a single image."""
+    write_image_folder(tmp_path)  # 12 training images
+
+    def sizes(batch_size, rank=0, world_size=1):
+        loader = get_dataloaders(task, tmp_path, batch_size, 0, input_size=24, train_limit=11, rank=rank,
+                                 world_size=world_size)[0]
+        return len(loader), [len(labels) for _, labels in loader]
+    assert sizes(4) == (2, [4, 4]) and sizes(5) == (2, [5, 5]) and sizes(2) == (5, [2] * 5)
+    assert sizes(3, 1, 2) == (2, [3, 3])  # 6 images per process
+    assert sizes(12) == (1, [11]) and sizes(7, 1, 2) == (1, [6])  # less than a batch: one batch
+    with pytest.raises(UserError, match=r'^the training split has 1 image for 1 process: BatchNorm cannot train on '
+                                        r'a batch of one \(--train-limit\?\)$'):
+        get_dataloaders(task, tmp_path, 4, 0, input_size=24, train_limit=1)
+    with pytest.raises(UserError, match=r'^the training split has 2 images for 2 processes: BatchNorm cannot'):
+        get_dataloaders(task, tmp_path, 4, 0, input_size=24, train_limit=2, rank=1, world_size=2)
 
 
 def test_seeded_samples_draw_from_their_seed_alone():
@@ -436,6 +456,22 @@ def test_voc_training_split_is_balanced_and_seeded(tmp_path):
     assert VOCObjectCrops(tmp_path, 'train', crops_per_class=5, seed=0).samples == balanced.samples
     assert VOCObjectCrops(tmp_path, 'train', crops_per_class=5, seed=1).samples != balanced.samples
     assert len(VOCObjectCrops(tmp_path, 'train').samples) == 1000 * 20
+
+
+def test_limits_keep_every_class_whatever_the_order_of_the_split(tmp_path):
+    """VOC's balanced training crops come a class at a time: --train-limit 40 used to keep 40 aeroplanes."""
+    write_voc(tmp_path)
+    train_loader, test_loader, _ = get_dataloaders('voc12', tmp_path, batch_size=8, workers=0, input_size=32,
+                                                   train_limit=40, test_limit=2)
+    assert np.bincount([label for _, labels in train_loader for label in labels.tolist()]).tolist() == [2] * 20
+    assert [labels.tolist() for _, labels in test_loader] == [[VOC_CLASSES.index('person'), VOC_CLASSES.index('dog')]]
+    parts = [torch.utils.data.TensorDataset(torch.arange(n)) for n in (5, 3)]
+    for part, labels in zip(parts, ([0, 0, 1, 0, 2], [2, 1, 1])):
+        part.labels = labels
+    joined = torch.utils.data.ConcatDataset(parts)
+    assert dataloaders.first_images(joined, 4).indices == [0, 1, 2, 4]  # the first of each class, then a second
+    assert dataloaders.first_images(joined, 6).indices == [0, 1, 2, 4, 5, 6]
+    assert dataloaders.first_images(joined, 8) is dataloaders.first_images(joined, None) is joined
 
 
 def test_voc_loaders_shapes(tmp_path):
@@ -599,12 +635,13 @@ def test_synthetic_get_dataloaders():
         train_loader, test_loader, num_classes = get_dataloaders(task, batch_size=16, workers=0, input_size=48,
                                                                  seed=3, train_limit=40, test_limit=40)
         assert num_classes == SYNTHETIC_TASKS[task]
-        assert len(train_loader.dataset) == len(test_loader.dataset) == 40 and len(train_loader) == 3
+        assert len(train_loader.dataset) == len(test_loader.dataset) == 40 and len(train_loader) == 2  # full batches
         images, labels = next(iter(train_loader))
         assert images.shape == (16, 3, 48, 48) and images.dtype == torch.float32
         assert 0 <= labels.min() and labels.max() < num_classes
         epoch = torch.cat([labels for _, labels in train_loader])
-        assert sorted(epoch.tolist()) == sorted(train_loader.dataset.labels.tolist())  # a permutation
+        assert len(epoch) == 32 and all(epoch.bincount(minlength=num_classes)  # 32 of the 40, each once at most
+                                        <= train_loader.dataset.labels.bincount(minlength=num_classes))
         first = next(iter(test_loader))[0]
         again = get_datasets(task, input_size=48, seed=3)[1]
         assert all(torch.allclose(first[i], again[i][0], atol=1e-6) for i in range(3))  # test images: no randomness

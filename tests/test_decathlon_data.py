@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import time
 
@@ -127,9 +128,9 @@ def test_dataloaders_train_on_union_and_are_seeded(decathlon):
     images, labels = next(iter(eval_loader))
     assert images.shape == (3, 3, 64, 64) and labels.tolist() == SVHN_LABELS['val']
     limited = get_decathlon_dataloaders('svhn', decathlon, train_splits=('train', 'val'), workers=0, batch_size=2,
-                                        train_limit=3, test_limit=2)
-    assert len(limited[0].dataset) == 3 and len(limited[1].dataset) == 2
-    assert len(limited[0]) == 1  # the last batch of one image is dropped: BatchNorm cannot train on it
+                                        train_limit=5, test_limit=2)
+    assert len(limited[0].dataset) == 5 and len(limited[1].dataset) == 2
+    assert [len(labels) for _, labels in limited[0]] == [2, 2]  # full batches only, as released
     with pytest.raises(UserError, match='test_stripped has no labels'):
         get_decathlon_dataloaders('svhn', decathlon, train_splits=('test_stripped',), workers=0)
 
@@ -343,6 +344,38 @@ def test_corrupt_image_is_reported_by_path(decathlon):
     dataset[1]
     with pytest.raises(UserError, match=f'^corrupt image file {dataset.paths[2]}: cannot identify image file'):
         dataset[2]
+
+
+def test_missing_images_are_refused_before_a_run_starts(decathlon, tmp_path):
+    """Checked when a split is read, not at the batch that needs the first of them; the imagenet12 images, not in
+    the public download, get their own hint; --task all checks every task before training the first."""
+    root = os.path.join(decathlon, 'decathlon-1.0')
+    os.remove(os.path.join(root, 'data', 'svhn', 'train', '0000004.jpg'))
+    with pytest.raises(UserError, match=re.escape(
+            f"1 of the 6 images of the train split of svhn are missing ({root}/data/svhn/train/0000004.jpg the "
+            "first); run `python data/download_decathlon.py` for the real data")):
+        DecathlonDataset('svhn', 'train', decathlon)
+    DecathlonDataset('svhn', 'val', decathlon)
+    write_task(decathlon, 'imagenet12', {'train': [0, 1], 'val': [1, 0], 'test_stripped': [0]})
+    shutil.rmtree(os.path.join(root, 'data', 'imagenet12'))
+    imagenet_hint = ("the imagenet12 images are not public: download decathlon-1.0-data-imagenet.tar from "
+                     "https://image-net.org (account required, Visual Decathlon download) and extract it with "
+                     f"`tar -xf decathlon-1.0-data-imagenet.tar -C {root}/data`")
+    with pytest.raises(UserError, match='^' + re.escape(
+            f"2 of the 2 images of the val split of imagenet12 are missing ({root}/data/imagenet12/val/0000000.jpg "
+            f"the first); {imagenet_hint}") + '$'):
+        DecathlonDataset('imagenet12', 'val', decathlon)
+    main_teacher_decathlon = load_script('main_teacher_decathlon.py')
+    models = tmp_path / 'models'
+    args = main_teacher_decathlon.get_args_parser().parse_args(
+        ['--task', 'all', '--data-dir', decathlon, '--model-root', str(models), '--pretrained', 'none',
+         '--arch', 'resnet18', '--input-size', '32', '--workers', '0'])
+    with pytest.raises(UserError, match=r"^2 of the 2 images of the train split of imagenet12 are missing"):
+        main_teacher_decathlon.main(args)
+    os.remove(os.path.join(root, 'annotations', 'imagenet12_train.json'))  # not a task of this data any more
+    with pytest.raises(UserError, match=r"^1 of the 6 images of the train split of svhn are missing"):
+        main_teacher_decathlon.main(args)  # before dtd, whose turn comes first, is trained
+    assert not models.exists()
 
 
 # ---------------------------------------------------------------- score and submission

@@ -947,7 +947,7 @@ def test_smaller_faults_and_flags(pipeline, workdir, tmp_path):
 
 
 def test_awkward_sizes_and_a_full_disk(workdir, tmp_path, monkeypatch):
-    # a last training batch of one image is dropped (BatchNorm cannot train on it)
+    # a last training batch of one image is dropped, as every incomplete one
     run('main_teacher.py', *TINY, '--arch', 'resnet18', '--pretrained', workdir / 'backbone.pth', '--model-dir',
         tmp_path / 'odd', '--epochs', 1, '--train-limit', 33)
     result = run('main_teacher.py', *[a if a != '32' else '33' for a in TINY], '--arch', 'wide_resnet26',

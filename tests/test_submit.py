@@ -106,7 +106,7 @@ def test_failed_jobs_are_reported_in_one_line(student, tmp_path):
     with pytest.raises(UserError, match=r"main_student.py does not take --bogus-flag"):
         submit.main(args, ['--device', 'cpu', '--bogus-flag'])
     assert not os.path.exists(tmp_path / 'jobs')
-    with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k1 .*fewer than 2 images"):
+    with pytest.raises(UserError, match=r"1 of 1 jobs failed: .*pruned-k1 .*batch of one"):
         submit.main(args, ['--device', 'cpu', '--workers', '0', '--train-limit', '1', '--thr-pruning-proxy', '0'])
         # a failure inside the job
 
