@@ -168,16 +168,16 @@ def crop_size(task, input_size=None):
     return input_size if input_size is not None else PREPROCESSING[task]['crop']
 
 
-def decathlon_transform(task, train, input_size=None, data_dir='data'):
+def decathlon_transform(task, train, input_size=None, data_dir='data', mean_std=None):
     """The task's preprocessing (PREPROCESSING): resize (shorter side to 72, or the whole image to 72x72),
     then for training a random crop (after reflect padding), flip and colour jitter where the task has them,
-    for evaluation a center crop (squashed images are used whole).  A non-default input_size scales the
-    resize and padding with the crop."""
+    for evaluation a center crop (squashed images are used whole), and normalisation with `mean_std` (default:
+    `task_mean_std` of data_dir).  A non-default input_size scales the resize and padding with the crop."""
     recipe = PREPROCESSING[task]
     crop = crop_size(task, input_size)
     scale = crop / recipe['crop']
     side = round(IMAGE_SIZE * scale)
-    mean, std = task_mean_std(task, data_dir)
+    mean, std = mean_std or task_mean_std(task, data_dir)
     steps = [v2.Resize((side, side) if recipe['squash'] else side, antialias=True)]
     if train:
         pad = round(recipe['pad'] * scale)

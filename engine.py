@@ -51,42 +51,61 @@ def build_loaders(args):
     """(train_loader, test_loader, num_classes) for args.task, this process's share under torchrun (--batch-size
     images per process and step); the decathlon scripts set args.decathlon."""
     if getattr(args, 'decathlon', False):
-        from decathlon_dataloaders import get_decathlon_dataloaders
+        from decathlon_dataloaders import get_decathlon_dataloaders, task_mean_std
         loaders = get_decathlon_dataloaders(args.task, args.data_dir, args.train_splits, args.eval_split,
                                             batch_size=args.batch_size, workers=args.workers,
                                             input_size=args.input_size, seed=args.seed,
                                             train_limit=args.train_limit, test_limit=args.test_limit,
                                             rank=utils.rank(), world_size=utils.world_size())
+        found = {'mean_std': [list(values) for values in task_mean_std(args.task, args.data_dir)]}
     else:
         from dataloaders import get_dataloaders, task_classes
         loaders = get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size,
                                   args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
                                   rank=utils.rank(), world_size=utils.world_size())
-        classes = task_classes(args.task, args.data_dir)
-        check_classes(getattr(args, 'classes', None), classes, args)
-        args.classes = classes  # recorded with the run
+        found = {'classes': task_classes(args.task, args.data_dir)}
+    check_data(vars(args), found, args)
+    vars(args).update(found)  # recorded with the run
     return loaders
 
 
 def run_evaluation_transform(settings):
-    """The transform of the test images of the run whose recorded args are `settings`."""
+    """The transform of the test images of the run whose recorded args are `settings` (a decathlon run's with the
+    mean and std it recorded; runs from before they were recorded: those of its --data-dir)."""
     if settings.get('decathlon'):
         from decathlon_dataloaders import decathlon_transform
-        return decathlon_transform(settings['task'], False, settings['input_size'], settings['data_dir'])
+        return decathlon_transform(settings['task'], False, settings['input_size'], settings['data_dir'],
+                                   settings.get('mean_std'))
     from dataloaders import evaluation_transform
     return evaluation_transform(settings['task'], settings['input_size'])
 
 
-def check_classes(recorded, classes, args, network='the network', fix='pass the --data-dir it was trained on'):
-    """A folder task's data in args.data_dir must hold the `classes` `network` recorded (None: nothing recorded,
-    or another task): other folders would number the classes otherwise, silently."""
-    if recorded is None or classes is None or list(recorded) == list(classes):
-        return
-    missing, new = sorted(set(recorded) - set(classes)), sorted(set(classes) - set(recorded))
-    difference = '; '.join([*(['lacking ' + ', '.join(map(repr, missing))] if missing else []),
-                            *(['new ' + ', '.join(map(repr, new))] if new else [])])
-    raise UserError(f"the {args.task} classes in {args.data_dir} are not those {network} was trained on "
-                    f"({difference}): {fix}")
+# what a run records of its data, as settings: a folder task's class names, a decathlon task's mean and std
+RECORDED_DATA = ('classes', 'mean_std')
+
+
+def take_recorded_data(args, settings):
+    """Give `args` the RECORDED_DATA of a run's `settings`, for build_loaders to check the data against."""
+    for key in RECORDED_DATA:
+        setattr(args, key, settings.get(key))
+
+
+def check_data(recorded, found, args, network='the network', fix='pass the --data-dir it was trained on'):
+    """The data in args.data_dir must be those `network` was trained on (`recorded` and `found`: RECORDED_DATA
+    settings; None or absent: nothing recorded, or another kind of task): a folder task's classes, which other
+    folders would number otherwise, silently; a decathlon task's mean and std, which its inputs are normalised
+    with."""
+    old, new = recorded.get('classes'), found.get('classes')
+    if old is not None and new is not None and list(old) != list(new):
+        missing, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        difference = '; '.join([*(['lacking ' + ', '.join(map(repr, missing))] if missing else []),
+                                *(['new ' + ', '.join(map(repr, added))] if added else [])])
+        raise UserError(f"the {args.task} classes in {args.data_dir} are not those {network} was trained on "
+                        f"({difference}): {fix}")
+    old, new = recorded.get('mean_std'), found.get('mean_std')
+    if old is not None and new is not None and [list(values) for values in old] != [list(values) for values in new]:
+        raise UserError(f"the {args.task} mean and std of {args.data_dir} are not those {network} was trained with "
+                        f"(mean {old[0]}, std {old[1]}): {fix}")
 
 
 def check_recorded_settings(args, saved, names, command):
@@ -114,7 +133,7 @@ def evaluation_loader(args, checkpoint, num_classes, network_settings):
         raise UserError(f"{args.model_dir} was trained on {saved['task']}, not {args.task}: "
                         f"pass --task {saved['task']}")
     args.input_size = saved['input_size']
-    args.classes = saved.get('classes')
+    take_recorded_data(args, saved)
     try:
         _, test_loader, data_classes = build_loaders(args)
     except UserError as error:  # data not found, or not the run's: where the run found them helps
@@ -160,11 +179,11 @@ def run_kind(checkpoint):
     return 'student' if isinstance(checkpoint['model'], dict) and 'meta' in checkpoint['model'] else None
 
 
-# settings that name files or steer the process rather than define what a run trains (and a folder task's class
-# names, which no flag gives: build_loaders checks them against the data; the process count, check_resumable's)
+# settings that name files or steer the process rather than define what a run trains (and RECORDED_DATA, which no
+# flag gives: build_loaders checks them against the data; the process count, check_resumable's)
 NOT_TRAINING_SETTINGS = ('model_dir', 'model_root', 'data_dir', 'teacher_fn', 'full_model_dir', 'pretrained', 'device',
                          'workers', 'cuda_graph', 'resume', 'force', 'log2file', 'evaluate', 'export', 'summary',
-                         'write_submission', 'classes', 'processes')
+                         'write_submission', *RECORDED_DATA, 'processes')
 
 
 def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
@@ -232,7 +251,7 @@ def check_run_dir(args):
             raise UserError(f"--resume: the run in {args.model_dir} is a {recorded}'s: resume it with "
                             f"main_{recorded}.py")
         check_resumable(args, existing)
-        args.classes = existing['args'].get('classes')  # build_loaders checks the data against them
+        take_recorded_data(args, existing['args'])  # build_loaders checks the data against them
     return existing
 
 
@@ -582,7 +601,7 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
         raise UserError(f"teacher {path} was trained on {saved['task']}, the student's task is {task}: "
                         "wrong --teacher-fn?")
     if args is not None:
-        check_classes(saved.get('classes'), args.classes, args, f"teacher {path}", 'wrong --teacher-fn or --data-dir?')
+        check_data(saved, vars(args), args, f"teacher {path}", 'wrong --teacher-fn or --data-dir?')
     utils.check_finite(checkpoint['model'], f'teacher checkpoint {path}')
     model = create_teacher(saved['arch'], classes)
     model.load_state_dict(checkpoint['model'])

@@ -30,8 +30,8 @@ from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
                     check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit,
                     load_student, load_teacher, make_optimizer, missing_weights, param_groups, prepare_run_dir,
-                    run_evaluation_transform, run_kind, run_state, student_fingerprint, teacher_fingerprint,
-                    unfinished_note, universal_fingerprint, use_cuda_graph)
+                    run_evaluation_transform, run_kind, run_state, student_fingerprint, take_recorded_data,
+                    teacher_fingerprint, unfinished_note, universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -116,7 +116,7 @@ def check_student_args(args):
         setattr(args, name, recorded if given is None else given)
 
     from_full_student('task', None, must_match=True)  # a student is pruned and retrained on its own task
-    args.classes = full_args.get('classes')  # and classes (build_loaders checks)
+    take_recorded_data(args, full_args)  # and its data (build_loaders checks)
     if not args.task:
         raise UserError("--task is required to train a student (--evaluate and --export take the run's)")
     from_full_student('input_size', 224)

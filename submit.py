@@ -31,7 +31,7 @@ import main_student_decathlon
 import main_teacher_decathlon
 import utils
 from dataloaders import task_classes
-from engine import (check_args, check_classes, check_run_dir, checkpoint_path, finished_run_differences, load_teacher,
+from engine import (check_args, check_data, check_run_dir, checkpoint_path, finished_run_differences, load_teacher,
                     run_status)
 from main_teacher_decathlon import task_runs
 from nettailor import create_student
@@ -180,7 +180,7 @@ def check_script_args(job, args):
         if args.prune:
             require_finished(args, args.full_model_dir, 'to prune')
     main_student.check_student_args(args)
-    check_classes(args.classes, task_classes(args.task, args.data_dir), args)  # a folder task's data
+    check_data(vars(args), {'classes': task_classes(args.task, args.data_dir)}, args)  # a folder task's data
     if default_teacher and args.teacher_coeff > 0:
         require_finished(args, os.path.dirname(args.teacher_fn), 'to distil from',
                          ', or pass --teacher-coeff 0 after --')

@@ -189,6 +189,33 @@ def test_evaluate_takes_each_runs_own_crop_and_network(decathlon):
                 "rebuilds the run as recorded)")):
             module.main(module.get_args_parser().parse_args([*map(str, common), *flags]))
 
+
+def test_runs_keep_the_mean_and_std_they_were_trained_with(decathlon, tmp_path):
+    """The miniature's own statistics (its decathlon_mean_std.json) are recorded with each run: an export of a run
+    whose data moved carries them, not the published ones, and data normalised otherwise is refused."""
+    import main_student_decathlon
+    models = tmp_path / 'models'
+    shutil.copytree(decathlon['models'], models)
+    run = models / 'svhn' / 'pruned'
+    checkpoint = torch.load(checkpoint_path(run), weights_only=False)
+    mean, std = task_mean_std('svhn', decathlon['data'])
+    assert checkpoint['args']['mean_std'] == [list(mean), list(std)] and list(mean) != list(MEAN_STD['svhn'][0])
+    checkpoint['args']['data_dir'] = str(tmp_path / 'moved')  # the data it was trained on, gone
+    torch.save(checkpoint, checkpoint_path(run))
+    run_commands(('main_student_decathlon.py', '--task', 'svhn', '--model-root', models, '--export', tmp_path / 'out'))
+    extra = {'preprocessing.json': ''}
+    torch.export.load(str(tmp_path / 'out' / 'svhn' / 'tailored.pt2'), extra_files=extra)
+    assert json.loads(extra['preprocessing.json'])[-1]['normalize'] == {'mean': list(mean), 'std': list(std)}
+    published = tmp_path / 'published'  # the same images, normalised with the published statistics
+    shutil.copytree(decathlon['data'], published)
+    os.remove(published / 'decathlon-1.0' / 'decathlon_mean_std.json')
+    args = main_student_decathlon.get_args_parser().parse_args(
+        ['--task', 'svhn', '--data-dir', str(published), '--model-root', str(models), '--workers', '0', '--evaluate'])
+    with pytest.raises(utils.UserError, match=re.escape(
+            f"the svhn mean and std of {published} are not those the network was trained with (mean {list(mean)}, "
+            f"std {list(std)}): pass the --data-dir it was trained on")):
+        main_student_decathlon.main(args)
+
 def test_summary_lists_both_tasks_the_score_and_a_valid_submission(decathlon):
     lines = decathlon['summary'].splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.split() and line.split()[0] in TASKS}
