@@ -31,10 +31,11 @@ from utils import UserError
 
 
 def conv_with(weight, bias, like=None):
-    """An nn.Conv2d holding `weight` and `bias`, with the stride, padding, dilation and groups of `like` (a conv)
-    or a plain 1x1 convolution's."""
+    """An nn.Conv2d holding `weight` and `bias` (on their device, in their dtype), with the stride, padding,
+    dilation and groups of `like` (a conv) or a plain 1x1 convolution's."""
     settings = (like.stride, like.padding, like.dilation, like.groups) if like is not None else (1, 0, 1, 1)
-    conv = nn.Conv2d(weight.shape[1] * settings[3], weight.shape[0], weight.shape[2:], *settings, bias=True)
+    conv = nn.Conv2d(weight.shape[1] * settings[3], weight.shape[0], weight.shape[2:], *settings, bias=True,
+                     device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)

@@ -45,6 +45,19 @@ def test_tailored_network_equals_the_student_in_eval_mode(float64, arch, prune, 
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_tailored_network_takes_the_students_dtype():
+    """A float64 student under the float32 default: its tailored network holds float64 only, not float32 copies
+    that round its weights."""
+    student = trained_looking_student('resnet18', 3).double().eval()  # eval(): its folds again, now in float64
+    network = deploy.TailoredNetwork(student)
+    assert {tensor.dtype for tensor in [*network.parameters(), *network.buffers()] if tensor.is_floating_point()} == {
+        torch.float64}
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = student(x)[0]
+        assert torch.allclose(network(x), expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
 @pytest.mark.parametrize('arch, prune, task_bn_stats', CASES)
 def test_tailored_network_holds_only_the_surviving_paths(arch, prune, task_bn_stats):
     student = trained_looking_student(arch, prune, task_bn_stats)
