@@ -298,21 +298,26 @@ def measure(args, device):
         'ratio_to_teacher_forward': {name: statistics.median(a / b for a, b in zip(t, unit))
                                      for name, t in times.items()},
         'pruned_flops_ratio': stats_pruned['flops'] / stats_full['flops_full'],
+        'pruned_universal_blocks': {'kept': stats_pruned['universal_blocks_kept'],
+                                    'total': stats_pruned['universal_blocks_total']},
     }
+
+    def paired(name, other):
+        return statistics.median(a / b for a, b in zip(times[name], times[other]))
+    results['paired_ratios'] = {
+        'one-pass / two-pass train step': paired('student train step', 'two-pass train step'),
+        **{f'one-pass / split-free train step{suffix}': paired(f'student train step{suffix}',
+                                                               f'split-free train step{suffix}')
+           for suffix in (', CUDA graph' if graphed else '' for graphed in graph_modes)},
+        'student train step / frozen teacher forward': paired('student train step', 'frozen teacher forward')}
     print(f"{args.arch}, max_skip {args.max_skip}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
           f"{device} ({torch.get_num_threads()} threads{', amp' if args.amp else ''}), median of {args.repeats} "
           f"interleaved rounds (ratios: median of each round's ratio)")
     for name in cases:
         print(f"  {name:<40} {results['median_seconds'][name] * 1e3:9.1f} ms  "
               f"{results['ratio_to_teacher_forward'][name]:5.2f} x teacher forward")
-    paired = statistics.median(a / b for a, b in zip(times['student train step'], times['two-pass train step']))
-    print(f"  one-pass / two-pass train step: {paired:.2f}")
-    for suffix in (', CUDA graph' if graphed else '' for graphed in graph_modes):
-        paired = statistics.median(a / b for a, b in zip(times[f'student train step{suffix}'],
-                                                         times[f'split-free train step{suffix}']))
-        print(f"  one-pass / split-free train step{suffix}: {paired:.2f} (what the per-layer split costs)")
-    paired = statistics.median(a / b for a, b in zip(times['student train step'], times['frozen teacher forward']))
-    print(f"  student train step / frozen teacher forward: {paired:.2f}")
+    for name, ratio in results['paired_ratios'].items():
+        print(f"  {name}: {ratio:.2f}{' (what the per-layer split costs)' if 'split-free' in name else ''}")
     print(f"  pruned network: {results['pruned_flops_ratio']:.2f} of the teacher's FLOPs "
           f"({stats_pruned['universal_blocks_kept']}/{stats_pruned['universal_blocks_total']} universal blocks)")
     save_json(args, results)
@@ -420,7 +425,7 @@ def measure_latency(args, device):
             times = interleaved({name: functools.partial(fn, x) for name, fn in functions().items()}, args.repeats,
                                 device)
             seconds = {name: statistics.median(t) for name, t in times.items()}
-            ratio = seconds['tailored'] / seconds['teacher']
+            ratio = statistics.median(a / b for a, b in zip(times['tailored'], times['teacher']))  # paired
             rows.append({'runtime': runtime, 'batch': batch, 'teacher_seconds': seconds['teacher'],
                          'tailored_seconds': seconds['tailored'], 'ratio': ratio,
                          'ratio_over_flops_ratio': ratio / flops_ratio})

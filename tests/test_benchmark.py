@@ -27,7 +27,11 @@ def test_benchmark_reports_every_case_as_a_ratio(tmp_path, capsys, amp):
                            'pruned eval forward'}
     assert ratios['teacher forward'] == 1.0 and all(r > 0 for r in ratios.values())
     assert 0 < results['pruned_flops_ratio'] < 1
-    assert 'one-pass / two-pass' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert set(results['paired_ratios']) == {'one-pass / two-pass train step', 'one-pass / split-free train step',
+                                             'student train step / frozen teacher forward'}
+    assert all(f'  {name}: {ratio:.2f}' in out for name, ratio in results['paired_ratios'].items())  # as printed
+    assert results['pruned_universal_blocks'] == {'kept': 4, 'total': 8} and '(4/8 universal blocks)' in out
     assert json.loads((tmp_path / 'new' / 'speed.json').read_text()) == results  # its folder created
 
 
