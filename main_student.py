@@ -178,20 +178,27 @@ def check_export_dir(out_dir, force):
                         "it, or export elsewhere")
 
 
-def export_run(args):
-    """--export: the student in --model-dir as deploy.py's tailored network, in two files."""
-    student, checkpoint = load_student(args.model_dir, torch.device('cpu'), args.pretrained)
-    saved = checkpoint['args']
-    check_recorded_settings(args, saved, ('task', *STUDENT_RUN_SETTINGS), '--export')
-    metadata = {'preprocessing': preprocessing_steps(run_evaluation_transform(saved))}
-    if saved.get('classes') is not None:
-        metadata['classes'] = saved['classes']
+def export_run(args, loaded=None):
+    """--export: the student in --model-dir as deploy.py's tailored network, in two files; `loaded`: what
+    `load_export(args)` returned."""
+    student, checkpoint, metadata = loaded or load_export(args)
     paths = export(student, args.export, metadata)
     stats = student.stats()
     print(format_stats(stats))
     print(f"tailored network of {args.model_dir} ({stats['flops'] / stats['flops_full']:.2f} of the full "
           f"network's FLOPs) written to {paths[0]} and {paths[1]}{unfinished_note(checkpoint)}")
     return {'paths': paths, 'stats': stats}
+
+
+def load_export(args):
+    """(student, checkpoint, metadata) of the run --export writes, its recorded settings checked."""
+    student, checkpoint = load_student(args.model_dir, torch.device('cpu'), args.pretrained)
+    saved = checkpoint['args']
+    check_recorded_settings(args, saved, ('task', *STUDENT_RUN_SETTINGS), '--export')
+    metadata = {'preprocessing': preprocessing_steps(run_evaluation_transform(saved))}
+    if saved.get('classes') is not None:
+        metadata['classes'] = saved['classes']
+    return student, checkpoint, metadata
 
 
 def evaluate_run(args):
@@ -215,7 +222,8 @@ def main(args):
     if args.export is not None:
         utils.require_one_process('--export')
         check_export_dir(args.export, args.force)
-    if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal):
+    if (args.export or args.evaluate) and (args.full_model_dir or args.n_pruning_universal
+                                           or args.thr_pruning_proxy is not None):
         raise UserError(f"{'--export' if args.export else '--evaluate'} takes the run in --model-dir as it is: "
                         "prune it first (--full-model-dir RUN --n-pruning-universal K --model-dir NEW), then pass NEW")
     if args.export:

@@ -167,8 +167,8 @@ def summary(args):
 
 def export_tasks(args):
     """--export OUT_DIR: each task's final run (pruned if finished, else the full student) to OUT_DIR/<task>,
-    every task's run found, and its folder checked (an earlier export there only with --force), before any is
-    exported."""
+    every task's run found and loaded, and its folder checked (an earlier export there only with --force), before
+    any is exported."""
     utils.require_folder(args.export, '--export')
     runs = []
     for task_args in task_runs(args):
@@ -179,8 +179,11 @@ def export_tasks(args):
                   "exporting the full student")
         task_args.export = os.path.join(args.export, task_args.task)
         main_student.check_export_dir(task_args.export, args.force)
-        runs.append(task_args)
-    return {task_args.task: main_student.export_run(task_args) for task_args in runs}
+        try:
+            runs.append((task_args, main_student.load_export(task_args)))
+        except UserError as error:
+            raise UserError(f"{task_args.task}: {utils.user_error_line(error)}") from None  # which task failed
+    return {task_args.task: main_student.export_run(task_args, loaded) for task_args, loaded in runs}
 
 
 def main(args):

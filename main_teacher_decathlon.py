@@ -66,14 +66,22 @@ def get_args_parser(add_help=True):
 
 
 def task_runs(args):
-    """One argument namespace per task, with its run directory and crop size resolved."""
+    """One argument namespace per task, with its run directory and crop size resolved; --task all is every task
+    of --data-dir (for --export, every task with runs under --model-root)."""
     if args.model_dir is not None:
         raise UserError("decathlon runs go to <model-root>/<task>/<stage>: pass --model-root, not --model-dir")
     if args.train_splits not in ('train', 'train,val'):  # val alone, or twice, would inflate the val accuracy
         raise UserError(f"--train-splits takes 'train' or 'train,val', got {args.train_splits!r}")
     if args.task != 'all':
         check_task(args.task)  # a misspelt task is no missing run
-    tasks = available_tasks(args.data_dir) if args.task == 'all' else [args.task]
+    if args.task != 'all':
+        tasks = [args.task]
+    elif getattr(args, 'export', None) is not None:  # the runs there, without the data
+        tasks = [task for task in DECATHLON_TASKS if os.path.isdir(os.path.join(args.model_root, task))]
+        if not tasks:
+            raise UserError(f"no decathlon task's runs under --model-root {args.model_root}: train them first")
+    else:
+        tasks = available_tasks(args.data_dir)
     if not tasks:
         raise UserError(f"no decathlon task found under {args.data_dir}/decathlon-1.0; run "
                         "`python data/download_decathlon.py` or `python data/make_synthetic_decathlon.py`")

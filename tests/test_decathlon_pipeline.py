@@ -127,12 +127,12 @@ def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path)
     rebuilt at the 32 px it was trained at, not the tasks' default crops; the outputs are the students'."""
     models = tmp_path / 'models'
     shutil.copytree(decathlon['models'], models)
-    unfinished = torch.load(models / 'dtd' / 'student' / 'checkpoint.pth', weights_only=True)
-    unfinished['finished'] = False
+    finished = torch.load(models / 'dtd' / 'student' / 'checkpoint.pth', weights_only=True)
+    unfinished = {**finished, 'finished': False}
     os.makedirs(models / 'dtd' / 'pruned')
     torch.save(unfinished, models / 'dtd' / 'pruned' / 'checkpoint.pth')
-    out, = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
-                         '--model-root', models, '--export', tmp_path / 'deploy'))
+    out, = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', tmp_path / 'no-data',
+                         '--model-root', models, '--export', tmp_path / 'deploy'))  # the runs' tasks: no data needed
     assert f"dtd: the pruned run in {models / 'dtd'} is unfinished" in out
     assert sorted(os.listdir(tmp_path / 'deploy')) == sorted(TASKS)
     images = torch.randn(3, 3, 32, 32)
@@ -164,6 +164,16 @@ def test_export_writes_each_tasks_final_run_at_its_own_crop(decathlon, tmp_path)
             f"error: the dtd student in {models / 'dtd'} is unfinished: finish it with --task dtd --resume and the "
             "flags it was started with (its args.json)")
     assert not (tmp_path / 'deploy2').exists()
+    torch.save(finished, models / 'dtd' / 'student' / 'checkpoint.pth')
+    pruned = torch.load(models / 'svhn' / 'pruned' / 'checkpoint.pth', weights_only=False)
+    pruned['args']['pretrained'] = str(tmp_path / 'gone.pth')  # svhn's weights missing: dtd, before it, not exported
+    torch.save(pruned, models / 'svhn' / 'pruned' / 'checkpoint.pth')
+    result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                        '--model-root', models, '--export', tmp_path / 'deploy3')
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: svhn: the universal weights {tmp_path / 'gone.pth'} that {models / 'svhn' / 'pruned'} was trained on "
+        "are missing")
+    assert not (tmp_path / 'deploy3' / 'dtd').exists()
 
 
 def test_evaluate_takes_each_runs_own_crop_and_network(decathlon):

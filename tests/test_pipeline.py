@@ -136,6 +136,8 @@ def test_export_writes_the_tailored_network_of_a_run(pipeline, tmp_path):
     for flags, message in ((['--export', tmp_path / 'out', '--n-pruning-universal', 4],  # exported unpruned
                             '--export takes the run in --model-dir as it is: prune it first'),
                            (['--evaluate', '--full-model-dir', pipeline[1]], '--evaluate takes the run in --model-dir'),
+                           (['--export', tmp_path / 'out', '--thr-pruning-proxy', 0.5], '--export takes the run in'),
+                           (['--evaluate', '--thr-pruning-proxy', 0], '--evaluate takes the run in --model-dir'),
                            (['--export', tmp_path / 'out', '--input-size', 64],  # exported at the run's 32
                             f'{pruned} was trained with --input-size 32, not 64: drop those flags (--export rebuilds'),
                            (['--export', tmp_path / 'out', '--task', 'synth-shapes'],
