@@ -15,12 +15,11 @@ import math
 import os
 
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
-from dataloaders import first_images, loader_options, training_loader
+from dataloaders import first_images, load_rgb_image, loader_options, training_loader
 from utils import UserError, atomic_write_json
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
@@ -245,13 +244,11 @@ def _category_ids(task, categories, path):
 
 
 def _load_image(path):
-    try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
-    except FileNotFoundError as error:  # removed after the dataset checked it
-        raise UserError(f"image file {path} is missing; {DOWNLOAD_HINT}") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"corrupt image file {path}: {' '.join(str(error).split())}") from error
+    """`dataloaders.load_rgb_image` (16-bit grey scaled, damaged files refused), a file removed since the dataset
+    checked it named as missing."""
+    if not os.path.exists(path):
+        raise UserError(f"image file {path} is missing; {DOWNLOAD_HINT}")
+    return load_rgb_image(path)
 
 
 class DecathlonDataset(Dataset):

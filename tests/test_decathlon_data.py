@@ -344,6 +344,14 @@ def test_corrupt_image_is_reported_by_path(decathlon):
     dataset[1]
     with pytest.raises(UserError, match=f'^corrupt image file {dataset.paths[2]}: cannot identify image file'):
         dataset[2]
+    grey = np.arange(72 * 90, dtype=np.uint16).reshape(72, 90) * 9  # 16-bit grey levels up to 58311
+    Image.fromarray(grey).save(dataset.paths[3].replace('.jpg', '.png'))
+    os.replace(dataset.paths[3].replace('.jpg', '.png'), dataset.paths[3])  # a PNG under the decathlon's name
+    pixels = np.asarray(DecathlonDataset('svhn', 'train', decathlon)[3][0])
+    assert pixels.shape == (72, 90, 3) and pixels.max() == round(grey.max() / 257)  # scaled to 8 bits, not clipped
+    os.remove(dataset.paths[4])
+    with pytest.raises(UserError, match=f'^image file {dataset.paths[4]} is missing; run `python data/download'):
+        dataset[4]  # removed after the dataset checked its images
 
 
 def test_missing_images_are_refused_before_a_run_starts(decathlon, tmp_path):
