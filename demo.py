@@ -70,8 +70,10 @@ def run_stage(name, script, task, model_dir, demo_args, flags, logger):
     if status == 'unfinished' and not args.force:  # --resume refuses it if trained otherwise
         logger.info(f"[{name}] unfinished run in {model_dir}: resumed (--force starts it again)")
         args.resume = True
-    if status == 'finished' and not args.force:
-        differences = finished_run_differences(model_dir, {'input_size': args.input_size, 'seed': args.seed, **flags})
+    if status == 'finished' and not args.force:  # every setting it trains with but those its script resolves
+        wanted = {key: value for key, value in vars(args).items()
+                  if value is not None or key in ('train_limit', 'test_limit')}
+        differences = finished_run_differences(model_dir, wanted)
         if differences:
             raise utils.UserError(f"{model_dir} holds a finished run trained with {'; '.join(differences)}: pass "
                                   "--force to replace it or another --model-root")

@@ -197,23 +197,39 @@ def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
 
 def finished_run_differences(model_dir, wanted):
     """`setting_differences` of the finished run in `model_dir` (NOT_TRAINING_SETTINGS are not compared), then
-    `stale_sources`."""
+    `stale_sources`, against the sources `wanted` names."""
     checkpoint = utils.load_checkpoint(checkpoint_path(model_dir))
-    return setting_differences(checkpoint['args'], wanted) + stale_sources(checkpoint)
+    return setting_differences(checkpoint['args'], wanted) + stale_sources(checkpoint, wanted)
 
 
-def stale_sources(checkpoint):
-    """The runs that the run of `checkpoint` was trained from (its teacher, the student it was pruned from) and that
-    were trained again since, as 'an earlier <checkpoint> (trained again since)': the fingerprints it recorded."""
+def stale_sources(checkpoint, wanted=None):
+    """What the run of `checkpoint` was trained from, where it is not what `wanted` (settings) names: its teacher
+    and the student it was pruned from by the fingerprints it recorded ('another teacher than <checkpoint>'; where
+    `wanted` names none, or the same file, 'an earlier <checkpoint> (trained again since)'), its universal weights
+    by their file ('--pretrained <recorded>, not <wanted>', unless the recorded file is gone: moved)."""
+    wanted = wanted or {}
     stale = []
-    for key, setting, current in (('teacher_sha256', 'teacher_fn', teacher_fingerprint),
-                                  ('full_sha256', 'full_model_dir', student_fingerprint)):
-        path = checkpoint['args'].get(setting)
-        path = checkpoint_path(path) if path and os.path.isdir(path) else path
+    for key, setting, current, source in (('teacher_sha256', 'teacher_fn', teacher_fingerprint, 'teacher'),
+                                          ('full_sha256', 'full_model_dir', student_fingerprint, 'full student')):
+        recorded, path = run_file(checkpoint['args'].get(setting)), run_file(wanted.get(setting))
+        path = path or recorded
         if checkpoint.get(key) and path and os.path.isfile(path) and \
                 current(utils.load_checkpoint(path)) != checkpoint[key]:
-            stale.append(f"an earlier {path} (trained again since)")
+            same = recorded is not None and os.path.isfile(recorded) and os.path.samefile(recorded, path)
+            stale.append(f"an earlier {path} (trained again since)" if same else f"another {source} than {path}")
+    if 'pretrained' in wanted:
+        recorded, given = (None if value in (None, 'none') else value
+                           for value in (checkpoint['args'].get('pretrained'), wanted['pretrained']))
+        files = None not in (recorded, given) and 'imagenet' not in (recorded, given)
+        if recorded != given and (not files or os.path.exists(recorded) and not (
+                os.path.exists(given) and os.path.samefile(recorded, given))):
+            stale.append(f"--pretrained {recorded or 'none'}, not {given or 'none'}")
     return stale
+
+
+def run_file(path):
+    """The checkpoint file of a run given as its folder or as the file (None stays None)."""
+    return checkpoint_path(path) if path and os.path.isdir(path) else path
 
 
 def check_run_dir(args):

@@ -1,12 +1,15 @@
 """experiments.py: the selection rule, and every sub-command end to end on tiny settings (--smoke), reusing runs."""
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
 import torchvision
 
 import experiments
+from engine import checkpoint_path, finished_run_differences
 from utils import UserError
 
 
@@ -68,6 +71,43 @@ def test_k_sweep_then_the_teacher_ablation_reusing_its_runs(roots, capsys):
     assert os.path.isdir(roots / 'runs' / 'pruned-k2')
     assert json.loads(open(roots / 'runs' / 'student-no-teacher' / 'args.json').read())['teacher_coeff'] == 0.0
     assert (roots / 'runs' / 'teacher.png').exists()
+
+
+def test_finished_runs_are_reused_only_if_trained_as_the_experiment_would(roots, tmp_path):
+    """Every setting a stage trains with is compared, not only the recipe's flags, and so is what it was trained
+    from: its universal weights, its teacher, the student it was pruned from."""
+    def ksweep(source_root):
+        return experiments.main(experiments.get_args_parser().parse_args(
+            ['ksweep', '--smoke', '--device', 'cpu', '--workers', '0', '--source-root', str(source_root),
+             '--model-root', str(tmp_path / 'runs'), '--k', '1']))
+    ksweep(roots)
+    other = tmp_path / 'other'
+    other.mkdir()
+    torch.save({name: tensor + 1 for name, tensor in torch.load(roots / 'resnet18_synth-source.pth').items()},
+               other / 'resnet18_synth-source.pth')
+    with pytest.raises(UserError, match=re.escape(
+            f"{tmp_path / 'runs' / 'teacher'} holds a finished run trained with --pretrained "
+            f"{roots / 'resnet18_synth-source.pth'}, not {other / 'resnet18_synth-source.pth'}: pass --force")):
+        ksweep(other)
+    pruned = checkpoint_path(tmp_path / 'runs' / 'pruned-k1')
+    checkpoint = torch.load(pruned, weights_only=False)
+    torch.save({**checkpoint, 'args': {**checkpoint['args'], 'optimizer': 'adam'}}, pruned)  # no recipe flag
+    with pytest.raises(UserError, match=re.escape('pruned-k1 holds a finished run trained with --optimizer adam, not '
+                                                  'sgd: pass --force')):
+        ksweep(roots)
+    torch.save(checkpoint, pruned)
+    for source, stage, name in (('full_model_dir', 'student', 'full student'), ('teacher_fn', 'teacher', 'teacher')):
+        shutil.copytree(tmp_path / 'runs' / stage, tmp_path / f'other-{stage}')
+        path = checkpoint_path(tmp_path / f'other-{stage}')
+        replaced = torch.load(path, weights_only=False)
+        state = replaced['model']['state'] if stage == 'student' else replaced['model']
+        for tensor in state.values():
+            if tensor.is_floating_point():
+                tensor += 1  # trained otherwise
+        torch.save(replaced, path)
+        assert finished_run_differences(tmp_path / 'runs' / 'pruned-k1', {source: str(path)}) == [
+            f"another {name} than {path}"]
+        assert finished_run_differences(tmp_path / 'runs' / 'pruned-k1', {source: str(tmp_path / 'runs' / stage)}) == []
 
 
 def test_max_skip_and_backbone_ablations(roots):

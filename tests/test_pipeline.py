@@ -707,8 +707,8 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
         demo.run_demo('synth-digits', other, args)
     assert (tmp_path / 'pruned' / 'checkpoint.pth').read_bytes() == pruned_before
     args.arch, args.seed = 'resnet34', 1
-    with pytest.raises(UserError, match='teacher holds a finished run trained with --seed 0, not 1; --arch resnet18, '
-                                        'not resnet34: pass --force'):
+    with pytest.raises(UserError, match='teacher holds a finished run trained with --arch resnet18, not resnet34; '
+                                        '--seed 0, not 1: pass --force'):
         demo.run_demo('synth-digits', recipe, args)
     args.arch, args.seed = 'resnet18', 0  # the teacher trained again (--force) under a finished student: refused
     teacher = torch.load(tmp_path / 'teacher' / 'checkpoint.pth', weights_only=False)
