@@ -149,6 +149,9 @@ def check_job(job, processes):
         if getattr(args, name, None) not in (None, False):  # --export '' included
             raise UserError(f"flags after --: --{name} trains no run, and submit.py submits runs to train: run "
                             f"python {job.script}.py --{name} directly")
+    if args.force:  # a requeued job continues its run with --resume, which --force contradicts
+        raise UserError("flags after --: submit.py does not take --force (a job resumes its run when requeued, and a "
+                        "finished run is kept): move the old runs away or pass another --model-root")
     if run_status(job.run_dir) != 'finished':
         args.processes = processes  # what check_run_dir records, and compares for a job to resume
         check_script_args(job, args)
@@ -405,12 +408,19 @@ def main(args, script_flags):
         try:
             handle.results()  # one per process of the job
         except Exception as error:  # submitit's text of the job's failure, its traceback included
-            lines = str(error).splitlines()
-            reason = next((line.split('Error: ', 1)[1] for line in reversed(lines) if 'Error: ' in line), lines[0])
-            failures.append(f"{job.run_dir} (job {handle.job_id}, log in {args.log_dir}): {reason}")
+            failures.append(f"{job.run_dir} (job {handle.job_id}, log in {args.log_dir}): {failure_reason(error)}")
     if failures:
         raise UserError(f"{len(failures)} of {len(submitted)} jobs failed: " + '; '.join(failures))
     return summary(args, jobs)
+
+
+def failure_reason(error):
+    """One line of submitit's text of a failed job: the job's own error (its last '...Error: ' line), or else
+    submitit's first sentence (a job killed before it raised one: 'Job N (task: 0) with path P has not produced
+    any output (state: S)')."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    own = next((line.split('Error: ', 1)[1] for line in reversed(lines) if 'Error: ' in line), None)
+    return own or ' '.join(' '.join(lines[:2]).split())
 
 
 if __name__ == '__main__':

@@ -111,6 +111,16 @@ def test_failed_jobs_are_reported_in_one_line(student, tmp_path):
         # a failure inside the job
 
 
+def test_a_killed_jobs_failure_keeps_submitits_whole_first_sentence():
+    killed = RuntimeError('Job 6903 (task: 0) with path /jobs/6903_0_result.pkl\nhas not produced any output (state: '
+                          'FAILED)\nNo output/error stream produced ! Check: /jobs/6903_0_log.out')
+    assert submit.failure_reason(killed) == ('Job 6903 (task: 0) with path /jobs/6903_0_result.pkl has not produced '
+                                             'any output (state: FAILED)')
+    raised = RuntimeError('Traceback (most recent call last):\n  ...\nRuntimeError: main_student --k 1: --lr must be '
+                          'positive, got 0.0\n')
+    assert submit.failure_reason(raised) == 'main_student --k 1: --lr must be positive, got 0.0'
+
+
 def test_submit_flags_are_checked(tmp_path):
     sweep = ['sweep', '--full-model-dir', tmp_path / 'none', '--k', 1]
     refused(tmp_path, ['--cpus-per-task', 0, *sweep], [], r"^--cpus-per-task must be positive, got 0$")
@@ -228,6 +238,8 @@ def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
             r"--backbone$")
     refused(tmp_path, sweep, ['--evaluate'], r"^flags after --: --evaluate trains no run, and submit.py submits runs "
             r"to train: run python main_student.py --evaluate directly$")
+    refused(tmp_path, sweep, ['--force'], r"^flags after --: submit.py does not take --force \(a job resumes its run "
+            r"when requeued, and a finished run is kept\): move the old runs away or pass another --model-root$")
     for flags in (['--model-dir', tmp_path / 'x'], ['--n-pruning-universal', 2], ['--model-d', tmp_path / 'x']):
         refused(tmp_path, sweep, flags, r"^flags after -- must not set --(model-dir|n-pruning-universal): submit.py "
                 r"sets it for each job from its own flags \(python submit.py --help\)$")
