@@ -255,10 +255,11 @@ class DecathlonDataset(Dataset):
     """One split of one decathlon task: yields (transformed image, class label); label -1 for test_stripped.
 
     image_ids[i] is the image id of sample i and category_ids[label] the real category id of a label,
-    which is what a submission to the evaluation server needs; `path` is the annotation file read.
+    which is what a submission to the evaluation server needs; `path` is the annotation file read.  Missing
+    image files are refused when it is built, unless `check_images` is False (a split no image will be read of).
     """
 
-    def __init__(self, task, split, data_dir='data', transform=None):
+    def __init__(self, task, split, data_dir='data', transform=None, check_images=True):
         check_task(task)
         if split not in SPLITS:
             raise UserError(f"unknown decathlon split '{split}'; valid splits: {', '.join(SPLITS)}")
@@ -282,7 +283,7 @@ class DecathlonDataset(Dataset):
             raise UserError(f"the {split} split of {task} has no images ({path}); {DOWNLOAD_HINT}")
         self.image_ids = [image['id'] for image in images]
         self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
-        missing = missing_files(self.paths)
+        missing = missing_files(self.paths) if check_images else []
         if missing:  # now, not at the batch that reads the first of them
             raise UserError(f"{len(missing)} of the {len(self.paths)} images of the {split} split of {task} are "
                             f"missing ({missing[0]} the first); {images_hint(task, data_dir)}")
@@ -322,15 +323,16 @@ def get_decathlon_datasets(task, data_dir='data', splits=('train', 'val'), input
 
 def get_decathlon_dataloaders(task, data_dir='data', train_splits=('train', 'val'), eval_split='val',
                               batch_size=32, workers=4, input_size=None, seed=0, train_limit=None, test_limit=None,
-                              rank=0, world_size=1):
+                              rank=0, world_size=1, train_images=True):
     """(train_loader, eval_loader, num_classes): training on the union of train_splits (with augmentation),
     evaluation on eval_split (center crops, fixed order); process `rank` of `world_size` gets its share of
-    each (dataloaders.training_loader)."""
+    each (dataloaders.training_loader).  `train_images` False: only evaluating, the training images are not
+    checked for (they may be absent)."""
     if 'test_stripped' in train_splits:
         raise UserError("test_stripped has no labels and cannot be used for training; "
                         "choose train splits among train, val")
     train_transform = decathlon_transform(task, True, input_size, data_dir)
-    train_sets = [DecathlonDataset(task, split, data_dir, train_transform) for split in train_splits]
+    train_sets = [DecathlonDataset(task, split, data_dir, train_transform, train_images) for split in train_splits]
     eval_set = DecathlonDataset(task, eval_split, data_dir, decathlon_transform(task, False, input_size, data_dir))
     num_classes = eval_set.num_classes
     for dataset in train_sets:

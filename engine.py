@@ -56,7 +56,8 @@ def build_loaders(args):
                                             batch_size=args.batch_size, workers=args.workers,
                                             input_size=args.input_size, seed=args.seed,
                                             train_limit=args.train_limit, test_limit=args.test_limit,
-                                            rank=utils.rank(), world_size=utils.world_size())
+                                            rank=utils.rank(), world_size=utils.world_size(),
+                                            train_images=not getattr(args, 'evaluate', False))
         found = {'mean_std': [list(values) for values in task_mean_std(args.task, args.data_dir)]}
     else:
         from dataloaders import get_dataloaders, task_classes

@@ -78,9 +78,10 @@ def train_or_evaluate(args):
 def write_run_submission(args, run_dir):
     """<run_dir>/submission.json: the run's predictions over its task's test_stripped images."""
     student, checkpoint = load_student(run_dir, utils.resolve_device(args.device), args.pretrained)
-    input_size = checkpoint['args']['input_size']
+    saved = checkpoint['args']  # the run's input size and the mean and std it recorded
     dataset = DecathlonDataset(args.task, 'test_stripped', args.data_dir,
-                               decathlon_transform(args.task, False, input_size, args.data_dir))
+                               decathlon_transform(args.task, False, saved['input_size'], args.data_dir,
+                                                   saved.get('mean_std')))
     if dataset.num_classes != student.num_classes:
         raise UserError(f"{dataset.path} lists {dataset.num_classes} {args.task} categories, the model in {run_dir} "
                         f"predicts {student.num_classes}: the annotation files and the run do not belong together")

@@ -200,7 +200,7 @@ def test_evaluate_takes_each_runs_own_crop_and_network(decathlon):
             module.main(module.get_args_parser().parse_args([*map(str, common), *flags]))
 
 
-def test_runs_keep_the_mean_and_std_they_were_trained_with(decathlon, tmp_path):
+def test_runs_keep_the_mean_and_std_they_were_trained_with(decathlon, tmp_path, monkeypatch):
     """The miniature's own statistics (its decathlon_mean_std.json) are recorded with each run: an export of a run
     whose data moved carries them, not the published ones, and data normalised otherwise is refused."""
     import main_student_decathlon
@@ -225,6 +225,22 @@ def test_runs_keep_the_mean_and_std_they_were_trained_with(decathlon, tmp_path):
             f"the svhn mean and std of {published} are not those the network was trained with (mean {list(mean)}, "
             f"std {list(std)}): pass the --data-dir it was trained on")):
         main_student_decathlon.main(args)
+    batches = []  # a submission's images, normalised as the run was trained, whatever the data folder's file says
+    monkeypatch.setattr(main_student_decathlon, 'predict', lambda model, loader, device: batches.append(
+        next(iter(loader))[0]) or torch.zeros(len(loader.dataset), dtype=torch.long))
+    main_student_decathlon.write_run_submission(args, run)
+    expected = DecathlonDataset('svhn', 'test_stripped', decathlon['data'],
+                                decathlon_transform('svhn', False, 32, decathlon['data']))
+    assert torch.equal(batches[0][0], expected[0][0])
+    val_only = tmp_path / 'val-only'  # evaluating reads no training image: they need not be there
+    shutil.copytree(decathlon['data'], val_only)
+    shutil.rmtree(val_only / 'decathlon-1.0' / 'data' / 'svhn' / 'train')
+    import main_teacher_decathlon
+    for module in (main_teacher_decathlon, main_student_decathlon):
+        result = module.main(module.get_args_parser().parse_args(
+            ['--task', 'svhn', '--data-dir', str(val_only), '--model-root', str(models), '--workers', '0',
+             '--evaluate']))
+        assert 0 <= result['svhn']['accuracy'] <= 100
 
 def test_summary_lists_both_tasks_the_score_and_a_valid_submission(decathlon):
     lines = decathlon['summary'].splitlines()
