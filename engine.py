@@ -240,7 +240,7 @@ def check_run_dir(args):
     path = checkpoint_path(args.model_dir)
     for flag in ('full_model_dir', 'teacher_fn', 'pretrained'):  # what the run reads must outlive it
         value = getattr(args, flag, None)
-        read = checkpoint_path(value) if value and os.path.isdir(value) else value
+        read = run_file(value)
         if read not in (None, 'imagenet', 'none') and os.path.realpath(read) == os.path.realpath(path):
             raise UserError(f"--{flag.replace('_', '-')} {value} is the checkpoint of --model-dir {args.model_dir}, "
                             "which this run would overwrite: write the run to another --model-dir")
@@ -602,8 +602,7 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
     """A trained teacher from its checkpoint (or its run directory), checked against the expected class count,
     arch and task (and the class names of a folder task in `args`); in eval mode with its weights frozen and
     folded (`fast.freeze`): it is fixed while the student trains."""
-    if os.path.isdir(path):
-        path = checkpoint_path(path)
+    path = run_file(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if run_kind(checkpoint) != 'teacher':
         but = " but a student's" if run_kind(checkpoint) == 'student' else ''
