@@ -315,8 +315,8 @@ def moved(recorded, given):
 
 def check_resumable(args, existing):
     """--resume continues the run `existing` records: every training setting and the weights it starts from as
-    recorded (only --epochs may grow; weights whose recorded file or run is gone may be named where they are now,
-    the fingerprints the run recorded checking them), and epochs still to go."""
+    recorded (only --epochs may change, the schedule following it; weights whose recorded file or run is gone may
+    be named where they are now, the fingerprints the run recorded checking them), and epochs still to go."""
     weights = ('pretrained', 'teacher_fn', 'full_model_dir')
 
     def located(settings):
@@ -540,7 +540,7 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
         optimizer.load_state_dict(resume_from['optimizer'])
         scheduler.load_state_dict(resume_from['scheduler'])
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group['lr'] = base_lr * factor(scheduler.last_epoch)  # the schedule of this run's --epochs, grown or not
+            group['lr'] = base_lr * factor(scheduler.last_epoch)  # the schedule of this run's --epochs, changed or not
         if resume_from.get('scaler'):  # empty without --amp
             precision.scaler.load_state_dict(resume_from['scaler'])
         utils.set_rng_state(resume_from['rng'])
