@@ -451,20 +451,23 @@ class SyntheticAugment:
 
 
 class ShuffledShard(torch.utils.data.Sampler):
-    """The training order: each epoch a new permutation of range(n) drawn from `generator`, wrapped around to a
-    multiple of `world_size`, and every `world_size`-th index from `rank`.  Every process draws the same
-    permutation (same seed), so with a batch of B each, their step-s batches together are the step-s batch
-    of one process with a batch of world_size x B.  With one process, torch's RandomSampler order."""
+    """The training order: each epoch a new permutation of range(n) drawn from `generator`, cut (or wrapped
+    around) to `size` x `world_size` indices (default: n wrapped around to a multiple of `world_size`), and
+    every `world_size`-th index from `rank`.  Every process draws the same permutation (same seed), so with a
+    batch of B each, their step-s batches together are the step-s batch of one process with a batch of
+    world_size x B.  With one process and all n, torch's RandomSampler order."""
 
-    def __init__(self, n, generator, rank=0, world_size=1):
+    def __init__(self, n, generator, rank=0, world_size=1, size=None):
         self.n, self.generator, self.rank, self.world_size = n, generator, rank, world_size
+        self.size = math.ceil(n / world_size) if size is None else size
 
     def __len__(self):
-        return math.ceil(self.n / self.world_size)
+        return self.size
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=self.generator)
-        order = torch.cat([order, order[:len(self) * self.world_size - self.n]])
+        total = self.size * self.world_size
+        order = torch.cat([order, order[:max(total - self.n, 0)]])[:total]
         return iter(order[self.rank::self.world_size].tolist())
 
 
@@ -505,8 +508,9 @@ class SeededSamples(Dataset):
 def training_loader(train_set, batch_size, workers, seed, rank=0, world_size=1, augment=None):
     """The training loader of process `rank` of `world_size`: its share of each epoch's shuffled order, drawn
     from `seed` (`ShuffledShard`), in full batches only: the released code ends each epoch at its first
-    incomplete batch, so every step normalises over `batch_size` images (and a CUDA graph replays every step).
-    A split smaller than one batch is one batch (of two images at least: BatchNorm cannot train on one).
+    incomplete batch, so every step normalises over `batch_size` images per process (and a CUDA graph replays
+    every step); the steps are those of one process with all the processes' images per batch.  A split smaller
+    than one such batch is one batch (of two images at least per process: BatchNorm cannot train on one).
     In-memory synthetic splits give their batched transform `augment` (`SyntheticLoader`); datasets of image
     files a DataLoader with `workers` processes, each image's random augmentation seeded by its place
     (`SeededShard`)."""
@@ -515,32 +519,30 @@ def training_loader(train_set, batch_size, workers, seed, rank=0, world_size=1, 
         raise UserError(f"the training split has {len(train_set)} image{'s' if len(train_set) > 1 else ''} for "
                         f"{world_size} process{'es' if world_size > 1 else ''}: BatchNorm cannot train on a batch of "
                         "one (--train-limit?)")
-    drop_last = share >= batch_size
+    steps = len(train_set) // (batch_size * world_size)
+    size = steps * batch_size if steps else share
     generator = torch.Generator().manual_seed(seed)
     if augment is not None:
-        return SyntheticLoader(train_set, batch_size, augment, ShuffledShard(len(train_set), generator, rank,
-                                                                              world_size), drop_last)
-    return DataLoader(SeededSamples(train_set), batch_size=batch_size, drop_last=drop_last,
-                      sampler=SeededShard(len(train_set), generator, rank, world_size),
+        return SyntheticLoader(train_set, batch_size, augment,
+                               ShuffledShard(len(train_set), generator, rank, world_size, size))
+    return DataLoader(SeededSamples(train_set), batch_size=batch_size,
+                      sampler=SeededShard(len(train_set), generator, rank, world_size, size),
                       generator=torch.Generator(),  # seeds the workers' generators, which draw nothing here
                       **loader_options(workers))
 
 
 class SyntheticLoader:
     """A DataLoader stand-in for in-memory synthetic splits: batches in the order of `sampler` (default: the
-    dataset's), augmented a batch at once (a `ShuffledShard`'s share of the flips of every process); `drop_last`
-    drops a last partial batch."""
+    dataset's), augmented a batch at once (a `ShuffledShard`'s share of the flips of every process)."""
 
-    def __init__(self, dataset, batch_size, augment, sampler=None, drop_last=False):
+    def __init__(self, dataset, batch_size, augment, sampler=None):
         self.dataset = dataset
         self.batch_size = batch_size
         self.augment = augment
         self.sampler = range(len(dataset)) if sampler is None else sampler
-        self.drop_last = drop_last
 
     def __len__(self):
-        batches = len(self.sampler) / self.batch_size
-        return math.floor(batches) if self.drop_last else math.ceil(batches)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)

@@ -288,25 +288,28 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
 
 
 @pytest.mark.parametrize('task', ['folder:pets', 'synth-shapes'])
-def test_training_augmentation_follows_the_images_place_not_the_processes_or_workers(tmp_path, task):
-    """Under torchrun, each of two processes loads every other image of a batch: they crop and flip them as one
-    process with the whole batch does (with the same crops and flips on both, the two halves repeated each
-    other's), whatever the number of loader workers."""
+@pytest.mark.parametrize('count, batch', [(12, 8), (11, 6)])
+def test_training_augmentation_follows_the_images_place_not_the_processes_or_workers(tmp_path, task, count, batch):
+    """Under torchrun, each of two processes loads every other image of a batch: they take the steps of one
+    process with the whole batch (11 images, 6 per step: one step, not the two that each process's 6 images,
+    one repeated, would make), and crop and flip their images as it does (with the same crops and flips on
+    both, the two halves repeated each other's), whatever the number of loader workers."""
     write_image_folder(tmp_path)  # 12 training images, noise around each class's colour: every crop differs
 
     def batches(batch_size, rank=0, world_size=1, workers=0):
         torch.manual_seed(0)  # as every process of a run seeds itself
-        loader = get_dataloaders(task, tmp_path, batch_size, workers, input_size=24, seed=1, train_limit=12,
+        loader = get_dataloaders(task, tmp_path, batch_size, workers, input_size=24, seed=1, train_limit=count,
                                  rank=rank, world_size=world_size)[0]
         return [images for epoch in range(2) for images, _ in loader]
 
-    whole = batches(8)
-    halves = [batches(4, rank, 2) for rank in (0, 1)]
-    assert [len(images) for images in whole] == [8, 8]  # two epochs of one full batch: 4 images left out of each
+    whole = batches(batch)
+    halves = [batches(batch // 2, rank, 2) for rank in (0, 1)]
+    assert [len(images) for images in whole] == [batch, batch]  # two epochs of one full batch, the rest left out
+    assert [len(images) for half in halves for images in half] == [batch // 2] * 4
     for step, images in enumerate(whole):  # process r holds the places r, r + 2, ... of the order
         assert torch.equal(images, torch.stack([halves[0][step], halves[1][step]], 1).flatten(0, 1)), step
     if task.startswith('folder:'):
-        assert all(torch.equal(a, b) for a, b in zip(batches(8, workers=2), whole))
+        assert all(torch.equal(a, b) for a, b in zip(batches(batch, workers=2), whole))
 
 
 @pytest.mark.parametrize('task', ['folder:pets', 'synth-shapes'])
@@ -320,7 +323,7 @@ def test_training_loaders_give_full_batches_only(tmp_path, task):
                                  world_size=world_size)[0]
         return len(loader), [len(labels) for _, labels in loader]
     assert sizes(4) == (2, [4, 4]) and sizes(5) == (2, [5, 5]) and sizes(2) == (5, [2] * 5)
-    assert sizes(3, 1, 2) == (2, [3, 3])  # 6 images per process
+    assert sizes(3, 1, 2) == (1, [3]) and sizes(2, 1, 2) == (2, [2, 2])  # the steps of 1 process with 6, with 4
     assert sizes(12) == (1, [11]) and sizes(7, 1, 2) == (1, [6])  # less than a batch: one batch
     with pytest.raises(UserError, match=r'^the training split has 1 image for 1 process: BatchNorm cannot train on '
                                         r'a batch of one \(--train-limit\?\)$'):
