@@ -196,11 +196,16 @@ def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
             if key not in ignored and text(recorded.get(key)) != text(value)]
 
 
-def finished_run_differences(model_dir, wanted):
+def finished_run_differences(model_dir, wanted, processes=None):
     """`setting_differences` of the finished run in `model_dir` (NOT_TRAINING_SETTINGS are not compared), then
-    `stale_sources`, against the sources `wanted` names."""
+    `stale_sources`, against the sources `wanted` names; given `processes`, the count of processes it was
+    trained by (--batch-size is per process)."""
     checkpoint = utils.load_checkpoint(checkpoint_path(model_dir))
-    return setting_differences(checkpoint['args'], wanted) + stale_sources(checkpoint, wanted)
+    differences = setting_differences(checkpoint['args'], wanted) + stale_sources(checkpoint, wanted)
+    recorded = checkpoint['args'].get('processes')
+    if processes is not None and recorded is not None and recorded != processes:
+        differences.append(f"{recorded} process(es), not {processes}")
+    return differences
 
 
 def stale_sources(checkpoint, wanted=None):
@@ -332,7 +337,8 @@ def check_resumable(args, existing):
                         "its own flags (its args.json), or pass --force to start it again")
     processes = existing['args'].get('processes')  # --batch-size is per process: another count trains otherwise
     if processes is not None and processes != args.processes:
-        how = 'as one process (no torchrun)' if processes == 1 else f'with torchrun --nproc-per-node {processes}'
+        how = ('as one process (no torchrun; submit.py: --processes-per-job 1)' if processes == 1 else
+               f'with torchrun --nproc-per-node {processes} (submit.py: --processes-per-job {processes})')
         raise UserError(f"--resume: the run in {args.model_dir} was trained by {processes} process(es), not "
                         f"{args.processes}: resume it {how}")
     if args.epochs <= existing['epoch'] + 1:

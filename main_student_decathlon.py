@@ -119,10 +119,13 @@ def required_final_run(task, task_dir):
     return run_dir
 
 
-def summary(args):
-    """Per-task table (teacher and NetTailor accuracy on val, task parameters, FLOPs, blocks) and the score."""
+def summary(args, tasks=None):
+    """Per-task table (teacher and NetTailor accuracy on val, task parameters, FLOPs, blocks) and the score, over
+    --task's tasks (`tasks`: those of them only)."""
     rows, accuracies, submissions = [], {}, []
     for task_args in task_runs(args):
+        if tasks is not None and task_args.task not in tasks:
+            continue
         task_dir = os.path.dirname(task_args.model_dir)
         run_dir = required_final_run(task_args.task, task_dir)
         student, checkpoint = load_student(run_dir, 'cpu', args.pretrained)  # given: where the weights are now
@@ -187,7 +190,9 @@ def export_tasks(args):
     return {task_args.task: main_student.export_run(task_args, loaded) for task_args, loaded in runs}
 
 
-def main(args):
+def check_command(args):
+    """The command's flags together: one of --summary, --export, --evaluate or training (--prune: the pruned
+    run), each with the flags that apply to it.  Returns the command's flag (None: training)."""
     commands = [flag for flag, given in (('--summary', args.summary), ('--export', args.export is not None),
                                          ('--evaluate', args.evaluate)) if given]
     if len(commands) > 1:
@@ -208,9 +213,14 @@ def main(args):
     if pruning and commands:
         raise UserError(f"{commands[0]} takes each task's final run as it is: drop {pruning[0]}")
     if pruning and not args.prune:  # main_student.py's hint would name --full-model-dir, refused here
-        raise UserError(f"{pruning[0]} prunes a trained student: pass it with --prune")
-    if commands[:1] in (['--summary'], ['--export']):
-        utils.require_one_process(commands[0])
+        raise UserError(f"{pruning[0]} prunes a trained student: pass it with --prune (submit.py: --stage pruned)")
+    return commands[0] if commands else None
+
+
+def main(args):
+    command = check_command(args)
+    if command in ('--summary', '--export'):
+        utils.require_one_process(command)
     if args.summary:
         return summary(args)
     if args.export is not None:

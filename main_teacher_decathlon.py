@@ -145,17 +145,23 @@ def train_or_evaluate(args):
     return main_teacher.main(args)
 
 
-def main(args):
-    if args.export_backbone and args.task == 'all':
+def check_export_backbone(args):
+    """--export-backbone FILE: one task's run, written to a file that can be written, other than the run's own
+    checkpoint and, unless --force replaces it, not there yet.  Returns the run's checkpoint file."""
+    if args.task == 'all':
         raise UserError("--export-backbone writes one task's network: pass a single --task")
-    if args.export_backbone:
-        utils.require_file_path(args.export_backbone, '--export-backbone')
-        run = checkpoint_path(next(task_runs(args)).model_dir)
-        if os.path.realpath(args.export_backbone) == os.path.realpath(run):
-            raise UserError(f"--export-backbone {args.export_backbone} is the run's own checkpoint: name another file")
-        if os.path.exists(args.export_backbone) and not args.force:
-            raise UserError(f"--export-backbone {args.export_backbone} exists: pass --force to replace it, or name "
-                            "another file")
+    utils.require_file_path(args.export_backbone, '--export-backbone')
+    run = checkpoint_path(next(task_runs(args)).model_dir)
+    if os.path.realpath(args.export_backbone) == os.path.realpath(run):
+        raise UserError(f"--export-backbone {args.export_backbone} is the run's own checkpoint: name another file")
+    if os.path.exists(args.export_backbone) and not args.force:
+        raise UserError(f"--export-backbone {args.export_backbone} exists: pass --force to replace it, or name "
+                        "another file")
+    return run
+
+
+def main(args):
+    run = check_export_backbone(args) if args.export_backbone else None
     results = run_tasks(args, train_or_evaluate)
     if args.export_backbone and utils.is_main_process():
         model, _ = load_teacher(run, 'cpu')

@@ -11,9 +11,10 @@ as a job array, one of the scripts' runs per job, then their summary.
     python submit.py --local --gpus-per-job 0 sweep ...
 
 Flags after `--` go to every run's script (main_*_decathlon.py, main_student.py).  Before anything is submitted,
-each job is checked as its script would check it (its flags and values, the runs it needs: a decathlon task's
-teacher and student, the universal blocks left to prune), so that no job is submitted only to fail.  Finished
-runs are not submitted again (one trained with other values of the flags given is refused), nor is a run whose
+each job is checked as its script would check it (its flags and values, its device and CUDA graphs against the
+job's GPUs and processes, the runs it needs: a decathlon task's teacher and student, the universal weights and
+blocks left to prune), so that no job is submitted only to fail.  Finished runs are not submitted again (one
+trained with other values of the flags given, or by another count of processes, is refused), nor is a run whose
 job of an earlier submission is still queued or running (refused; <log-dir>/submitted.json records the jobs); a
 job preempted or reaching its time limit is requeued and continues its run with --resume (submitit's
 checkpointing); once every job has ended the summary is printed (the decathlon table and score, or the sweep's
@@ -31,10 +32,10 @@ import main_student_decathlon
 import main_teacher_decathlon
 import utils
 from dataloaders import task_classes
-from engine import (check_args, check_data, check_run_dir, checkpoint_path, finished_run_differences, load_teacher,
-                    run_status)
+from backbones import check_input_size, create_teacher
+from engine import (check_args, check_data, check_run_dir, checkpoint_path, finished_run_differences, load_student,
+                    load_teacher, run_status)
 from main_teacher_decathlon import task_runs
-from nettailor import create_student
 from utils import UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -90,9 +91,13 @@ def decathlon_jobs(args, script_flags):
                         "`python data/make_synthetic_decathlon.py`")
     script = 'main_teacher_decathlon' if args.stage == 'teacher' else 'main_student_decathlon'
     stage_flags = ['--prune'] if args.stage == 'pruned' else []
-    return [make_job(script, ['--task', task, '--model-root', args.model_root, '--data-dir', args.data_dir,
+    jobs = [make_job(script, ['--task', task, '--model-root', args.model_root, '--data-dir', args.data_dir,
                               *stage_flags], script_flags, os.path.join(args.model_root, task, args.stage),
                      JOB_SETTINGS['decathlon']) for task in tasks]
+    if len(jobs) > 1 and given_settings(script, jobs[0].argv).get('export_backbone'):
+        raise UserError("flags after --: --export-backbone writes one task's network, and every job would write it: "
+                        "submit that task alone (--tasks TASK)")
+    return jobs
 
 
 def sweep_jobs(args, script_flags):
@@ -137,10 +142,11 @@ def parse_script_flags(script, argv, namespace=None):
     return parser.parse_known_args(argv, namespace)
 
 
-def check_job(job, processes):
+def check_job(job, processes, gpus):
     """Refuse, before anything is submitted, a job that would fail or pass a run off as another: flags its script
     does not take, cannot parse or would not train with; a finished run trained otherwise (`trained_otherwise`);
-    for a run to train, whatever its script would refuse (`check_script_args`)."""
+    for a run to train by `processes` processes on `gpus` GPUs, whatever its script would refuse
+    (`check_device`, `check_script_args`)."""
     args, unknown = parse_script_flags(job.script, job.current_argv())
     if unknown:
         raise UserError(f"{job.script}.py does not take {' '.join(unknown)} (python {job.script}.py --help lists "
@@ -154,12 +160,28 @@ def check_job(job, processes):
                         "finished run is kept): move the old runs away or pass another --model-root")
     if run_status(job.run_dir) != 'finished':
         args.processes = processes  # what check_run_dir records, and compares for a job to resume
+        check_device(args, processes, gpus)
         check_script_args(job, args)
         return
-    differences = trained_otherwise(job)
+    differences = trained_otherwise(job, processes)
     if differences:
         raise UserError(f"{job.run_dir} holds a finished run trained with {'; '.join(differences)}: "
                         "move it away or pass another --model-root")
+
+
+def check_device(args, processes, gpus):
+    """A job's --device and --cuda-graph as its script takes them, on the `gpus` GPUs the job gets ('auto': CUDA
+    with any) and with `processes` processes."""
+    device = utils.parse_device(args.device)
+    if device is not None and device.type == 'cuda' and not gpus:
+        raise UserError(f"flags after --: --device {args.device} needs a GPU, and the jobs get none "
+                        "(--gpus-per-job 0): drop it, or pass --gpus-per-job")
+    if args.cuda_graph and (device.type == 'cpu' if device is not None else not gpus):
+        raise UserError("flags after --: --cuda-graph needs a CUDA device, and the jobs run on CPUs: drop it, or "
+                        "pass --gpus-per-job (and no --device cpu)")
+    if args.cuda_graph and processes > 1:
+        raise UserError(f"flags after --: --cuda-graph runs one process, and each job runs {processes} "
+                        "(--processes-per-job, or one per GPU): drop it")
 
 
 def check_script_args(job, args):
@@ -169,13 +191,17 @@ def check_script_args(job, args):
     prunes recorded them; the universal blocks left to prune; the teacher it distils from, of its backbone and
     task); engine.check_run_dir."""
     if job.script == 'main_teacher_decathlon':
+        if args.export_backbone:
+            main_teacher_decathlon.check_export_backbone(args)
         [args] = task_runs(args)
         main_teacher_decathlon.complete_task_args(args)
         check_args(args)
+        check_input_size(create_teacher(args.arch, 1), args.input_size)
         check_run_dir(args)
         return
     default_teacher = False
     if job.script == 'main_student_decathlon':
+        main_student_decathlon.check_command(args)
         main_student_decathlon.set_stage(args)
         [args] = task_runs(args)
         default_teacher = args.teacher_fn is None
@@ -184,23 +210,21 @@ def check_script_args(job, args):
             require_finished(args, args.full_model_dir, 'to prune')
     main_student.check_student_args(args)
     check_data(vars(args), {'classes': task_classes(args.task, args.data_dir)}, args)  # a folder task's data
-    if default_teacher and args.teacher_coeff > 0:
-        require_finished(args, os.path.dirname(args.teacher_fn), 'to distil from',
-                         ', or pass --teacher-coeff 0 after --')
-    if args.teacher_coeff > 0:
+    distill = args.teacher_coeff > 0
+    if distill or args.classifier_init == 'teacher' and not args.full_model_dir:  # as main_student.main loads it
+        if default_teacher:
+            require_finished(args, os.path.dirname(args.teacher_fn),
+                             'to distil from' if distill else 'to start its classifier from',
+                             ', or pass --teacher-coeff 0 --classifier-init fresh after --')
         load_teacher(args.teacher_fn, 'cpu', arch=args.backbone, task=args.task)
-    if args.full_model_dir:
-        full = utils.load_checkpoint(checkpoint_path(args.full_model_dir))
-        saved, pack = full['args'], full['model']
-        left = int(pack['state']['path_alive'][:, 0].sum())
+    if args.full_model_dir:  # on the universal weights the job names, checked as the job checks them
+        full, _ = load_student(args.full_model_dir, 'cpu', args.pretrained or 'none')
+        left = int(full.path_alive[:, 0].sum())
         if args.n_pruning_universal > left:
             raise UserError(f"cannot prune {args.n_pruning_universal} universal blocks of the student in "
                             f"{args.full_model_dir}: it has {left} left; prune at most {left}")
-        # its pruning, on random universal weights: it reads only the gates and the mask
-        mask = create_student(saved['backbone'], pack['meta']['num_classes'], saved['max_skip'], None,
-                              saved['input_size'], task_bn_stats=pack['meta'].get('task_bn_stats', False))
-        mask.load_task_pack(pack, source=f"the student in {args.full_model_dir}")
-        mask.prune(args.n_pruning_universal, args.thr_pruning_proxy)  # refuses one that disconnects the network
+        full.prune(args.n_pruning_universal, args.thr_pruning_proxy)  # refuses one that disconnects the network
+    check_input_size(create_teacher(args.backbone, 1), args.input_size)
     check_run_dir(args)
 
 
@@ -220,9 +244,10 @@ def given_settings(script, argv):
     return {key: value for key, value in vars(parse_script_flags(script, argv, unset)[0]).items() if value is not None}
 
 
-def trained_otherwise(job):
-    """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage)."""
-    return finished_run_differences(job.run_dir, given_settings(job.script, job.argv))
+def trained_otherwise(job, processes):
+    """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage) and
+    by `processes` processes."""
+    return finished_run_differences(job.run_dir, given_settings(job.script, job.argv), processes)
 
 
 def summary(args, jobs):
@@ -231,7 +256,8 @@ def summary(args, jobs):
         import main_student_decathlon
         summary_args = main_student_decathlon.get_args_parser().parse_args(
             ['--task', 'all', '--model-root', args.model_root, '--data-dir', args.data_dir, '--summary'])
-        return main_student_decathlon.summary(summary_args)['table']
+        tasks = {os.path.basename(os.path.dirname(job.run_dir)) for job in jobs}
+        return main_student_decathlon.summary(summary_args, tasks)['table']
     lines = [f"{'run':<40} {'accuracy':>8} {'universal':>9} {'params (M)':>10} {'GFLOPs':>7}"]
     for job in jobs:
         if args.command == 'decathlon':  # teachers
@@ -389,7 +415,7 @@ def main(args, script_flags):
     pending = [job for job in jobs if run_status(job.run_dir) != 'finished']
     check_not_running(args, pending)
     for job in jobs:
-        check_job(job, job_processes(args))
+        check_job(job, job_processes(args), args.gpus_per_job)
     for job in jobs:
         if job not in pending:
             print(f"{job.run_dir}: finished, not submitted again")

@@ -237,16 +237,25 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def resolve_device(name):
-    """'auto' picks CUDA when present; anything else is passed to torch.device, with a clear error."""
+def parse_device(name):
+    """--device as a torch.device (None for 'auto'), refused in one line unless auto, cpu or cuda[:N]; what it
+    names need not be here (submit.py checks its jobs' flags on a machine without their GPUs)."""
     if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        return None
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ('cpu', 'cuda'):  # the devices this code runs on
         raise UserError(f"invalid --device {name!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+def resolve_device(name):
+    """'auto' picks CUDA when present; anything else is passed to torch.device, with a clear error."""
+    device = parse_device(name)
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     return device
@@ -275,8 +284,9 @@ def require_one_process(command):
 
 
 def print_once(*lines):
-    """print(), from the main process only: under torchrun every process runs the same command."""
-    if is_main_process():
+    """print(), from the main process only: under torchrun every process runs the same command (rank 0 also
+    before the processes join their group)."""
+    if is_main_process() and os.environ.get('RANK', '0') == '0':
         print(*lines, sep='\n')
 
 

@@ -423,7 +423,8 @@ def test_task_all_resume_continues_the_interrupted_task_and_starts_the_others(de
     shutil.rmtree(models / 'dtd' / 'student')  # not begun
     run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'], '--model-root', models,
                   '--pretrained', decathlon['universal'], *TRAIN[2:], '--epochs', '2', '--resume'))
-    svhn, dtd = (torch.load(models / task / 'student' / 'checkpoint.pth', weights_only=False) for task in ('svhn', 'dtd'))
+    svhn, dtd = (torch.load(models / task / 'student' / 'checkpoint.pth', weights_only=False)
+                 for task in ('svhn', 'dtd'))
     assert svhn['finished'] and dtd['finished'] and svhn['epoch'] == dtd['epoch'] == 1
     assert [json.loads(line)['epoch'] for line in open(models / 'svhn' / 'student' / 'metrics.jsonl')] == [0, 1]
 
@@ -437,8 +438,35 @@ def test_submit_checks_a_pruning_job_against_the_run_it_writes(decathlon, tmp_pa
         '--data-dir', str(decathlon['data']), '--model-root', str(decathlon['models'])])
     [job] = submit.decathlon_jobs(args, ['--n-pruning-universal', '1', '--thr-pruning-proxy', '0'])
     assert job.run_dir == os.path.join(decathlon['models'], 'dtd', 'pruned')
-    submit.check_job(job, 1)
+    submit.check_job(job, 1, 0)
     assert not (decathlon['models'] / 'dtd' / 'pruned').exists() and not (tmp_path / 'jobs').exists()
+
+
+def test_submit_summarises_the_tasks_it_submitted(decathlon, tmp_path):
+    """The summary after the jobs covers the tasks submitted: it took every task under --data-dir, and a task not
+    submitted, without a run, failed the submission once its jobs had succeeded."""
+    import submit
+    args = submit.get_args_parser().parse_args([
+        '--local', '--log-dir', str(tmp_path / 'jobs'), 'decathlon', '--stage', 'student', '--tasks', 'dtd',
+        '--data-dir', str(decathlon['data']), '--model-root', str(decathlon['models'])])
+    table = submit.summary(args, submit.decathlon_jobs(args, []))
+    assert [line.split()[0] for line in table.splitlines()[1:3]] == ['dtd', 'mean']
+    assert 'over 1 task(s)' in table
+
+
+def test_submit_checks_a_decathlon_teachers_flags(decathlon, tmp_path):
+    """What main_teacher_decathlon.py refuses is refused before submitting: the jobs used to fail once they ran
+    (or, for --export-backbone, each overwrote the file the one before wrote)."""
+    from test_submit import refused
+    teachers = ['decathlon', '--stage', 'teacher', '--data-dir', decathlon['data'], '--model-root',
+                tmp_path / 'models', '--tasks']
+    refused(tmp_path, [*teachers, 'svhn', 'dtd'], ['--pretrained', 'none', '--export-backbone', tmp_path / 'u.pth'],
+            r"^flags after --: --export-backbone writes one task's network, and every job would write it: submit "
+            r"that task alone \(--tasks TASK\)$")
+    refused(tmp_path, [*teachers, 'svhn'], ['--pretrained', 'none', '--export-backbone', decathlon['universal']],
+            r"^--export-backbone .*universal.pth.tar exists: pass --force to replace it, or name another file$")
+    refused(tmp_path, [*teachers, 'svhn'], ['--pretrained', 'none', '--input-size', 1],
+            r"^wide_resnet26 cannot take 1x1 inputs: choose another --input-size")
 
 
 def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_path):
@@ -478,7 +506,7 @@ def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_p
             (main_student_decathlon, ['--task', 'svhm', '--export', 'out'], "^unknown decathlon task 'svhm'"),
             # the pruning flags' hints name the decathlon script's flags, not main_student.py's
             (main_student_decathlon, ['--pretrained', 'none', '--thr-pruning-proxy', '0.01'],
-             '^--thr-pruning-proxy prunes a trained student: pass it with --prune$'),
+             r'^--thr-pruning-proxy prunes a trained student: pass it with --prune \(submit.py: --stage pruned\)$'),
             (main_student_decathlon, ['--summary', '--thr-pruning-proxy', '0.01'],
              "^--summary takes each task's final run as it is: drop --thr-pruning-proxy$"),
             (main_student_decathlon, ['--prune', '--evaluate', '--n-pruning-universal', '2'],

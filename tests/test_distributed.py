@@ -198,6 +198,14 @@ def test_torchrun_teacher_and_student_match_one_process_with_the_whole_batch(wor
         assert accuracy == pytest.approx(records[-1]['test_acc'], abs=0.005)
 
 
+def test_print_once_prints_from_rank_zero_before_the_processes_join_their_group(monkeypatch, capsys):
+    """The decathlon --task all's 'skipped' lines, printed before the group is joined, came once per process."""
+    for rank, printed in (('1', ''), ('0', 'skipped\n')):
+        monkeypatch.setenv('RANK', rank)
+        utils.print_once('skipped')
+        assert capsys.readouterr().out == printed
+
+
 def test_one_process_commands_are_refused_under_torchrun(tmp_path):
     """--export and the decathlon --summary would run whole in every process, each writing the same files: under
     torchrun with several processes (its environment here) they are refused before anything runs."""
@@ -228,7 +236,7 @@ def test_torchrun_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(wo
     result = run_script('main_teacher.py', *args, '--model-dir', tmp_path / 'killed', '--resume')  # one process
     assert result.returncode == 1 and result.stderr.strip() == (  # --batch-size is per process: not the same run
         f"error: --resume: the run in {tmp_path / 'killed'} was trained by 2 process(es), not 1: resume it with "
-        "torchrun --nproc-per-node 2")
+        "torchrun --nproc-per-node 2 (submit.py: --processes-per-job 2)")
     finished(torchrun(2, 'main_teacher.py', *args, '--model-dir', tmp_path / 'killed', '--resume'))
     whole, resumed = task_state(tmp_path / 'whole'), task_state(tmp_path / 'killed')
     for name in whole:

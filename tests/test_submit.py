@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torchvision
 
 import submit
 from engine import checkpoint_path
@@ -161,16 +162,18 @@ def test_decathlon_stages_need_their_runs(tmp_path):
     student = [*decathlon, 'student']
     refused(tmp_path, student, ['--pretrained', 'none'], r"^svhn: no finished teacher in .*models/svhn/teacher to "
             r"distil from: train it first \(python submit.py decathlon --stage teacher --tasks svhn .*\), or pass "
-            r"--teacher-coeff 0 after --$")
+            r"--teacher-coeff 0 --classifier-init fresh after --$")
+    # without distillation the student's classifier still starts from the teacher's (the job used to fail then)
+    refused(tmp_path, student, ['--pretrained', 'none', '--teacher-coeff', 0], r"^svhn: no finished teacher in "
+            r".*models/svhn/teacher to start its classifier from: train it first \(python submit.py decathlon")
     os.makedirs(tmp_path / 'models' / 'svhn' / 'student')  # an unfinished run of other flags, which the job
     torch.save({'finished': False, 'args': {}, 'epoch': 0},  # would resume: refused once the teacher is not needed
                checkpoint_path(tmp_path / 'models' / 'svhn' / 'student'))
     refused(tmp_path, student, ['--pretrained', 'none', '--teacher-fn', tmp_path / 'elsewhere.pth'],
             r"^teacher checkpoint not found: .*elsewhere.pth$")  # the job used to fail once it ran
-    refused(tmp_path, student, ['--pretrained', 'none', '--teacher-coeff', 0],
-            r"^--resume: the run in .*models/svhn/student was trained with --")
-    refused(tmp_path, student, ['--pretrained', 'none', '--teacher-coeff', 0, '--epochs', -1],
-            r"^--epochs must be positive, got -1$")
+    without_teacher = ['--pretrained', 'none', '--teacher-coeff', 0, '--classifier-init', 'fresh']
+    refused(tmp_path, student, without_teacher, r"^--resume: the run in .*models/svhn/student was trained with --")
+    refused(tmp_path, student, [*without_teacher, '--epochs', -1], r"^--epochs must be positive, got -1$")
 
 
 def test_without_slurm_and_without_local_nothing_runs_here(student, tmp_path):
@@ -221,8 +224,8 @@ def test_sweep_k_and_full_model_dir_are_checked(student, tmp_path):
                 r"blocks \(to retrain with proxies pruned only, run main_student.py --n-pruning-universal 0\)$")
     refused(tmp_path, [*sweep, 2, 3, 2], [], r"^--k repeats a value: two jobs would write .*runs/pruned-k2; give "
             r"each value once$")
-    refused(tmp_path, [*sweep, 2, 9], ['--thr-pruning-proxy', 0], r"^cannot prune 9 universal blocks of the student in .*student: it has 8 "
-            r"left; prune at most 8$")
+    refused(tmp_path, [*sweep, 2, 9], ['--thr-pruning-proxy', 0], r"^cannot prune 9 universal blocks of the "
+            r"student in .*student: it has 8 left; prune at most 8$")
     teacher = not_a_student(tmp_path / 'teacher')
     refused(tmp_path, ['sweep', '--full-model-dir', teacher, '--k', 1], [], r"teacher/checkpoint.pth is not a student "
             r"checkpoint written by main_student.py: --full-model-dir takes a trained student's run directory$")
@@ -236,6 +239,17 @@ def test_script_checks_refuse_jobs_before_submitting(student, tmp_path):
             r"no path from the input to the classifier; prune less$")  # found by the job once it ran
     refused(tmp_path, sweep, ['--backbone', 'resnet34'], r"was trained with --backbone resnet18, not resnet34: drop "
             r"--backbone$")
+    refused(tmp_path, sweep, ['--device', 'tpu'], r"^invalid --device 'tpu'; use auto, cpu or cuda\[:N\]$")
+    cpu_jobs = ['--gpus-per-job', 0, *sweep]
+    refused(tmp_path, cpu_jobs, ['--device', 'cuda'], r"^flags after --: --device cuda needs a GPU, and the jobs get "
+            r"none \(--gpus-per-job 0\): drop it, or pass --gpus-per-job$")
+    for argv, flags in ((cpu_jobs, ['--cuda-graph']), (sweep, ['--cuda-graph', '--device', 'cpu'])):
+        refused(tmp_path, argv, flags, r"^flags after --: --cuda-graph needs a CUDA device, and the jobs run on CPUs")
+    refused(tmp_path, ['--processes-per-job', 2, *sweep], ['--cuda-graph'], r"^flags after --: --cuda-graph runs "
+            r"one process, and each job runs 2 \(--processes-per-job, or one per GPU\): drop it$")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'other.pth')
+    refused(tmp_path, sweep, ['--pretrained', tmp_path / 'other.pth'], r"^the universal weights .*other.pth are not "
+            r"those .*student.* was trained on")
     refused(tmp_path, sweep, ['--evaluate'], r"^flags after --: --evaluate trains no run, and submit.py submits runs "
             r"to train: run python main_student.py --evaluate directly$")
     refused(tmp_path, sweep, ['--force'], r"^flags after --: submit.py does not take --force \(a job resumes its run "
@@ -287,3 +301,5 @@ def test_a_job_with_two_processes_runs_them_as_one_run(workdir, student, tmp_pat
     assert 'device cpu, 2 processes' in logs
     records = [json.loads(line) for line in open(tmp_path / 'pruned-k1' / 'metrics.jsonl')]
     assert [r['epoch'] for r in records] == [0, 1]  # one process wrote them
+    refused(tmp_path, ['sweep', '--full-model-dir', student, '--k', 1, '--model-root', tmp_path], flags,
+            r"^.*pruned-k1 holds a finished run trained with 2 process\(es\), not 1: move it away")  # twice the batch
