@@ -373,7 +373,10 @@ def measure_paths(args, device):
 def save_json(args, results):
     """--json: the results, also as a file (written atomically)."""
     if args.json:
-        atomic_write_json(results, args.json)
+        try:
+            atomic_write_json(results, args.json)
+        except OSError as error:  # after the whole measurement: its results are printed above
+            raise UserError(f"cannot write --json {args.json}: {error.strerror or error}") from None
 
 
 class Logits(torch.nn.Module):

@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from dataloaders import first_images, load_rgb_image, loader_options, training_loader
-from utils import UserError, atomic_write_json
+from utils import UserError, atomic_write_json, error_reason
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
                    'gtsrb', 'vgg-flowers', 'omniglot', 'svhn', 'ucf101']
@@ -378,6 +378,22 @@ def submission_entries(predictions, dataset):
                         "annotation files again, or use a model trained on them")
     return [{'image_id': image_id, 'category_id': dataset.category_ids[label]}
             for image_id, label in zip(dataset.image_ids, predictions)]
+
+
+def read_submission(path):
+    """The entries of a task's submission.json (`write_submission`'s), refused in one line unless it holds them."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as error:
+        entries, reason = None, error_reason(error)
+    else:
+        reason = 'not a list of {"image_id", "category_id"} entries'
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) and set(entry) == {'image_id', 'category_id'}
+                                                for entry in entries):
+        raise UserError(f"{path} is not a submission written by --write-submission ({reason}): delete it, and pass "
+                        "--write-submission to write it again")
+    return entries
 
 
 def write_submission(entries, path):

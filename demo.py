@@ -14,6 +14,7 @@ import time
 import main_student
 import main_teacher
 import utils
+from backbones import ARCHS, num_blocks
 from engine import checkpoint_path, finished_run_differences, load_student, run_status
 
 # docs/method.md §2 step 5: the leanest pruning whose accuracy is within this many points of the teacher
@@ -40,7 +41,7 @@ def get_args_parser(task, model_root=None, arch='resnet34', input_size=224, pret
     parser.add_argument('--data-dir', default='data')
     parser.add_argument('--model-root', default=model_root or os.path.join('checkpoints', task),
                         help='runs go to <model-root>/{teacher,student,pruned} (pruned-k<N> when several k are tried)')
-    parser.add_argument('--arch', default=arch)
+    parser.add_argument('--arch', default=arch, choices=ARCHS, help='the network of every stage')
     parser.add_argument('--pretrained', default=pretrained, help="'imagenet' or a local state-dict file")
     parser.add_argument('--input-size', type=int, default=input_size)
     parser.add_argument('--device', default='auto')
@@ -90,12 +91,16 @@ def run_demo(task, recipe, demo_args):
     logger = utils.setup_logging()
     root = demo_args.model_root
     teacher_dir, student_dir, pruned_dir = (os.path.join(root, name) for name in ('teacher', 'student', 'pruned'))
+    candidates = recipe['prune']['n_pruning_universal']
+    candidates = [candidates] if isinstance(candidates, int) else sorted(candidates, reverse=True)
+    if max(candidates) > num_blocks(demo_args.arch):  # found after training two networks, otherwise
+        raise utils.UserError(f"the {task} recipe prunes {max(candidates)} universal blocks, and {demo_args.arch} "
+                              f"has {num_blocks(demo_args.arch)}: pass a deeper --arch, or run the stages with "
+                              "main_*.py")
     run_stage('teacher', main_teacher, task, teacher_dir, demo_args, dict(arch=demo_args.arch, **recipe['teacher']),
               logger)
     run_stage('student', main_student, task, student_dir, demo_args,
               dict(backbone=demo_args.arch, teacher_fn=checkpoint_path(teacher_dir), **recipe['student']), logger)
-    candidates = recipe['prune']['n_pruning_universal']
-    candidates = [candidates] if isinstance(candidates, int) else sorted(candidates, reverse=True)
     # docs/method.md §2 step 5: the most blocks removed first, until a retrained network is within ACCURACY_TOLERANCE
     # points of the teacher; if none is, the most accurate one
     good_enough = utils.load_checkpoint(checkpoint_path(teacher_dir))['accuracy'] - ACCURACY_TOLERANCE

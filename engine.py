@@ -109,6 +109,14 @@ def check_data(recorded, found, args, network='the network', fix='pass the --dat
                         f"(mean {old[0]}, std {old[1]}): {fix}")
 
 
+def check_decathlon_kind(saved, args, network, fix):
+    """A decathlon run's network serves decathlon runs only, and another's only others (`saved`: its recorded
+    args): the two svhn tasks are different data (splits, crops, normalisation)."""
+    theirs, ours = bool(saved.get('decathlon')), bool(getattr(args, 'decathlon', False))
+    if theirs != ours:
+        raise UserError(f"{network} is {'a' if theirs else 'not a'} decathlon run, unlike this one: {fix}")
+
+
 def check_recorded_settings(args, saved, names, command):
     """`command` (--evaluate, --export) rebuilds the run in --model-dir as it recorded it (`saved`): a setting of
     `names` given on the command line unlike the run's is refused, not ignored."""
@@ -289,9 +297,7 @@ def prepare_run_dir(args):
         os.makedirs(args.model_dir, exist_ok=True)
         utils.lock_run_dir(args.model_dir)
         existing = check_run_dir(args)
-        for name in os.listdir(args.model_dir):  # left by a save that was killed
-            if name.startswith('.tmp-'):
-                os.remove(os.path.join(args.model_dir, name))
+        utils.remove_interrupted_writes(args.model_dir)
         if existing is None or args.force:  # nothing of the overwritten run stays beside the new one
             for name in ('checkpoint.pth', 'metrics.jsonl', 'log.txt', 'architecture.png', 'submission.json'):
                 if os.path.exists(os.path.join(args.model_dir, name)):
@@ -604,15 +610,19 @@ def fit(args, model, optimizer, scheduler, train_loader, test_loader, device, tr
     return accuracy
 
 
-def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None):
+def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None, unfinished=False):
     """A trained teacher from its checkpoint (or its run directory), checked against the expected class count,
-    arch and task (and the class names of a folder task in `args`); in eval mode with its weights frozen and
-    folded (`fast.freeze`): it is fixed while the student trains."""
+    arch and task (and the class names of a folder task in `args`), and finished unless `unfinished` (--evaluate
+    takes one); in eval mode with its weights frozen and folded (`fast.freeze`): it is fixed while the student
+    trains."""
     path = run_file(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if run_kind(checkpoint) != 'teacher':
         but = " but a student's" if run_kind(checkpoint) == 'student' else ''
         raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py{but}")
+    if not (unfinished or checkpoint.get('finished')):
+        raise UserError(f"teacher {path} is an unfinished run ({epochs_done(checkpoint)}): finish it with --resume "
+                        "first")
     saved, classes = checkpoint['args'], checkpoint['num_classes']
     if arch is not None and saved['arch'] != arch:
         raise UserError(f"teacher {path} is a {saved['arch']}, the student needs a {arch} teacher (--backbone)")
@@ -623,6 +633,7 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
         raise UserError(f"teacher {path} was trained on {saved['task']}, the student's task is {task}: "
                         "wrong --teacher-fn?")
     if args is not None:
+        check_decathlon_kind(saved, args, f"teacher {path}", 'wrong --teacher-fn?')
         check_data(saved, vars(args), args, f"teacher {path}", 'wrong --teacher-fn or --data-dir?')
     utils.check_finite(checkpoint['model'], f'teacher checkpoint {path}')
     model = create_teacher(saved['arch'], classes)
@@ -702,12 +713,12 @@ def universal_fingerprint(student):
                        if not name.startswith(student.backbone.head_prefixes))
 
 
-def check_teacher(teacher_fn, teacher_sha256, recorded, trained, fix):
-    """The teacher in `teacher_fn` (its weights' `fingerprint`: `teacher_sha256`) must be the one a run recorded
-    (None: none recorded): a teacher file replaced since (retrained with --force, say) would silently change what
-    the student imitates.  `trained` names what it trained, `fix` says what to do."""
-    if recorded is not None and recorded != teacher_sha256:
-        raise UserError(f"the teacher {teacher_fn} is not the one {trained} was trained with (replaced since): {fix}")
+def check_source(source, path, sha256, recorded, trained, fix):
+    """The `source` run (a teacher, a full student) in `path`, of fingerprint `sha256`, must be the one a run
+    recorded (None: none recorded): one replaced since (trained again with --force, say) would silently change
+    what the student imitates or was pruned from.  `trained` names what it trained, `fix` says what to do."""
+    if recorded is not None and recorded != sha256:
+        raise UserError(f"the {source} {path} is not the one {trained} was trained with (replaced since): {fix}")
 
 
 def run_state(student, pretrained, fingerprint):

@@ -27,11 +27,11 @@ import utils
 from backbones import num_blocks
 from deploy import export, exported_paths, preprocessing_steps
 from figures import save_architecture
-from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_recorded_settings,
-                    check_run_dir, check_teacher, checkpoint_path, epochs_done, evaluate, evaluation_loader, fit,
-                    load_student, load_teacher, make_optimizer, missing_weights, param_groups, prepare_run_dir,
-                    run_evaluation_transform, run_kind, run_state, student_fingerprint, take_recorded_data,
-                    teacher_fingerprint, unfinished_note, universal_fingerprint, use_cuda_graph)
+from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_decathlon_kind,
+                    check_recorded_settings, check_run_dir, check_source, checkpoint_path, epochs_done, evaluate,
+                    evaluation_loader, fit, load_student, load_teacher, make_optimizer, missing_weights, param_groups,
+                    prepare_run_dir, run_evaluation_transform, run_kind, run_state, student_fingerprint,
+                    take_recorded_data, teacher_fingerprint, unfinished_note, universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
 from utils import UserError
@@ -91,6 +91,10 @@ def check_student_args(args):
     fingerprint the full student recorded when retraining takes its teacher, else None."""
     full_args, full = {}, {}
     if args.full_model_dir:
+        if not os.path.isfile(checkpoint_path(args.full_model_dir)):
+            raise UserError(f"--full-model-dir {args.full_model_dir} holds no trained student "
+                            f"({checkpoint_path(args.full_model_dir)} not found): name the run directory of the "
+                            "student to prune (where it is now, if it moved)")
         full = utils.load_checkpoint(checkpoint_path(args.full_model_dir), 'student checkpoint')
         if run_kind(full) != 'student':
             raise UserError(f"{checkpoint_path(args.full_model_dir)} is not a student checkpoint written by "
@@ -99,6 +103,9 @@ def check_student_args(args):
             raise UserError(f"{args.full_model_dir} is an unfinished run ({epochs_done(full)}): finish it with "
                             "--resume before pruning it")
         full_args = full['args']
+        check_decathlon_kind(full_args, args, f"the student in {args.full_model_dir}",
+                             f"prune it with main_student_decathlon.py --task {full_args['task']} --prune"
+                             if full_args.get('decathlon') else "prune it with main_student.py --full-model-dir")
         if args.pretrained is None:  # else where its universal weights are now (load_student checks them)
             args.pretrained = full_args['pretrained'] or 'none'
             if args.pretrained not in ('none', 'imagenet') and not os.path.isfile(args.pretrained):
@@ -241,14 +248,20 @@ def main(args):
     teacher = None
     if distill or teacher_classifier:  # also without distillation (gamma2 0), for a like-for-like ablation
         teacher, teacher_checkpoint = load_teacher(args.teacher_fn, device, num_classes, args.backbone, args.task, args)
-    teacher_sha256 = teacher_fingerprint(teacher_checkpoint) if distill else None  # recorded with the run
-    if distill:
-        check_teacher(args.teacher_fn, teacher_sha256, full_students_teacher, f"the student in {args.full_model_dir}",
-                      f"pass --teacher-fn {args.teacher_fn} to retrain with it as it is now")
-        check_teacher(args.teacher_fn, teacher_sha256, existing.get('teacher_sha256') if args.resume else None,
-                      args.model_dir, "put it back, or start the run again with --force")
+    teacher_sha256 = teacher_fingerprint(teacher_checkpoint) if teacher is not None else None  # recorded
+    resumed = existing if args.resume else {}
+    if teacher is not None:
+        check_source('teacher', args.teacher_fn, teacher_sha256, full_students_teacher,
+                     f"the student in {args.full_model_dir}",
+                     f"pass --teacher-fn {args.teacher_fn} to retrain with it as it is now")
+        check_source('teacher', args.teacher_fn, teacher_sha256, resumed.get('teacher_sha256'), args.model_dir,
+                     "put it back, or start the run again with --force")
+    full_sha256 = None
     if args.full_model_dir:  # first: its universal weights may have moved (--pretrained names where)
         full, full_checkpoint = load_student(args.full_model_dir, torch.device('cpu'), args.pretrained or 'none')
+        full_sha256 = student_fingerprint(full_checkpoint)  # recorded with the run
+        check_source('full student', args.full_model_dir, full_sha256, resumed.get('full_sha256'), args.model_dir,
+                     "put it back, or start the run again with --force")
     student = create_student(args.backbone, num_classes, args.max_skip, args.pretrained, args.input_size,
                              task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:
@@ -298,9 +311,7 @@ def main(args):
     train_step = TrainStep(student, loss_fn, optimizer, precision, args.cuda_graph)
     accuracy = fit(args, student, optimizer, scheduler, train_loader, test_loader, device, train_step,
                    lambda: run_state(student, args.pretrained, universal_sha256), resume_from, logger, precision,
-                   extra_checkpoint={'teacher_sha256': teacher_sha256,  # and the student it was pruned from
-                                     'full_sha256': student_fingerprint(full_checkpoint) if args.full_model_dir
-                                     else None})
+                   extra_checkpoint={'teacher_sha256': teacher_sha256, 'full_sha256': full_sha256})
     stats = student.stats()
     figure = os.path.join(args.model_dir, 'architecture.png')
     if utils.is_main_process():

@@ -11,7 +11,6 @@ writes <run>/submission.json; --summary merges those into <model-root>/results.j
 the evaluation server takes.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -20,8 +19,8 @@ from torch.utils.data import DataLoader
 import main_student
 import utils
 from dataloaders import loader_options
-from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, submission_entries,
-                                   write_submission)
+from decathlon_dataloaders import (DecathlonDataset, decathlon_score, decathlon_transform, read_submission,
+                                   submission_entries, write_submission)
 from engine import checkpoint_path, load_student, predict, run_status, stale_sources
 from main_teacher_decathlon import add_decathlon_args, check_default_weights, run_tasks, task_runs
 from utils import UserError
@@ -154,11 +153,7 @@ def summary(args, tasks=None):
                  f"{mean_params / 1e6:.2f} M task parameters and {mean_flops / 1e9:.3f} GFLOPs per task on average")
     results = os.path.join(args.model_root, 'results.json')
     if all(submissions):
-        entries = []
-        for path in submissions:
-            with open(path) as f:
-                entries += json.load(f)
-        write_submission(entries, results)
+        write_submission([entry for path in submissions for entry in read_submission(path)], results)
         lines.append(f"submission for the evaluation server: {results}")
     else:
         lacking = [row[0] for row, path in zip(rows, submissions) if path is None]

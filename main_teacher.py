@@ -67,7 +67,7 @@ def main(args):
     device = utils.init_distributed(args.device)
     args.cuda_graph = use_cuda_graph(args, device)
     if args.evaluate:
-        model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device)
+        model, checkpoint = load_teacher(checkpoint_path(args.model_dir), device, unfinished=True)
         loader = evaluation_loader(args, checkpoint, checkpoint['num_classes'], ('arch', 'input_size'))
         accuracy = evaluate(model, loader, device, cuda_graph=args.cuda_graph)
         utils.print_once(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}"

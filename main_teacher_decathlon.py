@@ -99,7 +99,8 @@ def task_runs(args):
 def run_tasks(args, main):
     """`main` on every task; a dict task -> its result.  With --task all, finished runs are skipped
     (--force reruns them), --resume continues the interrupted one and starts those not begun, and the images of
-    every task to run are checked before the first one starts."""
+    every task to run are checked before the first one starts; a single task's submission images too (its
+    loaders check the others)."""
     runs = []
     for task_args in task_runs(args):
         status = run_status(task_args.model_dir)
@@ -109,9 +110,9 @@ def run_tasks(args, main):
         if args.task == 'all' and args.resume and status is None:
             task_args.resume = False
         runs.append(task_args)
-    if args.task == 'all':
-        for task_args in runs:
-            for split in splits_read(task_args):
+    for task_args in runs:
+        for split in splits_read(task_args):
+            if args.task == 'all' or split == 'test_stripped':
                 DecathlonDataset(task_args.task, split, args.data_dir)  # refuses missing images
     results = {}
     for task_args in runs:

@@ -100,6 +100,14 @@ def atomic_write(path, write, suffix=''):
         raise
 
 
+def remove_interrupted_writes(folder, suffixes=('',)):
+    """Remove the temporary files (ending in one of `suffixes`) that `atomic_write` left in `folder` when it was
+    killed mid-write."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith('.tmp-') and name.endswith(suffixes):
+            os.remove(os.path.join(folder, name))
+
+
 def atomic_save(obj, path):
     """torch.save, atomically; a failed write (a full disk) raises OSError, as other writes do."""
     def save(tmp):

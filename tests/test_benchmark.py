@@ -1,4 +1,5 @@
 """benchmark.py runs end to end on a tiny configuration and reports every case against the unit."""
+import errno
 import json
 import os
 import pathlib
@@ -157,3 +158,14 @@ def test_json_results_are_never_half_written(tmp_path):
     with pytest.raises(TypeError):
         benchmark.save_json(args, {'teacher forward': 1.0, 'unserialisable': object()})
     assert path.read_text() == 'earlier results' and os.listdir(tmp_path) == ['speed.json']
+
+
+def test_json_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch):
+    """A full disk after the whole measurement (printed already) ended in a traceback."""
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(benchmark, 'atomic_write_json', full_disk)
+    args = benchmark.get_args_parser().parse_args(['--json', str(tmp_path / 'speed.json')])
+    with pytest.raises(UserError, match=f"^cannot write --json {re.escape(str(tmp_path))}/speed.json: No space left "
+                                        "on device$"):
+        benchmark.save_json(args, {'teacher forward': 1.0})

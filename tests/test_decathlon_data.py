@@ -383,6 +383,14 @@ def test_missing_images_are_refused_before_a_run_starts(decathlon, tmp_path):
     os.remove(os.path.join(root, 'annotations', 'imagenet12_train.json'))  # not a task of this data any more
     with pytest.raises(UserError, match=r"^1 of the 6 images of the train split of svhn are missing"):
         main_teacher_decathlon.main(args)  # before dtd, whose turn comes first, is trained
+    shutil.rmtree(os.path.join(root, 'data', 'dtd', 'test'))  # one task's submission: found once it had trained
+    main_student_decathlon = load_script('main_student_decathlon.py')
+    args = main_student_decathlon.get_args_parser().parse_args(
+        ['--task', 'dtd', '--write-submission', '--data-dir', decathlon, '--model-root', str(models), '--pretrained',
+         'none', '--backbone', 'resnet18', '--input-size', '32', '--workers', '0', '--teacher-coeff', '0',
+         '--classifier-init', 'fresh'])
+    with pytest.raises(UserError, match=r"^2 of the 2 images of the test_stripped split of dtd are missing"):
+        main_student_decathlon.main(args)
     assert not models.exists()
 
 

@@ -409,6 +409,16 @@ def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     assert (models / 'dtd' / 'student' / 'submission.json').exists()
     entries = json.loads((models / 'results.json').read_text())
     assert {entry['category_id'] // 10000000 for entry in entries} == {4, 8}  # dtd and svhn
+    svhn = models / 'svhn' / 'pruned' / 'submission.json'  # damaged: a traceback, or merged as it was
+    for damaged, reason in (('[{"image_id": 1, "cat', 'Unterminated string starting at'),
+                            ('{"a": 1}', 'not a list of {"image_id", "category_id"} entries')):
+        svhn.write_text(damaged)
+        result = run_script('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                            '--model-root', models, '--summary')
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {svhn} is not a submission written by "
+                                                                   f"--write-submission ({reason}")
+        assert result.stderr.strip().endswith("delete it, and pass --write-submission to write it again")
+    assert json.loads((models / 'results.json').read_text()) == entries
 
 
 def test_task_all_resume_continues_the_interrupted_task_and_starts_the_others(decathlon, tmp_path):
@@ -467,6 +477,29 @@ def test_submit_checks_a_decathlon_teachers_flags(decathlon, tmp_path):
             r"^--export-backbone .*universal.pth.tar exists: pass --force to replace it, or name another file$")
     refused(tmp_path, [*teachers, 'svhn'], ['--pretrained', 'none', '--input-size', 1],
             r"^wide_resnet26 cannot take 1x1 inputs: choose another --input-size")
+
+
+def test_decathlon_runs_and_others_do_not_mix(decathlon, tmp_path):
+    """The decathlon's svhn is other data than SVHN's (splits, crops, normalisation): a student distilled from the
+    other's teacher, or pruned from the other's student, trained silently."""
+    import main_student
+    import main_student_decathlon
+    teacher = torch.load(checkpoint_path(decathlon['models'] / 'svhn' / 'teacher'), weights_only=False)
+    del teacher['args']['decathlon']  # as main_teacher.py --task svhn records it
+    torch.save(teacher, tmp_path / 'teacher.pth')
+    args = main_student_decathlon.get_args_parser().parse_args([
+        '--task', 'svhn', '--data-dir', str(decathlon['data']), '--model-root', str(tmp_path / 'models'),
+        '--pretrained', str(decathlon['universal']), '--teacher-fn', str(tmp_path / 'teacher.pth'), *TRAIN])
+    with pytest.raises(utils.UserError, match=r"^teacher .*teacher.pth is not a decathlon run, unlike this one: "
+                                              r"wrong --teacher-fn\?$"):
+        main_student_decathlon.main(args)
+    args = main_student.get_args_parser().parse_args([
+        '--full-model-dir', str(decathlon['models'] / 'svhn' / 'student'), '--n-pruning-universal', '1',
+        '--model-dir', str(tmp_path / 'pruned'), '--data-dir', str(decathlon['data'])])
+    with pytest.raises(utils.UserError, match=r"^the student in .*svhn/student is a decathlon run, unlike this one: "
+                                              r"prune it with main_student_decathlon.py --task svhn --prune$"):
+        main_student.main(args)
+    assert sorted(os.listdir(tmp_path)) == ['teacher.pth']
 
 
 def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_path):

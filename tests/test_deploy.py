@@ -122,12 +122,15 @@ def test_exported_files_run_without_this_repository(tmp_path, arch):
 
 def test_a_failed_export_leaves_the_previous_pair_untouched(tmp_path, monkeypatch):
     """Both files are new or neither: a failure while writing the ONNX file used to leave a new .pt2 beside an
-    old .onnx (or alone); a folder in the way is refused before the (slow) export."""
+    old .onnx (or alone); a folder in the way is refused before the (slow) export.  The temporary files of an
+    export that was killed are removed by the next."""
     student = trained_looking_student('resnet18', prune=3)
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'tailored.pt2').write_bytes(b'old pt2')
     (out / 'tailored.onnx').write_bytes(b'old onnx')
+    (out / '.tmp-killed.pt2').write_bytes(b'half')
+    (out / '.tmp-killed.onnx').write_bytes(b'half')
 
     def disk_full(self, path, *args, **kwargs):
         with open(path, 'wb') as f:
@@ -187,7 +190,8 @@ def apply_preprocessing(steps, image):
             if name == 'resize_shorter_side':  # the longer side scaled alike, truncated (torchvision's rule)
                 value = ([value, int(value * width / height)] if height <= width
                          else [int(value * height / width), value])
-            resized = F.interpolate(x[None].float(), size=value, mode='bilinear', antialias=True, align_corners=False)[0]
+            resized = F.interpolate(x[None].float(), size=value, mode='bilinear', antialias=True,
+                                    align_corners=False)[0]
             x = resized.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else resized
         elif name == 'center_crop':
             top, left = (round((size - crop) / 2) for size, crop in zip(x.shape[-2:], value))

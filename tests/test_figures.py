@@ -1,5 +1,12 @@
 """The tailored-architecture figure draws exactly what `NetTailor.stats()` says was kept."""
+import errno
+import os
+
+import pytest
+from matplotlib.figure import Figure
+
 from figures import plot_architecture, save_architecture
+from utils import UserError
 from test_models import randomize_task_state, tiny_student
 
 
@@ -33,3 +40,15 @@ def test_figure_draws_kept_and_removed_paths_as_stats_says(tmp_path):
     save_architecture(stats, str(path))
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert [p.name for p in path.parent.iterdir()] == ['architecture.png']  # no temporary file left behind
+
+
+def test_a_figure_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A full disk: a traceback once the student's run was saved; the figure is not half-written."""
+    def full_disk(figure, path, **options):
+        open(path, 'wb').write(b'half')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(Figure, 'savefig', full_disk)
+    with pytest.raises(UserError, match=f"^cannot write the figure {tmp_path}/architecture.png: No space left on "
+                                        "device$"):
+        save_architecture(tiny_student().stats(), tmp_path / 'architecture.png')
+    assert os.listdir(tmp_path) == []

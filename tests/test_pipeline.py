@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 import utils
+from engine import teacher_fingerprint
 from utils import UserError
 
 from scripts import run_script
@@ -222,6 +223,10 @@ def test_unfinished_runs_are_marked_and_not_pruned(pipeline, tmp_path):
     assert_one_line_error(result, 'is an unfinished run (1 of 2 epochs): finish it with --resume before pruning it')
     result = run('main_student.py', '--full-model-dir', teacher, *retrain, expect_ok=False)
     assert_one_line_error(result, 'is not a student checkpoint', "--full-model-dir takes a trained student's run")
+    result = run('main_student.py', '--full-model-dir', tmp_path / 'moved', *retrain, expect_ok=False)
+    assert_one_line_error(result, f"--full-model-dir {tmp_path / 'moved'} holds no trained student "
+                          f"({tmp_path / 'moved' / 'checkpoint.pth'} not found): name the run directory of the student "
+                          "to prune (where it is now, if it moved)")
     assert not (tmp_path / 'pruned').exists()
 
 
@@ -457,6 +462,8 @@ def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
                  '--model-dir', tmp_path / 'teacher', '--resume', '--epochs', 2, expect_ok=False)
     assert_one_line_error(result, f"--resume: the run in {tmp_path / 'teacher'} predicts 3 classes, the folder:pets "
                           f"data in {tmp_path / 'two'} has 2: pass the --data-dir it was trained on")
+    checkpoint['finished'] = True  # the teacher as it was: a student distils from a finished one only
+    torch.save(checkpoint, teacher)
     student = torch.load(tmp_path / 'student' / 'checkpoint.pth', weights_only=False)
     student['finished'] = False  # resumed on its own data: the recorded classes match
     torch.save(student, tmp_path / 'student' / 'checkpoint.pth')
@@ -601,9 +608,20 @@ def test_a_student_without_distillation_still_starts_from_the_teachers_classifie
         assert torch.allclose(fc, teacher_fc, atol=1e-6) == from_teacher, name  # barely trained
         recorded = json.load(open(tmp_path / name / 'args.json'))['classifier_init']
         assert recorded == ('teacher' if from_teacher else 'fresh'), name
+    # the teacher it starts from is recorded: trained again, it makes the run stale (engine.stale_sources)
+    teacher_sha256 = teacher_fingerprint(torch.load(teacher / 'checkpoint.pth', weights_only=False))
+    assert [torch.load(tmp_path / name / 'checkpoint.pth', weights_only=False)['teacher_sha256']
+            for name in ('with', 'without')] == [teacher_sha256, None]
     result = run('main_student.py', *common, '--teacher-fn', tmp_path / 'missing', '--model-dir', tmp_path / 'bad',
                  expect_ok=False)
     assert_one_line_error(result, f"teacher checkpoint not found: {tmp_path / 'missing'}")
+    unfinished = torch.load(teacher / 'checkpoint.pth', weights_only=False)  # interrupted: it used to be taken
+    unfinished['finished'] = False
+    torch.save(unfinished, tmp_path / 'unfinished.pth')
+    result = run('main_student.py', *common, '--teacher-fn', tmp_path / 'unfinished.pth', '--model-dir',
+                 tmp_path / 'bad', expect_ok=False)
+    assert_one_line_error(result, f"teacher {tmp_path / 'unfinished.pth'} is an unfinished run (", " epochs): "
+                          "finish it with --resume first")
     assert not (tmp_path / 'bad').exists()
 
 
@@ -629,6 +647,15 @@ def test_a_replaced_teacher_is_refused_by_resume_and_by_retraining_that_takes_it
                           f"trained with (replaced since): pass --teacher-fn {teacher} to retrain with it as it is now")
     assert not (tmp_path / 'pruned').exists()
     run('main_student.py', *retrain, '--teacher-fn', teacher)  # named: the user's choice
+    pruned = torch.load(tmp_path / 'pruned' / 'checkpoint.pth', weights_only=False)
+    pruned['finished'] = False  # interrupted; its full student trained again since (here: one gate moved)
+    torch.save(pruned, tmp_path / 'pruned' / 'checkpoint.pth')
+    trained_again = copy.deepcopy(checkpoint)
+    trained_again['model']['state']['gate_logits'][1, 0] += 1e-3
+    torch.save(trained_again, tmp_path / 'student' / 'checkpoint.pth')
+    result = run('main_student.py', *retrain, '--teacher-fn', teacher, '--epochs', 2, '--resume', expect_ok=False)
+    assert_one_line_error(result, f"the full student {tmp_path / 'student'} is not the one {tmp_path / 'pruned'} was "
+                          "trained with (replaced since): put it back, or start the run again with --force")
     checkpoint['finished'] = False  # as if interrupted after epoch 1 of 2
     torch.save(checkpoint, tmp_path / 'student' / 'checkpoint.pth')
     args_before = (tmp_path / 'student' / 'args.json').read_bytes()
@@ -710,7 +737,13 @@ def test_demo_runner_skips_finished_stages_and_prints_the_table(workdir, tmp_pat
     with pytest.raises(UserError, match='teacher holds a finished run trained with --arch resnet18, not resnet34; '
                                         '--seed 0, not 1: pass --force'):
         demo.run_demo('synth-digits', recipe, args)
-    args.arch, args.seed = 'resnet18', 0  # the teacher trained again (--force) under a finished student: refused
+    args.arch, args.seed, args.model_root = 'resnet18', 0, str(tmp_path / 'deeper')
+    deeper = dict(recipe, prune=dict(recipe['prune'], n_pruning_universal=[4, 9]))  # resnet18 has 8 blocks
+    with pytest.raises(UserError, match=r'^the synth-digits recipe prunes 9 universal blocks, and resnet18 has 8: '
+                                        r'pass a deeper --arch, or run the stages with main_\*.py$'):
+        demo.run_demo('synth-digits', deeper, args)
+    assert not (tmp_path / 'deeper').exists()  # refused before the teacher and the student train (it was after)
+    args.model_root = str(tmp_path)  # the teacher trained again (--force) under a finished student: refused
     teacher = torch.load(tmp_path / 'teacher' / 'checkpoint.pth', weights_only=False)
     teacher['model']['fc.bias'] += 1
     torch.save(teacher, tmp_path / 'teacher' / 'checkpoint.pth')
