@@ -37,11 +37,12 @@ def check_reachable(url):
 
 
 def fetch(url, folder, filename):
-    """Download url to folder/filename (unless there already) through a partial file, so an interrupted
-    download is never taken for a complete one."""
+    """Download url to folder/filename (unless there already: downloaded by hand, or not yet extracted) through a
+    partial file, so an interrupted download is never taken for a complete one."""
     path = os.path.join(folder, filename)
     if os.path.isfile(path):
         return path
+    check_reachable(url)
     partial = path + '.part'
     if os.path.exists(partial):
         os.remove(partial)
@@ -106,7 +107,6 @@ def main(argv=None):
     if annotations_present(args.data_dir):
         print(f'annotations: all present in {os.path.join(root, "annotations")}')
     else:
-        check_reachable(mirror)
         os.makedirs(args.data_dir, exist_ok=True)
         unpack(fetch(mirror + DEVKIT_ARCHIVE, args.data_dir, DEVKIT_ARCHIVE), args.data_dir)
         if not annotations_present(args.data_dir):
@@ -116,10 +116,12 @@ def main(argv=None):
         if os.path.isfile(stats_path):
             os.remove(stats_path)
             print(f'removed {stats_path}: it held the miniature decathlon statistics')
-    if all(images_present(args.data_dir, task) for task in PUBLIC_TASKS):
+    for task_archive in sorted(glob.glob(os.path.join(image_folder, '*.tar'))):  # each removed once extracted:
+        unpack(task_archive, image_folder)  # one left there was interrupted (its last image may be cut short)
+    if all(images_present(args.data_dir, task) for task in PUBLIC_TASKS) and \
+            not os.path.exists(os.path.join(image_folder, DATA_ARCHIVE)):
         print(f'images: all present for {", ".join(PUBLIC_TASKS)}')
     else:
-        check_reachable(mirror)
         os.makedirs(image_folder, exist_ok=True)
         unpack(fetch(mirror + DATA_ARCHIVE, image_folder, DATA_ARCHIVE), image_folder)
         for task_archive in sorted(glob.glob(os.path.join(image_folder, '*.tar'))):

@@ -37,8 +37,10 @@ def check_reachable(url, target_dir):
 
 
 def fetch(url, target_dir, filename, md5, extract=False):
-    """Downloads `url` into `target_dir` (and unpacks it there when `extract`), checking its md5."""
-    check_reachable(url, target_dir)
+    """Downloads `url` into `target_dir` (and unpacks it there when `extract`), checking its md5; a file of that
+    md5 already there (downloaded by hand, or an archive whose extraction was interrupted) is not downloaded."""
+    if not check_integrity(os.path.join(target_dir, filename), md5):
+        check_reachable(url, target_dir)
     try:
         if extract:
             download_and_extract_archive(url, target_dir, filename=filename, md5=md5, remove_finished=True)
@@ -78,10 +80,10 @@ def prepare_flowers(data_dir):
     """Flowers102: `<data_dir>/flowers-102/{imagelabels.mat,setid.mat,jpg/}`."""
     base_dir = os.path.join(data_dir, 'flowers-102')
     fetch_unless_present('flowers', FLOWERS_LISTS, base_dir)
-    if missing_flowers_image(base_dir) is None:
+    url, filename, md5 = FLOWERS_IMAGES
+    if missing_flowers_image(base_dir) is None and not os.path.exists(os.path.join(base_dir, filename)):
         print(f'flowers: all images already present in {os.path.join(base_dir, "jpg")}, nothing to download')
-    else:
-        url, filename, md5 = FLOWERS_IMAGES
+    else:  # an archive still there: its extraction was interrupted (it is removed once extracted)
         fetch(url, base_dir, filename, md5, extract=True)
 
 
@@ -107,9 +109,9 @@ def missing_voc_file(voc_dir):
 def prepare_voc12(data_dir):
     """VOC 2012: `<data_dir>/VOCdevkit/VOC2012/{JPEGImages,Annotations,ImageSets/Main}`."""
     voc_dir = os.path.join(data_dir, VOC2012['base_dir'])
-    if missing_voc_file(voc_dir) is None:
+    if missing_voc_file(voc_dir) is None and not os.path.exists(os.path.join(data_dir, VOC2012['filename'])):
         print(f'voc12: {voc_dir} already complete, nothing to download')
-    else:
+    else:  # an archive still there: its extraction was interrupted (it is removed once extracted)
         fetch(VOC2012['url'], data_dir, VOC2012['filename'], VOC2012['md5'], extract=True)
 
 

@@ -3,7 +3,9 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import socket
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -12,6 +14,7 @@ import pytest
 import scipy.io
 import torch
 from PIL import Image
+from torchvision.datasets.utils import download_and_extract_archive
 
 import dataloaders
 from dataloaders import (IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, SVHN, Flowers102, VOCObjectCrops, get_dataloaders,
@@ -728,6 +731,28 @@ def test_prepare_data_downloads_what_is_missing_or_wrong(prepare_data, monkeypat
     calls.clear()
     assert prepare_data.main(['--task', 'voc12', '--data-dir', str(tmp_path / 'empty_list')]) == 0
     assert calls == [(prepare_data.VOC2012['url'], str(tmp_path / 'empty_list'))]
+
+
+def test_prepare_data_extracts_an_archive_already_there_without_the_network(prepare_data, monkeypatch, tmp_path):
+    """An archive downloaded by hand (the offline error's advice) was refused offline; one left by an interrupted
+    extraction (removed only once extracted) is extracted again: its truncated last image was taken as complete."""
+    source = write_voc(tmp_path / 'source')
+    data = tmp_path / 'data'
+    archive = data / prepare_data.VOC2012['filename']
+    os.makedirs(data)
+    with tarfile.open(tmp_path / 'by-hand.tar', 'w') as tar:
+        tar.add(tmp_path / 'source' / 'VOCdevkit', arcname='VOCdevkit')
+    monkeypatch.setattr(prepare_data, 'VOC2012', dict(prepare_data.VOC2012, md5=md5_of(tmp_path / 'by-hand.tar')))
+    forbid_downloads(monkeypatch, prepare_data)
+    monkeypatch.setattr(prepare_data, 'download_and_extract_archive', download_and_extract_archive)  # the real one
+    image = data / 'VOCdevkit' / 'VOC2012' / 'JPEGImages' / '2008_000002.jpg'
+    for interrupted in (False, True):
+        shutil.copy(tmp_path / 'by-hand.tar', archive)
+        if interrupted:  # every file there, the last one cut short
+            image.write_bytes(image.read_bytes()[:100])
+        assert prepare_data.main(['--task', 'voc12', '--data-dir', str(data)]) == 0
+        assert image.read_bytes() == open(os.path.join(source, 'JPEGImages', '2008_000002.jpg'), 'rb').read()
+        assert not archive.exists()
 
 
 def test_prepare_data_runs_as_a_script():

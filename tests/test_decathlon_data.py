@@ -585,6 +585,31 @@ def test_download_decathlon_fetches_only_the_missing_archive(tmp_path, monkeypat
     assert not os.path.exists(os.path.join(data_dir, 'decathlon-1.0', 'data', 'decathlon-1.0-data.tar.gz'))
 
 
+def test_download_decathlon_extracts_archives_already_there_without_the_network(tmp_path, monkeypatch):
+    """The data archive put there by hand (offline) was refused; a task's archive whose extraction was interrupted
+    (each is removed once extracted) was left, its task's last image cut short and taken as present."""
+    import tarfile
+    downloader = load_script('data/download_decathlon.py')
+    for name in ('check_reachable', 'download_url'):
+        monkeypatch.setattr(downloader, name, refuse_network)
+    for task in DECATHLON_TASKS:
+        write_task(str(tmp_path), task, {'train': [0], 'val': [0], 'test_stripped': [0]}, width=72)
+    images = tmp_path / 'decathlon-1.0' / 'data'
+    svhn_image = images / 'svhn' / 'val' / '0000000.jpg'
+    svhn_bytes = svhn_image.read_bytes()
+    with tarfile.open(tmp_path / 'svhn.tar', 'w') as archive:
+        archive.add(images / 'svhn', arcname='svhn')
+    shutil.copy(tmp_path / 'svhn.tar', images / 'svhn.tar')
+    svhn_image.write_bytes(svhn_bytes[:50])  # where the extraction stopped
+    downloader.main(['--data-dir', str(tmp_path)])
+    assert svhn_image.read_bytes() == svhn_bytes and not (images / 'svhn.tar').exists()
+    with tarfile.open(images / downloader.DATA_ARCHIVE, 'w:gz') as archive:  # downloaded by hand
+        archive.add(tmp_path / 'svhn.tar', arcname='svhn.tar')
+    shutil.rmtree(images / 'svhn')
+    downloader.main(['--data-dir', str(tmp_path)])
+    assert svhn_image.read_bytes() == svhn_bytes and sorted(name for name in os.listdir(images) if '.tar' in name) == []
+
+
 def released_fixture_archive(path):
     """A decathlon_models.tar.gz like the authors': a top folder, one folder per task holding its checkpoint."""
     import tarfile
