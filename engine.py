@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import unicodedata
 
 import torch
 
@@ -101,6 +102,10 @@ def check_data(recorded, found, args, network='the network', fix='pass the --dat
         missing, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
         difference = '; '.join([*(['lacking ' + ', '.join(map(repr, missing))] if missing else []),
                                 *(['new ' + ', '.join(map(repr, added))] if added else [])])
+        composed = {unicodedata.normalize('NFC', name) for name in missing}
+        if added and composed == {unicodedata.normalize('NFC', name) for name in added}:
+            difference += (': the same names in other Unicode characters, as one system writes accents composed and '
+                           'another decomposed; rename the folders')
         raise UserError(f"the {args.task} classes in {args.data_dir} are not those {network} was trained on "
                         f"({difference}): {fix}")
     old, new = recorded.get('mean_std'), found.get('mean_std')

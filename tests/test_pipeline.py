@@ -1140,3 +1140,17 @@ def test_pre_trained_weights_with_non_finite_values_are_refused_before_training(
                  tmp_path / 'run', expect_ok=False)  # it said: training diverged ...; lower --lr
     assert_one_line_error(result, 'the loss is nan on the first batch, before any update: the network the run starts '
                           'from (its weights) or the data give it, not --lr')
+
+
+def test_classes_spelt_in_other_unicode_characters_are_named_so():
+    """Folders named with composed accents at training, decomposed ones (as macOS writes them) at evaluation: the
+    refusal listed the same class as lacking and new, and said no more."""
+    from engine import check_data
+    args = argparse.Namespace(task='folder:pets', data_dir='copy')
+    with pytest.raises(UserError, match="^the folder:pets classes in copy are not those the network was trained on "
+                                        r"\(lacking 'caf\u00e9'; new 'cafe\u0301': the same names in other Unicode "
+                                        "characters, as one system writes accents composed and another decomposed; "
+                                        r"rename the folders\): pass the --data-dir it was trained on$"):
+        check_data({'classes': ['caf\u00e9', 'dog']}, {'classes': ['cafe\u0301', 'dog']}, args)
+    with pytest.raises(UserError, match=r"\(lacking 'cat'; new 'cow'\): pass"):  # another class: no such hint
+        check_data({'classes': ['cat', 'dog']}, {'classes': ['cow', 'dog']}, args)
