@@ -48,7 +48,7 @@ from engine import CapturedForward, MixedPrecision, TrainStep, frozen_teacher, f
 from nettailor import create_student, distillation_loss, two_pass_loss
 import deploy
 import fast
-from backbones import create_teacher
+from backbones import ARCHS, create_teacher, num_blocks
 from utils import HelpFormatter, UserError, atomic_write_json, require_file_path, resolve_device, run_cli
 
 
@@ -59,7 +59,7 @@ MODE_FLAGS = {  # flag: (its default, the modes that use it); the other modes re
     'batch_size': (32, (DEFAULT_RUN, '--paths')),
     'input_size': (64, (DEFAULT_RUN, '--paths', '--latency')),
     'repeats': (10, (DEFAULT_RUN, '--paths', '--latency')),
-    'prune_universal': (8, (DEFAULT_RUN, '--latency')),
+    'prune_universal': ('half the universal blocks', (DEFAULT_RUN, '--latency')),
     'device': ('cpu', (DEFAULT_RUN, '--paths', '--latency')),
     'channels_last': (False, (DEFAULT_RUN, '--paths')),
     'amp': (False, (DEFAULT_RUN, '--paths')),
@@ -112,6 +112,14 @@ def complete_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size == 1:  # every mode that uses --batch-size times a training step
         raise UserError("--batch-size must be at least 2: BatchNorm cannot train on a batch of one")
+    if args.arch not in ARCHS:
+        raise UserError(f"unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")
+    blocks = num_blocks(args.arch)
+    if args.prune_universal == MODE_FLAGS['prune_universal'][0]:
+        args.prune_universal = blocks // 2  # 8 of ResNet34's 16
+    elif not 0 <= args.prune_universal <= blocks:
+        raise UserError(f"--prune-universal must be in [0, {blocks}] ({args.arch} has {blocks} universal blocks), "
+                        f"got {args.prune_universal}")
     if args.json:
         require_file_path(args.json, '--json')
 

@@ -325,6 +325,8 @@ def complete_args(args):
         if args.k[0] > backbones.num_blocks(arch):
             raise UserError(f"--k {args.k[0]} is more universal blocks than {arch} has "
                             f"({backbones.num_blocks(arch)})")
+        if args.pretrained not in ('imagenet', 'none'):  # a file fits one network: found after training another
+            backbones.create_teacher(arch, 1, args.pretrained)
     args.archs = archs
     args.max_skip = args.max_skip or ['1', '2', '3', 'dense']
     for value in args.max_skip:

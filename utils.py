@@ -42,8 +42,11 @@ def run_cli(main, parser, argv=None):
     try:
         return main(args)
     except KeyboardInterrupt:
-        print("error: interrupted; a training run continues from its last finished epoch with --resume (one "
-              "stopped in its first epoch: run it again)", file=sys.stderr)
+        how = ("a training run continues from its last finished epoch with --resume (one stopped in its first epoch: "
+               "run it again)" if hasattr(args, 'resume') else
+               "run the command again (the demos and experiments.py keep their finished runs and resume the one "
+               "interrupted)")
+        print(f"error: interrupted; {how}", file=sys.stderr)
         sys.exit(130)
     except UserError as e:
         print(f"error: {user_error_line(e)}", file=sys.stderr)

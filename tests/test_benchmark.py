@@ -117,6 +117,17 @@ def test_benchmark_refuses_a_flag_its_mode_would_ignore(argv, message, no_measur
         benchmark.main(benchmark.get_args_parser().parse_args(argv))
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--prune-universal', '-1'], '--prune-universal must be in [0, 16] (resnet34 has 16 universal blocks), got -1'),
+    (['--arch', 'resnet18', '--prune-universal', '9'], '--prune-universal must be in [0, 8] (resnet18 has 8 '),
+    (['--latency', '--arch', 'resnet101'], "unknown architecture 'resnet101'; choose one of resnet18, "),
+])
+def test_benchmark_refuses_pruning_and_networks_that_cannot_be(argv, message, no_measurement):
+    """A negative count was refused once the networks were built, naming no flag."""
+    with pytest.raises(UserError, match=f'^{re.escape(message)}'):
+        benchmark.main(benchmark.get_args_parser().parse_args(argv))
+
+
 def documented_runs():
     """The flags of every `benchmark.py ...` example in the docstring, the docs and the GPU check script."""
     root = pathlib.Path(benchmark.__file__).parent
@@ -136,6 +147,9 @@ def test_every_documented_run_is_accepted_with_the_documented_defaults():
     benchmark.complete_args(args)  # python benchmark.py: ResNet34, max_skip 3, batch 32, 64x64, CPU
     assert (args.arch, args.max_skip, args.batch_size, args.input_size, args.device, args.repeats,
             args.prune_universal, args.amp, args.channels_last) == ('resnet34', '3', 32, 64, 'cpu', 10, 8, False, False)
+    args = benchmark.get_args_parser().parse_args(['--arch', 'resnet18'])
+    benchmark.complete_args(args)
+    assert args.prune_universal == 4  # half the blocks, as for ResNet34 (8 removed every one of ResNet18's)
 
 
 @pytest.mark.parametrize('where, message', [

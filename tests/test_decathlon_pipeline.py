@@ -364,6 +364,19 @@ def test_notebook_refuses_universal_weights_and_models_of_another_task(decathlon
                          data_dir=decathlon['data'])
 
 
+def test_notebook_takes_the_runs_the_summary_takes(decathlon, tmp_path):
+    """Through required_final_run, as --summary: it deployed a pruned run whose full student was trained again
+    since, and left out a task whose student was unfinished, where --summary refuses both (the latter here)."""
+    models = tmp_path / 'models'
+    shutil.copytree(decathlon['models'], models)
+    student = torch.load(checkpoint_path(models / 'dtd' / 'student'), weights_only=False)
+    student['finished'] = False
+    torch.save(student, checkpoint_path(models / 'dtd' / 'student'))
+    with pytest.raises(CellExecutionError, match=re.escape(f"the dtd student in {models / 'dtd'} is unfinished")):
+        execute_notebook(tmp_path / 'jupyter', data_dir=decathlon['data'], model_root=models,
+                         universal=decathlon['universal'])
+
+
 def test_notebook_deploys_the_released_models(decathlon, tmp_path):
     """The released path: the authors' universal weights loaded once and their task checkpoints converted and
     attached (here the fixture made by the released code, as an svhn model, on the miniature's svhn images)."""

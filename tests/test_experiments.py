@@ -172,6 +172,17 @@ def test_experiments_refuse_ignored_flags_and_impossible_settings_before_trainin
     assert not model_root.exists()
 
 
+def test_a_weights_file_is_checked_against_every_architecture_before_training(roots, tmp_path):
+    """backbone --pretrained FILE trained resnet18's three stages before finding the file did not fit resnet34."""
+    args = experiments.get_args_parser().parse_args([
+        'backbone', '--task', 'svhn', '--k', '1', '--archs', 'resnet18', 'resnet34', '--pretrained',
+        str(roots / 'resnet18_synth-source.pth'), '--smoke', '--device', 'cpu', '--source-root', str(roots),
+        '--model-root', str(tmp_path / 'runs')])
+    with pytest.raises(UserError, match=r'^pre-trained weights .*resnet18_synth-source.pth do not fit resnet34: '):
+        experiments.main(args)
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_force_reruns_the_experiment_runs_but_never_the_shared_source_backbone(roots):
     """--force retraining the demo's cached source backbone would change every run's universal weights (their
     students would then refuse it)."""

@@ -306,6 +306,17 @@ def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
     assert 'Traceback' not in stderr
 
 
+def test_ctrl_c_in_a_command_without_resume_says_to_run_it_again(capsys):
+    """The demos, experiments.py and benchmark.py have no --resume, which the message named."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_cli(interrupted, argparse.ArgumentParser(), [])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == ("error: interrupted; run the command again (the demos and experiments.py keep "
+                                       "their finished runs and resume the one interrupted)\n")
+
+
 @pytest.mark.parametrize('script, flags, message', [
     ('main_teacher.py', ['--lr', '0'], '--lr must be positive'),
     ('main_teacher.py', ['--device', 'meta'], "invalid --device 'meta'; use auto, cpu or cuda[:N]"),
