@@ -49,7 +49,8 @@ from nettailor import create_student, distillation_loss, two_pass_loss
 import deploy
 import fast
 from backbones import ARCHS, create_teacher, num_blocks
-from utils import HelpFormatter, UserError, atomic_write_json, require_file_path, resolve_device, run_cli
+from utils import (HelpFormatter, UserError, atomic_write_json, require_file_path, resolve_device, run_cli,
+                   writing)
 
 
 DEFAULT_RUN = 'the default run'
@@ -381,10 +382,8 @@ def measure_paths(args, device):
 def save_json(args, results):
     """--json: the results, also as a file (written atomically)."""
     if args.json:
-        try:
+        with writing(f'--json {args.json}'):  # after the whole measurement: its results are printed above
             atomic_write_json(results, args.json)
-        except OSError as error:  # after the whole measurement: its results are printed above
-            raise UserError(f"cannot write --json {args.json}: {error.strerror or error}") from None
 
 
 class Logits(torch.nn.Module):

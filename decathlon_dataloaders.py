@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from dataloaders import first_images, load_rgb_image, loader_options, training_loader
-from utils import UserError, atomic_write_json, error_reason
+from utils import UserError, atomic_write_json, error_reason, writing
 
 DECATHLON_TASKS = ['imagenet12', 'aircraft', 'cifar100', 'daimlerpedcls', 'dtd',
                    'gtsrb', 'vgg-flowers', 'omniglot', 'svhn', 'ucf101']
@@ -399,7 +399,5 @@ def read_submission(path):
 def write_submission(entries, path):
     """Write a results file for the evaluation server: the JSON list of entries (from submission_entries,
     concatenated over the tasks to submit)."""
-    try:
+    with writing(path, '; make its folder writable'):
         atomic_write_json(list(entries), path)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}; make its folder writable") from None

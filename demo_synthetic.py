@@ -64,10 +64,8 @@ def pretrain_source(args, logger, arch=ARCH):
     demo.run_stage('source pre-training', main_teacher, 'synth-source', source_dir, args,
                    dict(arch=arch, pretrained=None, input_size=INPUT_SIZE, **SOURCE_RECIPE), logger)
     model, _ = load_teacher(checkpoint_path(source_dir), 'cpu')
-    try:
+    with utils.writing(f'the universal weights {weights}'):
         utils.atomic_save({k: v for k, v in model.state_dict().items() if not k.startswith('fc.')}, weights)
-    except OSError as error:
-        raise UserError(f"cannot write the universal weights {weights}: {error.strerror or error}") from None
     return weights
 
 

@@ -200,9 +200,7 @@ def export_network(network, input_size, out_dir, name, metadata=None):
             f.write(archive.getbuffer())
         utils.atomic_write(paths[1], onnx_program.save, suffix='.onnx')
 
-    try:
+    with utils.writing(f'--export {out_dir}'):
         utils.remove_interrupted_writes(out_dir, ('.pt2', '.onnx'))
         utils.atomic_write(paths[0], write_both, suffix='.pt2')
-    except OSError as error:
-        raise UserError(f"cannot write --export {out_dir}: {error.strerror or error}") from None
     return paths

@@ -298,7 +298,7 @@ def prepare_run_dir(args):
     if not utils.is_main_process():
         utils.barrier()
         return check_run_dir(args) if args.resume else None  # what the main process resumes from
-    try:
+    with utils.writing(f'the run directory --model-dir {args.model_dir}', '; choose a folder you can write'):
         os.makedirs(args.model_dir, exist_ok=True)
         utils.lock_run_dir(args.model_dir)
         existing = check_run_dir(args)
@@ -309,9 +309,6 @@ def prepare_run_dir(args):
                     os.remove(os.path.join(args.model_dir, name))
         utils.atomic_write_text(json.dumps(vars(args), indent=1, default=str) + '\n',
                                 os.path.join(args.model_dir, 'args.json'))
-    except OSError as error:
-        raise UserError(f"cannot write the run directory --model-dir {args.model_dir}: {error.strerror or error}; "
-                        "choose a folder you can write") from None
     utils.barrier()
     return existing if args.resume else None
 

@@ -81,10 +81,8 @@ def _proxy_arc(ax, row):
 
 def save_figure(figure, path):
     """`figure` as a PNG at `path`, written atomically."""
-    try:
+    with utils.writing(f'the figure {path}'):  # a full disk, say: the runs it draws are saved already
         utils.atomic_write(path, lambda tmp: figure.savefig(tmp, format='png', dpi=150), suffix='.png')
-    except OSError as error:  # a full disk, say: the runs it draws are saved already
-        raise utils.UserError(f"cannot write the figure {path}: {error.strerror or error}") from None
 
 
 def save_architecture(stats, path):

@@ -166,11 +166,8 @@ def main(args):
     results = run_tasks(args, train_or_evaluate)
     if args.export_backbone and utils.is_main_process():
         model, _ = load_teacher(run, 'cpu')
-        try:
+        with utils.writing(f'--export-backbone {args.export_backbone}'):
             utils.atomic_save({'state_dict': model.state_dict()}, args.export_backbone)
-        except OSError as error:
-            raise UserError(f"cannot write --export-backbone {args.export_backbone}: {error.strerror or error}") \
-                from None
         print(f"universal weights written to {args.export_backbone}")
     return results
 

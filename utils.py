@@ -1,5 +1,6 @@
 """Shared helpers for the training scripts: errors, logging, checkpoints, seeding, devices, several processes."""
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -101,6 +102,16 @@ def atomic_write(path, write, suffix=''):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def writing(what, fix=''):
+    """Turns an OSError of the writes inside (a full disk, a folder one cannot write) into one line: 'cannot write
+    <what>: <reason><fix>'."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"cannot write {what}: {error.strerror or error}{fix}") from None
 
 
 def remove_interrupted_writes(folder, suffixes=('',)):
