@@ -138,9 +138,10 @@ def evaluation_loader(args, checkpoint, num_classes, network_settings):
     model's and `network_settings` (the input size among them) given on the command line unlike the run's."""
     saved = checkpoint['args']
     check_recorded_settings(args, saved, network_settings, '--evaluate')
-    if saved.get('decathlon') and not getattr(args, 'decathlon', False):
-        raise UserError(f"{args.model_dir} is a decathlon run: evaluate it with main_teacher_decathlon.py or "
-                        f"main_student_decathlon.py --task {saved['task']} --evaluate")
+    check_decathlon_kind(saved, args, args.model_dir,
+                         f"evaluate it with main_teacher_decathlon.py or main_student_decathlon.py --task "
+                         f"{saved['task']} --evaluate" if saved.get('decathlon') else
+                         "evaluate it with main_teacher.py or main_student.py --model-dir RUN --evaluate")
     args.task = args.task or saved['task']
     args.test_limit = args.test_limit or saved.get('test_limit')
     if args.task != saved['task']:

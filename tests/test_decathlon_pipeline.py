@@ -117,7 +117,7 @@ def test_runs_are_finished_and_svhn_is_pruned(decathlon):
     result = run_script('main_student.py', '--model-dir', decathlon['models'] / 'svhn' / 'pruned', '--evaluate',
                         '--device', 'cpu')
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"error: {decathlon['models'] / 'svhn' / 'pruned'} is a decathlon run: evaluate it with "
+        f"error: {decathlon['models'] / 'svhn' / 'pruned'} is a decathlon run, unlike this one: evaluate it with "
         "main_teacher_decathlon.py or main_student_decathlon.py --task svhn --evaluate"]
 
 
@@ -513,6 +513,15 @@ def test_decathlon_runs_and_others_do_not_mix(decathlon, tmp_path):
                                               r"prune it with main_student_decathlon.py --task svhn --prune$"):
         main_student.main(args)
     assert sorted(os.listdir(tmp_path)) == ['teacher.pth']
+    import main_teacher_decathlon  # evaluated where a decathlon run goes, the other's run is refused too
+    os.makedirs(tmp_path / 'models' / 'svhn' / 'teacher')
+    shutil.copy(tmp_path / 'teacher.pth', checkpoint_path(tmp_path / 'models' / 'svhn' / 'teacher'))
+    args = main_teacher_decathlon.get_args_parser().parse_args([
+        '--task', 'svhn', '--evaluate', '--data-dir', str(decathlon['data']), '--model-root', str(tmp_path / 'models'),
+        '--workers', '0'])
+    with pytest.raises(utils.UserError, match=r"^.*svhn/teacher is not a decathlon run, unlike this one: evaluate it "
+                                              r"with main_teacher.py or main_student.py --model-dir RUN --evaluate$"):
+        main_teacher_decathlon.main(args)
 
 
 def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_path):
