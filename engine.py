@@ -176,6 +176,11 @@ def unfinished_note(checkpoint):
     return '' if checkpoint.get('finished') else f" (unfinished run: {epochs_done(checkpoint)})"
 
 
+def subset_note(test_limit):
+    """A remark for output about an accuracy measured on a --test-limit subset (a quick run's), else ''."""
+    return f" (at most {test_limit} images: --test-limit {test_limit})" if test_limit else ''
+
+
 def run_status(model_dir):
     """'finished', 'unfinished' (a checkpoint to resume) or None (no checkpoint yet) for the run in `model_dir`."""
     path = checkpoint_path(model_dir)

@@ -30,7 +30,7 @@ from figures import save_architecture
 from engine import (MixedPrecision, TrainStep, attach_run_state, build_loaders, check_args, check_decathlon_kind,
                     check_recorded_settings, check_run_dir, check_source, checkpoint_path, epochs_done, evaluate,
                     evaluation_loader, fit, load_student, load_teacher, make_optimizer, missing_weights, param_groups,
-                    prepare_run_dir, run_evaluation_transform, run_kind, run_state, student_fingerprint,
+                    prepare_run_dir, run_evaluation_transform, run_kind, run_state, student_fingerprint, subset_note,
                     take_recorded_data, teacher_fingerprint, unfinished_note, universal_fingerprint, use_cuda_graph)
 from main_teacher import get_args_parser as teacher_args_parser
 from nettailor import create_student, distillation_loss, format_stats, parse_max_skip
@@ -219,7 +219,7 @@ def evaluate_run(args):
     accuracy = evaluate(student, loader, device, cuda_graph=args.cuda_graph)
     stats = student.stats()
     utils.print_once(format_stats(stats), f"student {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}"
-                     f"{unfinished_note(checkpoint)}")
+                     f"{subset_note(args.test_limit)}{unfinished_note(checkpoint)}")
     return {'accuracy': accuracy, 'stats': stats}
 
 

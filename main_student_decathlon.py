@@ -118,10 +118,15 @@ def required_final_run(task, task_dir):
     return run_dir
 
 
+def accuracy_text(checkpoint):
+    """A run's recorded accuracy for the summary table, starred when measured on a --test-limit subset."""
+    return f"{checkpoint['accuracy']:.2f}{'*' if checkpoint['args'].get('test_limit') else ''}"
+
+
 def summary(args, tasks=None):
     """Per-task table (teacher and NetTailor accuracy on val, task parameters, FLOPs, blocks) and the score, over
     --task's tasks (`tasks`: those of them only)."""
-    rows, accuracies, submissions = [], {}, []
+    rows, accuracies, submissions, subsets = [], {}, [], set()
     for task_args in task_runs(args):
         if tasks is not None and task_args.task not in tasks:
             continue
@@ -130,9 +135,11 @@ def summary(args, tasks=None):
         student, checkpoint = load_student(run_dir, 'cpu', args.pretrained)  # given: where the weights are now
         stats = student.stats()
         teacher_path = checkpoint_path(os.path.join(task_dir, 'teacher'))
-        teacher_acc = utils.load_checkpoint(teacher_path)['accuracy'] if os.path.exists(teacher_path) else None
+        teacher = utils.load_checkpoint(teacher_path) if os.path.exists(teacher_path) else None
         accuracies[task_args.task] = checkpoint['accuracy']
-        rows.append((task_args.task, teacher_acc, checkpoint['accuracy'], stats, os.path.basename(run_dir)))
+        rows.append((task_args.task, teacher and accuracy_text(teacher), accuracy_text(checkpoint), stats,
+                     os.path.basename(run_dir)))
+        subsets |= {run['args']['test_limit'] for run in (teacher, checkpoint) if run and run['args'].get('test_limit')}
         submission = os.path.join(run_dir, 'submission.json')
         if args.write_submission and not os.path.exists(submission):
             write_run_submission(task_args, run_dir)
@@ -141,8 +148,7 @@ def summary(args, tasks=None):
     lines = [f"{'task':<14} {'teacher':>7} {'NetTailor':>9} {'task params':>11} {'GFLOPs':>7} "
              f"{'universal':>9} {'proxies':>7} {'score':>6}  run"]
     for task, teacher_acc, accuracy, stats, stage in rows:
-        teacher_text = f"{teacher_acc:7.2f}" if teacher_acc is not None else f"{'-':>7}"
-        lines.append(f"{task:<14} {teacher_text} {accuracy:9.2f} {stats['params_task'] / 1e6:10.2f}M "
+        lines.append(f"{task:<14} {teacher_acc or '-':>7} {accuracy:>9} {stats['params_task'] / 1e6:10.2f}M "
                      f"{stats['flops'] / 1e9:7.3f} "
                      f"{stats['universal_blocks_kept']:>4}/{stats['universal_blocks_total']:<4} "
                      f"{stats['proxies_kept']:>7} {points[task]:6.0f}  {stage}")
@@ -151,6 +157,9 @@ def summary(args, tasks=None):
     lines.append(f"mean accuracy {sum(accuracies.values()) / len(rows):.2f}, decathlon score {total:.0f} "
                  f"over {len(rows)} task(s) (val accuracies; test labels are held by the server), "
                  f"{mean_params / 1e6:.2f} M task parameters and {mean_flops / 1e9:.3f} GFLOPs per task on average")
+    if subsets:
+        lines.append(f"* measured on at most {' or '.join(map(str, sorted(subsets)))} val images (the run's "
+                     "--test-limit): a quick run's accuracy, not comparable to the paper's, nor is the score")
     results = os.path.join(args.model_root, 'results.json')
     if all(submissions):
         write_submission([entry for path in submissions for entry in read_submission(path)], results)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import utils
 from backbones import check_input_size, create_teacher
 from engine import (MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
-                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, unfinished_note,
+                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, subset_note, unfinished_note,
                     use_cuda_graph)
 from utils import UserError
 
@@ -71,7 +71,7 @@ def main(args):
         loader = evaluation_loader(args, checkpoint, checkpoint['num_classes'], ('arch', 'input_size'))
         accuracy = evaluate(model, loader, device, cuda_graph=args.cuda_graph)
         utils.print_once(f"teacher {args.model_dir}: top-1 accuracy {accuracy:.2f}% on {args.task}"
-                         f"{unfinished_note(checkpoint)}")
+                         f"{subset_note(args.test_limit)}{unfinished_note(checkpoint)}")
         return {'accuracy': accuracy}
 
     if not args.task:

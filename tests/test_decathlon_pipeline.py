@@ -402,6 +402,23 @@ def test_notebook_deploys_the_released_models(decathlon, tmp_path):
     assert re.search(r'svhn +task pack [\d.]+ MB on disk', text) and 'NetTailor, 1 tasks' in text
 
 
+def test_summary_stars_an_accuracy_measured_on_a_test_limit_subset(decathlon, tmp_path):
+    """A quick run's accuracy (--test-limit) was shown as the whole val set's, and the score with it."""
+    assert '*' not in decathlon['summary']
+    models = tmp_path / 'models'
+    shutil.copytree(decathlon['models'], models)
+    student = torch.load(checkpoint_path(models / 'dtd' / 'student'), weights_only=False)
+    student['args']['test_limit'] = 2
+    torch.save(student, checkpoint_path(models / 'dtd' / 'student'))
+    out = run_commands(('main_student_decathlon.py', '--task', 'all', '--data-dir', decathlon['data'],
+                        '--model-root', models, '--summary'))[0]
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows['dtd'][2] == f"{student['accuracy']:.2f}*" and not rows['svhn'][2].endswith('*')
+    assert not rows['dtd'][1].endswith('*')  # its teacher measured on the whole val set
+    assert ("* measured on at most 2 val images (the run's --test-limit): a quick run's accuracy, not comparable to "
+            "the paper's, nor is the score") in out
+
+
 def test_summary_writes_the_submissions_it_lacks(decathlon, tmp_path):
     models = tmp_path / 'models'
     shutil.copytree(decathlon['models'], models)

@@ -907,7 +907,7 @@ def test_evaluate_rebuilds_the_run_as_recorded(pipeline):
         assert_one_line_error(result, 'was trained on synth-digits, not synth-textures', '--task synth-digits')
         recorded = json.loads(open(run_dir / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
         out = run(script, *no_task, '--model-dir', run_dir, '--evaluate').stdout
-        assert 'on synth-digits' in out
+        assert 'on synth-digits (at most 64 images: --test-limit 64)' in out  # the run's subset, said so
         assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
         result = run(script, *no_task, '--model-dir', run_dir.parent / f'untrained_{script}', expect_ok=False)
         assert_one_line_error(result, '--task is required to train')
