@@ -199,11 +199,12 @@ def _image_files(folder):
     return found
 
 
-def task_classes(task, data_dir):
-    """The class names of a folder task, as its training folders number them; None for the other tasks, whose
-    classes are fixed. A run records them, so that data of other classes are refused rather than renumbered."""
+def task_classes(task, data_dir, split='train'):
+    """The class names of a folder task, as its training folders number them (or those of another `split`); None
+    for the other tasks, whose classes are fixed. A run records them, so that data of other classes are refused
+    rather than renumbered."""
     name = folder_name(task)
-    return None if name is None else _class_folders(os.path.join(data_dir, name, 'train'), name, data_dir)
+    return None if name is None else _class_folders(os.path.join(data_dir, name, split), name, data_dir)
 
 
 class ImageFolderSplit(Dataset):
@@ -552,29 +553,32 @@ class SyntheticLoader:
             yield self.augment(self.dataset.images[index], *share), self.dataset.labels[index]
 
 
-def get_datasets(task, data_dir='data', input_size=224, seed=0):
+def get_datasets(task, data_dir='data', input_size=224, seed=0, train_images=True, classes=None):
     """(train_set, test_set, num_classes) of `task`, yielding (normalised 3 x input_size x input_size, label).
 
-    `seed` fixes the VOC class re-sampling; the synthetic images are always those of seed 0.
+    `seed` fixes the VOC class re-sampling; the synthetic images are always those of seed 0.  `train_images`
+    False (evaluating a trained network): the training images are neither read nor needed (train_set is None);
+    a folder task then takes `classes`, those the network was trained on, in their order.
     """
     name = folder_name(task)
     if task not in TASKS and name is None:
         raise UserError(f'unknown task {task!r}; valid tasks: {", ".join(TASKS)}, or folder:<name> for your '
                         'images in <data-dir>/<name>/{train,val}/<class>/<image>')
     if name is not None or task in IMAGE_TASKS:
+        splits = ('train', 'test') if train_images else ('test',)
         if name is not None:
-            raw_train = ImageFolderSplit(data_dir, name, 'train')
-            raw_test = ImageFolderSplit(data_dir, name, 'val', raw_train.classes)
-            num_classes = len(raw_train.classes)
+            raw = {'train': ImageFolderSplit(data_dir, name, 'train')} if train_images else {}
+            raw['test'] = ImageFolderSplit(data_dir, name, 'val', raw['train'].classes if train_images else classes)
+            num_classes = len(raw['test'].classes)
         else:
             num_classes = IMAGE_TASKS[task]
             if task == 'svhn':
-                raw_train, raw_test = SVHN(data_dir, 'train'), SVHN(data_dir, 'test')
+                raw = {split: SVHN(data_dir, split) for split in splits}
             elif task == 'flowers':
-                raw_train, raw_test = Flowers102(data_dir, 'train'), Flowers102(data_dir, 'test')
+                raw = {split: Flowers102(data_dir, split) for split in splits}
             else:
-                raw_train, raw_test = VOCObjectCrops(data_dir, 'train', seed=seed), VOCObjectCrops(data_dir, 'test')
-            for split, dataset in (('train', raw_train), ('test', raw_test)):
+                raw = {split: VOCObjectCrops(data_dir, split, seed=seed) for split in splits}
+            for split, dataset in raw.items():
                 if len(dataset) == 0:
                     raise UserError(f'the {split} split of {task} has no images ({dataset.source}); '
                                     f'{_prepare_hint(task)}')
@@ -582,38 +586,39 @@ def get_datasets(task, data_dir='data', input_size=224, seed=0):
         test_transform = image_transform(task, False, input_size)
     else:
         num_classes = SYNTHETIC_TASKS[task]
-        raw_train, raw_test = make_synthetic(task, 'train'), make_synthetic(task, 'test')
+        raw = {split: make_synthetic(task, split) for split in ('train', 'test')}
         train_transform = SyntheticAugment(task, True, input_size)
         test_transform = SyntheticAugment(task, False, input_size)
-    train_set = TransformedDataset(raw_train, train_transform)
-    test_set = TransformedDataset(raw_test, test_transform)
-    return train_set, test_set, num_classes
+    train_set = TransformedDataset(raw['train'], train_transform) if train_images else None
+    return train_set, TransformedDataset(raw['test'], test_transform), num_classes
 
 
 def get_dataloaders(task, data_dir='data', batch_size=32, workers=4, input_size=224, seed=0,
-                    eval_batch_size=None, train_limit=None, test_limit=None, rank=0, world_size=1):
+                    eval_batch_size=None, train_limit=None, test_limit=None, rank=0, world_size=1,
+                    train_images=True, classes=None):
     """(train_loader, test_loader, num_classes) of `task`; the training order is shuffled from `seed`.
 
     `train_limit` / `test_limit` keep only N images of a split, every class's first ones (`first_images`; quick
     runs, tests).  Under torchrun, process `rank` of `world_size` gets its share of each split (`ShuffledShard`;
     every world_size-th test image).  Synthetic tasks, held in memory, get `SyntheticLoader`s (batched
-    augmentation, no workers)."""
+    augmentation, no workers).  `train_images` False: only evaluating, as in `get_datasets` (train_loader None)."""
     if task in SYNTHETIC_TASKS:
-        train_set = make_synthetic(task, 'train', num_images=train_limit)
+        train_set = make_synthetic(task, 'train', num_images=train_limit) if train_images else None
         test_set = make_synthetic(task, 'test', num_images=test_limit)
+        num_classes = SYNTHETIC_TASKS[task]
         train_augment = SyntheticAugment(task, True, input_size)
         test_augment = SyntheticAugment(task, False, input_size)
-        num_classes = SYNTHETIC_TASKS[task]
+        test_loader = SyntheticLoader(test_set, eval_batch_size or batch_size, test_augment,
+                                      range(rank, len(test_set), world_size))
     else:
-        train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed)
-        train_set, test_set = first_images(train_set, train_limit), first_images(test_set, test_limit)
-    test_share = range(rank, len(test_set), world_size)
-    if task in SYNTHETIC_TASKS:
-        return (training_loader(train_set, batch_size, workers, seed, rank, world_size, train_augment),
-                SyntheticLoader(test_set, eval_batch_size or batch_size, test_augment, test_share), num_classes)
-    train_loader = training_loader(train_set, batch_size, workers, seed, rank, world_size)
-    test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size, sampler=test_share,
-                             **loader_options(workers))
+        train_set, test_set, num_classes = get_datasets(task, data_dir, input_size, seed, train_images, classes)
+        train_set = None if train_set is None else first_images(train_set, train_limit)
+        test_set = first_images(test_set, test_limit)
+        train_augment = None
+        test_loader = DataLoader(test_set, batch_size=eval_batch_size or batch_size,
+                                 sampler=range(rank, len(test_set), world_size), **loader_options(workers))
+    train_loader = None if train_set is None else training_loader(train_set, batch_size, workers, seed, rank,
+                                                                  world_size, train_augment)
     return train_loader, test_loader, num_classes
 
 

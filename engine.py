@@ -60,12 +60,18 @@ def build_loaders(args):
                                             rank=utils.rank(), world_size=utils.world_size(),
                                             train_images=not getattr(args, 'evaluate', False))
         found = {'mean_std': [list(values) for values in task_mean_std(args.task, args.data_dir)]}
-    else:
-        from dataloaders import get_dataloaders, task_classes
+    else:  # evaluating: the test images only, numbered as the run's classes, among which their folders must be
+        from dataloaders import folder_name, get_dataloaders, task_classes
+        classes = getattr(args, 'classes', None)
+        evaluating = getattr(args, 'evaluate', False) and (classes is not None or folder_name(args.task) is None)
+        if evaluating and classes is not None:
+            unknown = [name for name in task_classes(args.task, args.data_dir, 'val') if name not in classes]
+            check_data(vars(args), {'classes': [*classes, *unknown]}, args)
         loaders = get_dataloaders(args.task, args.data_dir, args.batch_size, args.workers, args.input_size,
                                   args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
-                                  rank=utils.rank(), world_size=utils.world_size())
-        found = {'classes': task_classes(args.task, args.data_dir)}
+                                  rank=utils.rank(), world_size=utils.world_size(), train_images=not evaluating,
+                                  classes=classes)
+        found = {'classes': classes if evaluating else task_classes(args.task, args.data_dir)}
     check_data(vars(args), found, args)
     vars(args).update(found)  # recorded with the run
     return loaders
@@ -102,8 +108,8 @@ def check_data(recorded, found, args, network='the network', fix='pass the --dat
         missing, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
         difference = '; '.join([*(['lacking ' + ', '.join(map(repr, missing))] if missing else []),
                                 *(['new ' + ', '.join(map(repr, added))] if added else [])])
-        composed = {unicodedata.normalize('NFC', name) for name in missing}
-        if added and composed == {unicodedata.normalize('NFC', name) for name in added}:
+        composed = {unicodedata.normalize('NFC', name) for name in old}
+        if any(unicodedata.normalize('NFC', name) in composed for name in added):
             difference += (': the same names in other Unicode characters, as one system writes accents composed and '
                            'another decomposed; rename the folders')
         raise UserError(f"the {args.task} classes in {args.data_dir} are not those {network} was trained on "

@@ -492,6 +492,44 @@ def test_voc_loaders_shapes(tmp_path):
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
 
 
+def remove_training_images(root, task):
+    """`task`'s fixture under `root` without what only its training split reads."""
+    if task == 'svhn':
+        os.remove(os.path.join(root, 'svhn', 'train_32x32.mat'))
+    elif task == 'flowers':
+        for image_id in FLOWER_SPLITS['trnid']:
+            os.remove(os.path.join(root, 'flowers-102', 'jpg', f'image_{image_id:05d}.jpg'))
+    elif task == 'voc12':
+        voc_dir = os.path.join(root, 'VOCdevkit', 'VOC2012')
+        os.remove(os.path.join(voc_dir, 'ImageSets', 'Main', 'train.txt'))
+        for image_id in VOC_TRAIN:
+            os.remove(os.path.join(voc_dir, 'Annotations', f'{image_id}.xml'))
+    else:
+        shutil.rmtree(os.path.join(root, 'pets', 'train'))
+
+
+@pytest.mark.parametrize('task', ['svhn', 'flowers', 'voc12', 'folder:pets'])
+def test_evaluation_reads_the_test_images_alone(tmp_path, task):
+    """--evaluate read, and required, the training split too: SVHN's 180 MB training file, every VOC training
+    annotation.  A folder task's test images are numbered as the network's classes, not by the folders there."""
+    {'svhn': write_svhn, 'flowers': write_flowers, 'voc12': write_voc, 'folder:pets': write_image_folder}[task](tmp_path)
+    classes = ['cat', 'dog', 'eel'] if task == 'folder:pets' else None
+    train, test, num_classes = get_dataloaders(task, tmp_path, 4, 0, input_size=24)
+    expected = [(images, labels) for images, labels in test]
+    remove_training_images(tmp_path, task)
+    with pytest.raises(UserError):  # training needs them
+        get_dataloaders(task, tmp_path, 4, 0, input_size=24)
+    train, test, found_classes = get_dataloaders(task, tmp_path, 4, 0, input_size=24, train_images=False,
+                                                 classes=classes)
+    assert train is None and found_classes == num_classes
+    for (images, labels), (expected_images, expected_labels) in zip(test, expected, strict=True):
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    if task == 'folder:pets':  # a val split of the network's last two classes: dog is still 1, eel 2
+        shutil.rmtree(os.path.join(tmp_path, 'pets', 'val', 'cat'))
+        _, test, _ = get_dataloaders(task, tmp_path, 4, 0, input_size=24, train_images=False, classes=classes)
+        assert sorted(test.dataset.labels) == [1, 1, 2, 2]
+
+
 def test_voc_missing_split_list(tmp_path):
     voc_dir = write_voc(tmp_path)
     os.remove(os.path.join(voc_dir, 'ImageSets', 'Main', 'val.txt'))

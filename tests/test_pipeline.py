@@ -435,16 +435,27 @@ def test_your_own_images_teacher_student_and_evaluation(workdir, tmp_path):
     assert_one_line_error(result, f"folder:other: {tmp_path / 'data' / 'other' / 'train'} is missing; put the images")
     assert not (tmp_path / 'other').exists()
 
+    # evaluation reads the val images alone (it read and needed train/ too), among the network's classes
+    shutil.copytree(tmp_path / 'data' / 'pets' / 'val', tmp_path / 'val_only' / 'pets' / 'val')
+    shutil.copytree(tmp_path / 'data' / 'pets' / 'val' / 'dog', tmp_path / 'val_only' / 'pets' / 'val' / 'ant')
+    for script, run_dir in (('main_teacher.py', 'teacher'), ('main_student.py', 'student')):
+        evaluate = [script, '--model-dir', tmp_path / run_dir, '--evaluate', '--data-dir', tmp_path / 'val_only',
+                    '--workers', 0]
+        result = run(*evaluate, expect_ok=False)
+        assert_one_line_error(result, f"the folder:pets classes in {tmp_path / 'val_only'} are not those the network "
+                              "was trained on (new 'ant'): pass the --data-dir it was trained on")
+        shutil.rmtree(tmp_path / 'val_only' / 'pets' / 'val' / 'ant')
+        recorded = json.loads(open(tmp_path / run_dir / 'metrics.jsonl').read().splitlines()[-1])['test_acc']
+        out = run(*evaluate).stdout
+        assert float(out.split('top-1 accuracy ')[1].split('%')[0]) == pytest.approx(recorded, abs=0.005)
+        shutil.copytree(tmp_path / 'data' / 'pets' / 'val' / 'dog', tmp_path / 'val_only' / 'pets' / 'val' / 'ant')
+
     # data whose class folders differ from those a network was trained on are refused, not renumbered
     write_image_folder(tmp_path / 'renamed', splits={'train': {'cat': 4, 'dog': 4, 'lynx': 4}, 'val': {'cat': 2}})
     renamed = ['--data-dir', tmp_path / 'renamed']
     refusal = (f"the folder:pets classes in {tmp_path / 'renamed'} are not those {{}} was trained on (lacking "
                "'eel'; new 'lynx'): {}")
     data_dir = 'pass the --data-dir it was trained on'
-    for script, run_dir in (('main_teacher.py', 'teacher'), ('main_student.py', 'student')):
-        result = run(script, '--model-dir', tmp_path / run_dir, '--evaluate', *renamed, '--workers', 0,
-                     expect_ok=False)
-        assert_one_line_error(result, refusal.format('the network', data_dir))
     teacher = tmp_path / 'teacher' / 'checkpoint.pth'
     result = run('main_student.py', *common, *renamed, '--backbone', 'resnet18', '--teacher-fn', teacher,
                  '--model-dir', tmp_path / 'student2', expect_ok=False)
@@ -1163,5 +1174,7 @@ def test_classes_spelt_in_other_unicode_characters_are_named_so():
                                         "characters, as one system writes accents composed and another decomposed; "
                                         r"rename the folders\): pass the --data-dir it was trained on$"):
         check_data({'classes': ['caf\u00e9', 'dog']}, {'classes': ['cafe\u0301', 'dog']}, args)
+    with pytest.raises(UserError, match=r"\(new 'cafe\u0301': the same names in other Unicode characters"):
+        check_data({'classes': ['caf\u00e9', 'dog']}, {'classes': ['caf\u00e9', 'dog', 'cafe\u0301']}, args)  # val
     with pytest.raises(UserError, match=r"\(lacking 'cat'; new 'cow'\): pass"):  # another class: no such hint
         check_data({'classes': ['cat', 'dog']}, {'classes': ['cow', 'dog']}, args)
