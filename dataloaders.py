@@ -76,10 +76,10 @@ def _check_integers(array, low, high, what, path, task):
     return values.astype(np.int64)
 
 
-def load_rgb_image(path):
+def load_rgb_image(path, fix='replace it with a readable copy, or remove it'):
     """Decodes an image file into an RGB PIL image (16-bit grey levels scaled to 8 bits, where PIL's conversion
     would clip them); a damaged file, or one of 32-bit or floating-point pixels (no fixed range), raises a one-line
-    UserError."""
+    UserError that ends with `fix` (a dataset's own: how to get the file again)."""
     try:
         with Image.open(path) as image:
             # Pillow opens 16-bit PNG and TIFF files as 'I;16', 16-bit PGMs (and, in older versions, PNGs) as 'I'
@@ -91,7 +91,7 @@ def load_rgb_image(path):
                                 "8 or 16 bits per channel")
             return image.convert('RGB')
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f'corrupt image file {path}: {_one_line(error)}') from error
+        raise UserError(f'corrupt image file {path}: {_one_line(error)}; {fix}') from error
 
 
 class SVHN(Dataset):
@@ -144,7 +144,7 @@ class Flowers102(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index):
-        return load_rgb_image(self.image_paths[index]), self.labels[index]
+        return load_rgb_image(self.image_paths[index], f"delete it and {_prepare_hint('flowers')}"), self.labels[index]
 
 
 def folder_name(task):
@@ -371,7 +371,7 @@ class VOCObjectCrops(Dataset):
 
     def __getitem__(self, index):
         image_path, box, label = self.samples[index]
-        return load_rgb_image(image_path).crop(box), label
+        return load_rgb_image(image_path, f"delete it and {_prepare_hint('voc12')}").crop(box), label
 
 
 class TransformedDataset(Dataset):

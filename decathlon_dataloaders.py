@@ -243,12 +243,12 @@ def _category_ids(task, categories, path):
     return category_ids
 
 
-def _load_image(path):
+def _load_image(path, hint):
     """`dataloaders.load_rgb_image` (16-bit grey scaled, damaged files refused), a file removed since the dataset
-    checked it named as missing."""
+    checked it named as missing; `hint` says how to get the task's images."""
     if not os.path.exists(path):
-        raise UserError(f"image file {path} is missing; {DOWNLOAD_HINT}")
-    return load_rgb_image(path)
+        raise UserError(f"image file {path} is missing; {hint}")
+    return load_rgb_image(path, f"delete it and {hint}")
 
 
 class DecathlonDataset(Dataset):
@@ -283,10 +283,11 @@ class DecathlonDataset(Dataset):
             raise UserError(f"the {split} split of {task} has no images ({path}); {DOWNLOAD_HINT}")
         self.image_ids = [image['id'] for image in images]
         self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
+        self.images_hint = images_hint(task, data_dir)
         missing = missing_files(self.paths) if check_images else []
         if missing:  # now, not at the batch that reads the first of them
             raise UserError(f"{len(missing)} of the {len(self.paths)} images of the {split} split of {task} are "
-                            f"missing ({missing[0]} the first); {images_hint(task, data_dir)}")
+                            f"missing ({missing[0]} the first); {self.images_hint}")
         if split == 'test_stripped':
             self.labels = [-1] * len(images)
         else:
@@ -307,7 +308,7 @@ class DecathlonDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        image = _load_image(self.paths[index])
+        image = _load_image(self.paths[index], self.images_hint)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]

@@ -239,7 +239,8 @@ def test_flowers_missing_image_and_corrupt_jpeg(tmp_path):
     train_set, _, _ = get_datasets('flowers', tmp_path, input_size=32)
     with pytest.raises(UserError) as excinfo:
         train_set[1]
-    assert_one_line_user_error(excinfo, f'corrupt image file {corrupt}: image file is truncated')
+    assert_one_line_user_error(excinfo, f'corrupt image file {corrupt}: image file is truncated',  # and the fix
+                               '; delete it and run `python data/prepare_data.py --task flowers`')
     with open(corrupt, 'wb') as f:
         f.write(b'not a jpeg')
     with pytest.raises(UserError) as excinfo:
@@ -376,6 +377,7 @@ def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     assert_one_line_user_error(excinfo, f"corrupt image file {base}/train/cat/0.png: Image size (1584 pixels) exceeds")
+    assert str(excinfo.value).endswith('; replace it with a readable copy, or remove it')
 
 
 @pytest.mark.parametrize('task, splits, message', [
@@ -447,6 +449,12 @@ def test_voc_test_crops_geometry_and_pixels(tmp_path):
         assert crop.size == (right - left, lower - upper)
         assert np.array_equal(np.asarray(crop), full[upper:lower, left:right])
         assert label == dataset.samples[index][2]
+    with open(image_path, 'wb') as f:
+        f.write(b'not a jpeg')
+    with pytest.raises(UserError) as excinfo:
+        dataset[0]
+    assert_one_line_user_error(excinfo, f'corrupt image file {image_path}: cannot identify image file',
+                               '; delete it and run `python data/prepare_data.py --task voc12`')
 
 
 def test_voc_training_split_is_balanced_and_seeded(tmp_path):

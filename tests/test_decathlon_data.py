@@ -342,7 +342,8 @@ def test_corrupt_image_is_reported_by_path(decathlon):
     with open(dataset.paths[2], 'wb') as f:
         f.write(b'not a jpeg at all')
     dataset[1]
-    with pytest.raises(UserError, match=f'^corrupt image file {dataset.paths[2]}: cannot identify image file'):
+    with pytest.raises(UserError, match=f'^corrupt image file {dataset.paths[2]}: cannot identify image file.*; '
+                                        'delete it and run `python data/download_decathlon.py`'):
         dataset[2]
     grey = np.arange(72 * 90, dtype=np.uint16).reshape(72, 90) * 9  # 16-bit grey levels up to 58311
     Image.fromarray(grey).save(dataset.paths[3].replace('.jpg', '.png'))
