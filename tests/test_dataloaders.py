@@ -520,7 +520,8 @@ def remove_training_images(root, task):
 def test_evaluation_reads_the_test_images_alone(tmp_path, task):
     """--evaluate read, and required, the training split too: SVHN's 180 MB training file, every VOC training
     annotation.  A folder task's test images are numbered as the network's classes, not by the folders there."""
-    {'svhn': write_svhn, 'flowers': write_flowers, 'voc12': write_voc, 'folder:pets': write_image_folder}[task](tmp_path)
+    writers = {'svhn': write_svhn, 'flowers': write_flowers, 'voc12': write_voc, 'folder:pets': write_image_folder}
+    writers[task](tmp_path)
     classes = ['cat', 'dog', 'eel'] if task == 'folder:pets' else None
     train, test, num_classes = get_dataloaders(task, tmp_path, 4, 0, input_size=24)
     expected = [(images, labels) for images, labels in test]

@@ -212,7 +212,7 @@ def test_unfinished_runs_are_marked_and_not_pruned(pipeline, tmp_path):
     torch.save(checkpoint, tmp_path / 'unfinished' / 'checkpoint.pth')
     out = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--evaluate', '--workers', 0,
               '--device', 'cpu').stdout
-    assert out.strip().endswith('on synth-digits (unfinished run: 1 of 2 epochs)')
+    assert out.strip().endswith('on synth-digits (at most 64 images: --test-limit 64) (unfinished run: 1 of 2 epochs)')
     out = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--export', tmp_path / 'deploy').stdout
     assert out.strip().endswith('(unfinished run: 1 of 2 epochs)')
     result = run('main_student.py', '--model-dir', tmp_path / 'unfinished', '--export', tmp_path / 'deploy2',
@@ -282,7 +282,7 @@ def test_evaluating_a_run_on_data_it_cannot_find_names_the_data_dir_it_was_train
         '--workers', 0, '--batch-size', 4, '--device', 'cpu', '--arch', 'resnet18', '--pretrained',
         workdir / 'backbone.pth', '--epochs', 1, '--model-dir', tmp_path / 'run')
     result = run('main_teacher.py', '--model-dir', tmp_path / 'run', '--evaluate', '--device', 'cpu', expect_ok=False)
-    assert_one_line_error(result, 'folder:pets: data/pets/train is missing; put the images in',
+    assert_one_line_error(result, 'folder:pets: data/pets/val is missing; put the images in',
                           f"(the run was trained with --data-dir {tmp_path / 'images'})")
 
 
