@@ -32,8 +32,13 @@ def check_args(args):
     for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size', 'train_limit', 'test_limit'):
         if getattr(args, name) is not None and getattr(args, name) <= 0:  # None: the run's or a later default
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.momentum is not None and args.optimizer != 'sgd':
+        raise UserError(f"--momentum is SGD's: {args.optimizer} takes none (its moment estimates decay at fixed "
+                        "rates); drop it, or pass --optimizer sgd")
+    if args.optimizer == 'sgd' and args.momentum is None:
+        args.momentum = 0.9
     for name in ('momentum', 'weight_decay', 'warmup_epochs'):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     if args.workers < 0:
         raise UserError(f"--workers must be non-negative, got {args.workers}")

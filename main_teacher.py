@@ -45,7 +45,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--warmup-epochs', type=float, default=0.0, help='linear lr warm-up from 0 (may be a fraction)')
     parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam', 'adamw'],
                         help="sgd (the paper's), adam or adamw (handy when training from scratch)")
-    parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    parser.add_argument('--momentum', type=float, default=None, help='SGD momentum (default 0.9); SGD only')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction, default=None,
                         help='replay the training step and evaluation from CUDA graphs (default: on with a CUDA '

@@ -339,6 +339,8 @@ def test_ctrl_c_in_a_command_without_resume_says_to_run_it_again(capsys):
     ('main_student.py', ['--teacher-coeff', 'nan'], '--teacher-coeff must be a finite number, got nan'),
     ('main_teacher.py', ['--seed', '-1'], '--seed must be in [0, 2**32), got -1'),
     ('main_teacher.py', ['--batch-size', '1'], '--batch-size must be at least 2'),
+    ('main_teacher.py', ['--optimizer', 'adam', '--momentum', '0.5'],  # it was ignored
+     "--momentum is SGD's: adam takes none (its moment estimates decay at fixed rates); drop it, or pass --optimizer"),
 ])
 def test_invalid_flags(tmp_path, script, flags, message):
     arch = ['--arch', 'resnet18'] if script == 'main_teacher.py' else ['--backbone', 'resnet18']
