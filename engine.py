@@ -35,10 +35,9 @@ def check_args(args):
     if args.momentum is not None and args.optimizer != 'sgd':
         raise UserError(f"--momentum is SGD's: {args.optimizer} takes none (its moment estimates decay at fixed "
                         "rates); drop it, or pass --optimizer sgd")
-    if args.optimizer == 'sgd' and args.momentum is None:
-        args.momentum = 0.9
+    args.momentum = 0.9 if args.momentum is None else args.momentum  # recorded so by every run, as before
     for name in ('momentum', 'weight_decay', 'warmup_epochs'):
-        if (getattr(args, name) or 0) < 0:
+        if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     if args.workers < 0:
         raise UserError(f"--workers must be non-negative, got {args.workers}")

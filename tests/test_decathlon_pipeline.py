@@ -654,7 +654,8 @@ def test_missing_released_weights_name_the_download_command(tmp_path, monkeypatc
     os.makedirs(run)
     torch.save({'finished': False, 'epoch': 0, 'num_classes': 10, 'model': {},
                 'args': {**vars(main_teacher_decathlon.get_args_parser().parse_args(common)), 'pretrained': None,
-                         'model_dir': str(run), 'arch': 'wide_resnet26', 'input_size': 64}}, run / 'checkpoint.pth')
+                         'model_dir': str(run), 'arch': 'wide_resnet26', 'input_size': 64, 'momentum': 0.9}},
+               run / 'checkpoint.pth')  # momentum: SGD's, as a run records it
     with pytest.raises(utils.UserError, match=rf"^--resume: the run in {run} was trained with --pretrained None, not "
                                               rf"{missing}; resume it with its own flags"):
         main_teacher_decathlon.main(main_teacher_decathlon.get_args_parser().parse_args(common + ['--resume']))
