@@ -20,6 +20,9 @@ from nettailor import create_student
 from utils import UserError
 
 
+SGD_MOMENTUM = 0.9  # --momentum's default, recorded by every run (Adam's too, which ignores it)
+
+
 def check_args(args):
     """Reject flag values that cannot work, before anything is written."""
     for name, value in vars(args).items():
@@ -32,10 +35,10 @@ def check_args(args):
     for name in ('epochs', 'batch_size', 'lr', 'lr_decay_epochs', 'input_size', 'train_limit', 'test_limit'):
         if getattr(args, name) is not None and getattr(args, name) <= 0:  # None: the run's or a later default
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.momentum is not None and args.optimizer != 'sgd':
+    if args.momentum not in (None, SGD_MOMENTUM) and args.optimizer != 'sgd':  # checked again: the default is set
         raise UserError(f"--momentum is SGD's: {args.optimizer} takes none (its moment estimates decay at fixed "
                         "rates); drop it, or pass --optimizer sgd")
-    args.momentum = 0.9 if args.momentum is None else args.momentum  # recorded so by every run, as before
+    args.momentum = SGD_MOMENTUM if args.momentum is None else args.momentum  # recorded so by every run
     for name in ('momentum', 'weight_decay', 'warmup_epochs'):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")

@@ -306,6 +306,20 @@ def test_ctrl_c_is_one_line_that_points_to_resume(workdir, tmp_path):
     assert 'Traceback' not in stderr
 
 
+def test_momentum_is_sgds_and_checking_the_flags_twice_holds():
+    """--momentum with Adam was ignored; a namespace checked a second time (its default then set) passes."""
+    import main_teacher
+    from engine import check_args
+    args = main_teacher.get_args_parser().parse_args([*TINY, '--model-dir', 'run', '--optimizer', 'adam'])
+    check_args(args)
+    check_args(args)
+    assert args.momentum == 0.9  # recorded as every run records it
+    args = main_teacher.get_args_parser().parse_args([*TINY, '--model-dir', 'run', '--optimizer', 'adamw',
+                                                      '--momentum', '0.95'])
+    with pytest.raises(UserError, match="^--momentum is SGD's: adamw takes none"):
+        check_args(args)
+
+
 def test_ctrl_c_in_a_command_without_resume_says_to_run_it_again(capsys):
     """The demos, experiments.py and benchmark.py have no --resume, which the message named."""
     def interrupted(args):
