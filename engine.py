@@ -67,7 +67,7 @@ def build_loaders(args):
                                             rank=utils.rank(), world_size=utils.world_size(),
                                             train_images=not getattr(args, 'evaluate', False))
         found = {'mean_std': [list(values) for values in task_mean_std(args.task, args.data_dir)]}
-    else:  # evaluating: the test images only, numbered as the run's classes, among which their folders must be
+    else:  # evaluating reads the test images alone, numbered by the run's classes; their folders must be among them
         from dataloaders import folder_name, get_dataloaders, task_classes
         classes = getattr(args, 'classes', None)
         evaluating = getattr(args, 'evaluate', False) and (classes is not None or folder_name(args.task) is None)
