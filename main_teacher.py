@@ -15,7 +15,7 @@ import utils
 from backbones import check_input_size, create_teacher
 from engine import (MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
                     evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, subset_note, unfinished_note,
-                    use_cuda_graph)
+                    use_cuda_graph, SGD_MOMENTUM)
 from utils import UserError
 
 
@@ -45,7 +45,7 @@ def get_args_parser(add_help=True):
     parser.add_argument('--warmup-epochs', type=float, default=0.0, help='linear lr warm-up from 0 (may be a fraction)')
     parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam', 'adamw'],
                         help="sgd (the paper's), adam or adamw (handy when training from scratch)")
-    parser.add_argument('--momentum', type=float, default=None, help='SGD momentum (default 0.9); SGD only')
+    parser.add_argument('--momentum', type=float, default=None, help=f'SGD momentum (default {SGD_MOMENTUM})')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--cuda-graph', action=argparse.BooleanOptionalAction, default=None,
                         help='replay the training step and evaluation from CUDA graphs (default: on with a CUDA '
