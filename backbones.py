@@ -12,7 +12,7 @@ ARCHS = (*RESNET_ARCHS, 'wide_resnet26')
 
 def read_state_dict(path, what='pre-trained weights'):
     """Load a state dict from a local file (plain, or wrapped under 'state_dict' / 'model')."""
-    state = utils.load_checkpoint(path, what)
+    state = utils.load_checkpoint(path, what, fix="replace it with a good copy, or name another file with --pretrained")
     for key in ('state_dict', 'model'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -284,12 +284,12 @@ def check_run_dir(args):
     existing = None
     if os.path.exists(path):
         try:
-            existing = utils.load_checkpoint(path)
+            existing = utils.load_checkpoint(path, fix='pass --force to start a new run over it')
             if not isinstance(existing, dict) or not isinstance(existing.get('args'), dict):
-                raise UserError(f"{path} is not a checkpoint of a run")
-        except UserError as error:
+                raise UserError(f"{path} is not a checkpoint of a run; pass --force to start a new run over it")
+        except UserError:
             if args.resume or not args.force:
-                raise UserError(f"{error}; pass --force to start a new run over it") from None
+                raise
             existing = None
     if existing is not None and not (args.force or args.resume):
         state = 'a finished run' if existing.get('finished') else 'an unfinished run'
@@ -639,7 +639,8 @@ def load_teacher(path, device, num_classes=None, arch=None, task=None, args=None
     path = run_file(path)
     checkpoint = utils.load_checkpoint(path, 'teacher checkpoint')
     if run_kind(checkpoint) != 'teacher':
-        but = " but a student's" if run_kind(checkpoint) == 'student' else ''
+        but = " but a student's" if run_kind(checkpoint) == 'student' else \
+            ": name a teacher's run directory or its checkpoint.pth"
         raise UserError(f"{path} is not a teacher checkpoint written by main_teacher.py{but}")
     if not (unfinished or checkpoint.get('finished')):
         raise UserError(f"teacher {path} is an unfinished run ({epochs_done(checkpoint)}): finish it with --resume "
@@ -683,7 +684,8 @@ def load_student(model_dir, device, pretrained=None):
     run = checkpoint_path(model_dir)
     checkpoint = utils.load_checkpoint(run, 'student checkpoint')
     if run_kind(checkpoint) != 'student':
-        but = " but a teacher's (main_teacher.py --evaluate)" if run_kind(checkpoint) == 'teacher' else ''
+        but = " but a teacher's (main_teacher.py --evaluate)" if run_kind(checkpoint) == 'teacher' else \
+            ": name a student's run directory"
         raise UserError(f"{run} is not a student checkpoint written by main_student.py{but}")
     saved, pack = checkpoint['args'], checkpoint['model']
     meta = pack['meta']

@@ -215,8 +215,9 @@ def error_reason(error):
     return text.splitlines()[0] if text else error.__class__.__name__
 
 
-def load_checkpoint(path, what='checkpoint'):
-    """torch.load(weights_only=True) with a one-line error for a missing or unreadable file."""
+def load_checkpoint(path, what='checkpoint', fix="restore it, or train its run again with --force"):
+    """torch.load(weights_only=True) with a one-line error for a missing or unreadable file; an unreadable one's
+    ends with `fix` (the default suits a run's checkpoint.pth)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
@@ -230,7 +231,7 @@ def load_checkpoint(path, what='checkpoint'):
             reason = "not a PyTorch file"
         else:
             reason = f"truncated or not a PyTorch file ({error_reason(e)})"
-        raise UserError(f"{what} {path} is unreadable: {reason}") from None
+        raise UserError(f"{what} {path} is unreadable: {reason}; {fix}") from None
 
 
 def seed_everything(seed):

@@ -110,7 +110,9 @@ def released_task_checkpoints(folder):
 def load_released_pack(path):
     """The task pack of a released task checkpoint file, checked by attaching it to a Wide ResNet-26 student (it
     refuses wrong shapes, NaNs and a mask that leaves no network to run)."""
-    pack = pack_from_released(load_checkpoint(path, 'released task checkpoint'), source=path)
+    released = load_checkpoint(path, 'released task checkpoint',
+                               fix="remove it and fetch it again: python checkpoints/download_models.py")
+    pack = pack_from_released(released, source=path)
     meta = pack['meta']
     create_student(meta['num_classes'], meta['max_skip']).load_task_pack(pack, source=path)
     return pack

@@ -68,7 +68,8 @@ def test_teacher_loads_local_torchvision_file_and_rejects_bad_ones(tmp_path):
     with pytest.raises(UserError, match=r'weights .* is unreadable: truncated or not a PyTorch file \(EOFError'):
         create_teacher('resnet18', 3, pretrained=str(path))
     path.write_text('not a checkpoint\n')
-    with pytest.raises(UserError, match='is unreadable: not a PyTorch file$'):
+    with pytest.raises(UserError, match='is unreadable: not a PyTorch file; replace it with a good copy, or name '
+                                        'another file with --pretrained$'):
         create_teacher('resnet18', 3, pretrained=str(path))
     torch.save({'conv1.weight': argparse.Namespace()}, path)  # a pickled Python object: never unpickled
     with pytest.raises(UserError, match='is unreadable: it holds Python objects besides tensors'):

@@ -406,7 +406,7 @@ def test_teacher_checkpoint_missing_mismatched_or_truncated(pipeline, workdir, t
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes((teacher / 'checkpoint.pth').read_bytes()[:5000])
     result = run('main_student.py', *TINY, *student_args, '--teacher-fn', truncated, expect_ok=False)
-    assert_one_line_error(result, 'unreadable', 'truncated.pth')
+    assert_one_line_error(result, f'teacher checkpoint {truncated} is unreadable', 'restore it, or train its run again')
     assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
 
 
@@ -1106,7 +1106,10 @@ def test_unreadable_or_foreign_checkpoints_are_refused_in_one_line_and_force_rep
         result = run('main_teacher.py', *common, '--model-dir', tmp_path / name, expect_ok=False)
         assert_one_line_error(result, str(tmp_path / name / 'checkpoint.pth'), 'pass --force to start a new run')
         result = run('main_student.py', *TINY, '--model-dir', tmp_path / name, '--evaluate', expect_ok=False)
-        assert_one_line_error(result, str(tmp_path / name / 'checkpoint.pth'))
+        assert_one_line_error(result, str(tmp_path / name / 'checkpoint.pth'), {
+            'empty': 'is unreadable: truncated or not a PyTorch file (EOFError); restore it, or train its run again '
+                     'with --force',
+            'list': "is not a student checkpoint written by main_student.py: name a student's run directory"}[name])
     run('main_teacher.py', *common, '--model-dir', tmp_path / 'empty', '--force')
     assert torch.load(tmp_path / 'empty' / 'checkpoint.pth', weights_only=True)['finished']
 

@@ -251,6 +251,11 @@ def test_incomplete_released_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match=rf'^{path} does not fit this student: proxies.2.2.body.0.weight has shape '
                                         r'\(3, 3, 1, 1\), here \(64, 64, 1, 1\)$'):
         wide_nettailor.load_released_pack(str(path))
+    path.write_bytes(path.read_bytes()[:5000])  # a download cut short
+    with pytest.raises(UserError, match=rf'^released task checkpoint {path} is unreadable: truncated or not a '
+                                        r'PyTorch file \(.*\); remove it and fetch it again: python '
+                                        r'checkpoints/download_models.py$'):
+        wide_nettailor.load_released_pack(str(path))
 
 
 def test_fresh_classifier_of_a_wide_student_has_a_fresh_final_batchnorm(tmp_path):
