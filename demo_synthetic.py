@@ -54,9 +54,14 @@ def get_args_parser():
     return parser
 
 
+def source_weights_path(root, arch=ARCH):
+    """Where `pretrain_source` caches the universal backbone of `arch` under `root`."""
+    return os.path.join(root, f'{arch}_synth-source.pth')
+
+
 def pretrain_source(args, logger, arch=ARCH):
     """The universal backbone: `arch` trained on synth-source, exported as a torchvision state dict."""
-    weights = os.path.join(args.model_root, f'{arch}_synth-source.pth')
+    weights = source_weights_path(args.model_root, arch)
     if os.path.exists(weights) and not args.force:
         logger.info(f"[source] universal weights {weights} exist: skipped (--force retrains them)")
         return weights

@@ -28,7 +28,7 @@ import demo_synthetic
 import main_student
 import main_teacher
 import utils
-from engine import checkpoint_path, load_student
+from engine import checkpoint_path, load_student, run_status
 from figures import plot_architecture, save_figure
 from nettailor import parse_max_skip
 from synthetic import SYNTHETIC_TASKS
@@ -78,13 +78,22 @@ class Experiment:
         self.stage_args = copy.copy(args)
         self.stage_args.arch = arch
         self.stage_args.input_size = args.input_size or (demo_synthetic.INPUT_SIZE if synthetic else 224)
+        self.needs_source = synthetic  # pre-trained, if not cached yet, when a stage is to train (`prepare`)
         if synthetic:
-            self.stage_args.pretrained = source_weights(args, arch)
+            self.stage_args.pretrained = demo_synthetic.source_weights_path(args.source_root, arch)
         self.logger = utils.setup_logging()
         self.teacher_dir = os.path.join(root, 'teacher')
 
+    def prepare(self, run_dir):
+        """Before the stage into `run_dir`: the offline source backbone, pre-trained unless cached, when that stage
+        is to train.  A finished run there is reused or refused (demo.run_stage) before minutes of pre-training."""
+        if self.needs_source and (self.args.force or run_status(run_dir) != 'finished'):
+            source_weights(self.args, self.arch)
+            self.needs_source = False
+
     def teacher(self):
         flags = dict(arch=self.arch, **self.recipe['teacher'])
+        self.prepare(self.teacher_dir)
         demo.run_stage('teacher', main_teacher, self.task, self.teacher_dir, self.stage_args, flags, self.logger)
         return utils.load_checkpoint(checkpoint_path(self.teacher_dir))['accuracy']
 
@@ -93,6 +102,7 @@ class Experiment:
         run_dir = os.path.join(self.root, name)
         stage_flags = dict(backbone=self.arch, teacher_fn=checkpoint_path(self.teacher_dir),
                            **dict(self.recipe['student'], **flags))
+        self.prepare(run_dir)
         demo.run_stage(name, main_student, self.task, run_dir, self.stage_args, stage_flags, self.logger)
         return run_dir
 
@@ -102,6 +112,7 @@ class Experiment:
         <student_dir>-k<k>."""
         name = os.path.basename(student_dir)
         run_dir = os.path.join(self.root, f'pruned-k{k}') if name == 'student' else f'{student_dir}-k{k}'
+        self.prepare(run_dir)
         demo.prune_and_retrain(self.task, self.recipe, self.stage_args, self.teacher_dir, student_dir, run_dir, k,
                                self.logger)
         result = demo.run_row(run_dir, f'{name} k={k}', k=k)

@@ -89,6 +89,11 @@ def test_finished_runs_are_reused_only_if_trained_as_the_experiment_would(roots,
             f"{tmp_path / 'runs' / 'teacher'} holds a finished run trained with --pretrained "
             f"{roots / 'resnet18_synth-source.pth'}, not {other / 'resnet18_synth-source.pth'}: pass --force")):
         ksweep(other)
+    uncached = tmp_path / 'uncached'  # refused before the source backbone is pre-trained there (minutes)
+    with pytest.raises(UserError, match=re.escape(f"--pretrained {roots / 'resnet18_synth-source.pth'}, not "
+                                                  f"{uncached / 'resnet18_synth-source.pth'}: pass --force")):
+        ksweep(uncached)
+    assert not uncached.exists()
     pruned = checkpoint_path(tmp_path / 'runs' / 'pruned-k1')
     checkpoint = torch.load(pruned, weights_only=False)
     torch.save({**checkpoint, 'args': {**checkpoint['args'], 'optimizer': 'adam'}}, pruned)  # no recipe flag
