@@ -230,7 +230,7 @@ def load_checkpoint(path, what='checkpoint', fix="restore it, or train its run a
         elif 'weights_only' in text:  # any other refusal of the tensors-only unpickler
             reason = "not a PyTorch file"
         else:
-            reason = f"truncated or not a PyTorch file ({error_reason(e)})"
+            reason = f"truncated or not a PyTorch file ({error_reason(e).split('. ')[0]})"  # torch's 1st sentence
         raise UserError(f"{what} {path} is unreadable: {reason}; {fix}") from None
 
 

@@ -406,7 +406,8 @@ def test_teacher_checkpoint_missing_mismatched_or_truncated(pipeline, workdir, t
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes((teacher / 'checkpoint.pth').read_bytes()[:5000])
     result = run('main_student.py', *TINY, *student_args, '--teacher-fn', truncated, expect_ok=False)
-    assert_one_line_error(result, f'teacher checkpoint {truncated} is unreadable', 'restore it, or train its run again')
+    assert_one_line_error(result, f'teacher checkpoint {truncated} is unreadable: truncated or not a PyTorch file (',
+                          '); restore it, or train its run again with --force')
     assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
 
 
