@@ -85,15 +85,20 @@ PREPROCESSING = {
 }
 
 MEAN_STD_FILE = 'decathlon_mean_std.json'
-DOWNLOAD_HINT = ('run `python data/download_decathlon.py` for the real data or '
-                 '`python data/make_synthetic_decathlon.py` for the offline miniature, or pass --data-dir')
 IMAGENET_ARCHIVE = 'decathlon-1.0-data-imagenet.tar'  # the imagenet12 images: from image-net.org only
 
 
-def images_hint(task, data_dir):
+def download_hint(data_dir_fix='pass --data-dir'):
+    """How to get the decathlon, or `data_dir_fix`: how to name the folder that holds it (the scripts' flag; the
+    notebook's environment variable)."""
+    return ('run `python data/download_decathlon.py` for the real data or `python data/make_synthetic_decathlon.py` '
+            f'for the offline miniature, or {data_dir_fix}')
+
+
+def images_hint(task, data_dir, data_dir_fix='pass --data-dir'):
     """How to get the images of `task`: imagenet12's are not in the public download."""
     if task != 'imagenet12':
-        return DOWNLOAD_HINT
+        return download_hint(data_dir_fix)
     return (f'the imagenet12 images are not public: download {IMAGENET_ARCHIVE} from https://image-net.org '
             f'(account required, Visual Decathlon download) and extract it with '
             f'`tar -xf {IMAGENET_ARCHIVE} -C {os.path.join(decathlon_root(data_dir), "data")}`')
@@ -259,19 +264,20 @@ class DecathlonDataset(Dataset):
     image files are refused when it is built, unless `check_images` is False (a split no image will be read of).
     """
 
-    def __init__(self, task, split, data_dir='data', transform=None, check_images=True):
+    def __init__(self, task, split, data_dir='data', transform=None, check_images=True, data_dir_fix='pass --data-dir'):
         check_task(task)
+        hint = download_hint(data_dir_fix)
         if split not in SPLITS:
             raise UserError(f"unknown decathlon split '{split}'; valid splits: {', '.join(SPLITS)}")
         path = self.path = annotation_path(data_dir, task, split)
         if not os.path.exists(path):
-            raise UserError(f"Visual Decathlon task {task} not found: {path} is missing; {DOWNLOAD_HINT}")
+            raise UserError(f"Visual Decathlon task {task} not found: {path} is missing; {hint}")
         coco = _load_annotations(path)
         categories = coco.dataset.get('categories')
         if not categories and split == 'test_stripped':
             train_path = annotation_path(data_dir, task, 'train')
             if not os.path.exists(train_path):
-                raise UserError(f"{path} lists no categories and {train_path} is missing; {DOWNLOAD_HINT}")
+                raise UserError(f"{path} lists no categories and {train_path} is missing; {hint}")
             categories = _load_annotations(train_path).dataset.get('categories')
         self.task = task
         self.split = split
@@ -280,10 +286,10 @@ class DecathlonDataset(Dataset):
         self.num_classes = len(self.category_ids)
         images = coco.dataset['images']
         if not images:
-            raise UserError(f"the {split} split of {task} has no images ({path}); {DOWNLOAD_HINT}")
+            raise UserError(f"the {split} split of {task} has no images ({path}); {hint}")
         self.image_ids = [image['id'] for image in images]
         self.paths = [os.path.join(decathlon_root(data_dir), image['file_name']) for image in images]
-        self.images_hint = images_hint(task, data_dir)
+        self.images_hint = images_hint(task, data_dir, data_dir_fix)
         missing = missing_files(self.paths) if check_images else []
         if missing:  # now, not at the batch that reads the first of them
             raise UserError(f"{len(missing)} of the {len(self.paths)} images of the {split} split of {task} are "

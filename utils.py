@@ -217,7 +217,7 @@ def error_reason(error):
 
 def load_checkpoint(path, what='checkpoint', fix="restore it, or train its run again with --force"):
     """torch.load(weights_only=True) with a one-line error for a missing or unreadable file; an unreadable one's
-    ends with `fix` (the default suits a run's checkpoint.pth)."""
+    ends with `fix` (the default suits a run's checkpoint.pth; None: the caller's message says it)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
@@ -231,7 +231,7 @@ def load_checkpoint(path, what='checkpoint', fix="restore it, or train its run a
             reason = "not a PyTorch file"
         else:
             reason = f"truncated or not a PyTorch file ({error_reason(e).split('. ')[0]})"  # torch's 1st sentence
-        raise UserError(f"{what} {path} is unreadable: {reason}; {fix}") from None
+        raise UserError(f"{what} {path} is unreadable: {reason}" + (f"; {fix}" if fix else '')) from None
 
 
 def seed_everything(seed):

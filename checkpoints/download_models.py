@@ -77,7 +77,7 @@ def fetch_universal(args):
 
     def check(partial):  # a moved site answers with an HTML page, not a checkpoint
         try:
-            utils.load_checkpoint(partial, 'download')
+            utils.load_checkpoint(partial, 'download', fix=None)
         except UserError as error:
             raise UserError(f"{args.url} did not return a PyTorch checkpoint ({error}); pass --url for another "
                             "location") from None

@@ -372,6 +372,18 @@ def test_notebook_refuses_a_val_limit_that_is_not_a_count(decathlon, tmp_path):
                          universal=decathlon['universal'], val_limit='-3')
 
 
+def test_notebook_names_its_own_setting_for_the_data_folder(decathlon, tmp_path):
+    """The decathlon's errors said `pass --data-dir`: the notebook takes no flags."""
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(CellExecutionError) as error:
+        execute_notebook(tmp_path / 'jupyter', data_dir=tmp_path / 'empty', model_root=decathlon['models'],
+                         universal=decathlon['universal'])
+    assert re.search(r"task \w+ not found: .* is missing; run `python data/download_decathlon.py` for the real data "
+                     r"or .* for the offline miniature, or point NETTAILOR_DATA_DIR at the folder that holds "
+                     r"decathlon-1.0", str(error.value))
+    assert '--data-dir' not in str(error.value)
+
+
 def test_notebook_takes_the_runs_the_summary_takes(decathlon, tmp_path):
     """Through required_final_run, as --summary: it deployed a pruned run whose full student was trained again
     since, and left out a task whose student was unfinished, where --summary refuses both (the latter here)."""
