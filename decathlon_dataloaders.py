@@ -86,16 +86,17 @@ PREPROCESSING = {
 
 MEAN_STD_FILE = 'decathlon_mean_std.json'
 IMAGENET_ARCHIVE = 'decathlon-1.0-data-imagenet.tar'  # the imagenet12 images: from image-net.org only
+SCRIPTS_DATA_DIR_FIX = 'pass --data-dir'  # how the scripts name the data folder (the notebook: its variable)
 
 
-def download_hint(data_dir_fix='pass --data-dir'):
+def download_hint(data_dir_fix=SCRIPTS_DATA_DIR_FIX):
     """How to get the decathlon, or `data_dir_fix`: how to name the folder that holds it (the scripts' flag; the
     notebook's environment variable)."""
     return ('run `python data/download_decathlon.py` for the real data or `python data/make_synthetic_decathlon.py` '
             f'for the offline miniature, or {data_dir_fix}')
 
 
-def images_hint(task, data_dir, data_dir_fix='pass --data-dir'):
+def images_hint(task, data_dir, data_dir_fix=SCRIPTS_DATA_DIR_FIX):
     """How to get the images of `task`: imagenet12's are not in the public download."""
     if task != 'imagenet12':
         return download_hint(data_dir_fix)
@@ -264,7 +265,8 @@ class DecathlonDataset(Dataset):
     image files are refused when it is built, unless `check_images` is False (a split no image will be read of).
     """
 
-    def __init__(self, task, split, data_dir='data', transform=None, check_images=True, data_dir_fix='pass --data-dir'):
+    def __init__(self, task, split, data_dir='data', transform=None, check_images=True,
+                 data_dir_fix=SCRIPTS_DATA_DIR_FIX):
         check_task(task)
         hint = download_hint(data_dir_fix)
         if split not in SPLITS:

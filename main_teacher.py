@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import utils
 from backbones import check_input_size, create_teacher
-from engine import (MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path, evaluate,
-                    evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, subset_note, unfinished_note,
-                    use_cuda_graph, SGD_MOMENTUM)
+from engine import (SGD_MOMENTUM, MixedPrecision, TrainStep, build_loaders, check_args, check_run_dir, checkpoint_path,
+                    evaluate, evaluation_loader, fit, load_teacher, make_optimizer, prepare_run_dir, subset_note,
+                    unfinished_note, use_cuda_graph)
 from utils import UserError
 
 
