@@ -317,7 +317,7 @@ def prepare_run_dir(args):
     if not utils.is_main_process():
         utils.barrier()
         return check_run_dir(args) if args.resume else None  # what the main process resumes from
-    with utils.writing(f'the run directory --model-dir {args.model_dir}', '; choose a folder you can write'):
+    with utils.writing(f'the run directory {args.model_dir}', '; choose a folder you can write'):
         os.makedirs(args.model_dir, exist_ok=True)
         utils.lock_run_dir(args.model_dir)
         existing = check_run_dir(args)

@@ -82,8 +82,8 @@ def lock_run_dir(model_dir):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(f"another process is writing {model_dir}; wait for it to end or choose another --model-dir") \
-            from None
+        raise UserError(f"another process is writing {model_dir}; wait for it to end, or write this run to another "
+                        "folder") from None
     _run_dir_locks[path] = handle
 
 

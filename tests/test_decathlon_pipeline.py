@@ -561,6 +561,23 @@ def test_decathlon_runs_and_others_do_not_mix(decathlon, tmp_path):
         main_teacher_decathlon.main(args)
 
 
+def test_a_run_directory_another_process_writes_is_refused_naming_no_flag_the_script_lacks(decathlon, tmp_path):
+    """The decathlon scripts set the run directory from --model-root: the refusal names the folder, not --model-dir."""
+    import fcntl
+    import main_teacher_decathlon
+    run_dir = tmp_path / 'models' / 'svhn' / 'teacher'
+    os.makedirs(run_dir)
+    args = main_teacher_decathlon.get_args_parser().parse_args([
+        '--task', 'svhn', '--data-dir', str(decathlon['data']), '--model-root', str(tmp_path / 'models'),
+        '--pretrained', str(decathlon['universal']), *TRAIN])
+    with open(run_dir / '.lock', 'a') as held:  # as another process's run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = rf"^another process is writing {re.escape(str(run_dir))}; wait for it to end, or write this run to "
+        with pytest.raises(utils.UserError, match=refused + "another folder$"):
+            main_teacher_decathlon.main(args)
+    assert os.listdir(run_dir) == ['.lock']
+
+
 def test_run_locations_the_decathlon_scripts_set_by_convention_are_refused(tmp_path):
     import main_student_decathlon
     import main_teacher_decathlon
