@@ -14,4 +14,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python demo_synthetic.py
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 tests

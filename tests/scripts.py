@@ -27,7 +27,7 @@ def run_script(script, *args, cwd=REPO, env=None, timeout=300):
     global _server
     if _server is None or _server.poll() is not None:
         _server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=REPO, stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '2'})
+                                   stdout=subprocess.PIPE, text=True, env={'OMP_NUM_THREADS': '2', **os.environ})
         atexit.register(_server.stdin.close)
     argv = [os.path.join(REPO, script), *map(str, args)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ TINY = ['--task', 'synth-digits', '--input-size', '32', '--workers', '0', '--tra
 
 
 def run(script, *args, expect_ok=True):
-    result = run_script(script, *args, env={**os.environ, 'OMP_NUM_THREADS': '2'})
+    result = run_script(script, *args)
     if expect_ok:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
