@@ -14,8 +14,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if os.environ.get('PYTEST_XDIST_WORKER'):  # make test: two workers side by side, one thread each (with two
-        os.environ['OMP_NUM_THREADS'] = '1'  # each they contend for 2 cores and the suite takes longer than one)
+    if os.environ.get('PYTEST_XDIST_WORKER'):  # make test's two workers: one thread each, as two threads each
+        os.environ['OMP_NUM_THREADS'] = '1'  # contend for 2 cores (docs/performance.md, the test suite)
         import torch
         torch.set_num_threads(1)
     device = config.getoption('--device')
