@@ -3,7 +3,6 @@ with the whole batch trains, one process writes the run directory, and a killed 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,20 +22,14 @@ from scripts import run_script
 from test_pipeline import REPO, TINY, workdir  # noqa: F401  (a module-scoped fixture)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def join_group(rank, world, port):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+def join_group(rank, world, rendezvous):
+    """Meet through a file, not a TCP port: a port found free could be taken by the other pytest worker."""
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
     torch.set_num_threads(1)
 
 
-def synced_batch_norm_worker(rank, world, port, results):
-    join_group(rank, world, port)
+def synced_batch_norm_worker(rank, world, rendezvous, results):
+    join_group(rank, world, rendezvous)
     torch.manual_seed(0)
     for shape in [(8, 4, 5, 5), (12, 4)]:  # NCHW maps, and proxies' (pixel, channel) matrices
         x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -61,18 +54,18 @@ def synced_batch_norm_worker(rank, world, port, results):
     dist.destroy_process_group()
 
 
-def test_synced_batch_norm_is_the_whole_batchs():
+def test_synced_batch_norm_is_the_whole_batchs(tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(synced_batch_norm_worker, args=(2, free_port(), results), nprocs=2)
+    mp.spawn(synced_batch_norm_worker, args=(2, tmp_path / 'rendezvous', results), nprocs=2)
     assert len(results) == 4 and max(results.values()) < 1e-12, dict(results)
 
 
-def training_worker(rank, world, port, kind, path):
+def training_worker(rank, world, rendezvous, kind, path):
     """Three float64 steps of a teacher or a student (the one-pass distillation), this process's share of
     each batch of 8, through engine.TrainStep; rank 0 saves the state."""
     torch.set_default_dtype(torch.float64)
     if world > 1:
-        join_group(rank, world, port)
+        join_group(rank, world, rendezvous)
     torch.manual_seed(0)
     teacher = create_teacher('resnet18', 10)
     if kind == 'teacher':
@@ -110,7 +103,7 @@ def test_two_processes_with_half_the_batch_train_like_one_with_all(tmp_path, kin
         training_worker(0, 1, None, kind, tmp_path / 'one.pt')
     finally:
         torch.set_default_dtype(default)
-    mp.spawn(training_worker, args=(2, free_port(), kind, tmp_path / 'two.pt'), nprocs=2)
+    mp.spawn(training_worker, args=(2, tmp_path / 'rendezvous', kind, tmp_path / 'two.pt'), nprocs=2)
     (initial, one), (_, two) = torch.load(tmp_path / 'one.pt'), torch.load(tmp_path / 'two.pt')
     assert one.keys() == two.keys()
     assert max(float((one[name] - initial[name]).abs().max()) for name in one if one[name].is_floating_point()) > 1e-3
