@@ -86,8 +86,10 @@ class Experiment:
 
     def prepare(self, run_dir):
         """Before the stage into `run_dir`: the offline source backbone, pre-trained unless cached, when that stage
-        is to train.  A finished run there is reused or refused (demo.run_stage) before minutes of pre-training."""
-        if self.needs_source and (self.args.force or run_status(run_dir) != 'finished'):
+        is to train or the file is gone (a finished run's table row rebuilds its student on it).  A finished run
+        there is reused or refused (demo.run_stage) before minutes of pre-training."""
+        if self.needs_source and (self.args.force or run_status(run_dir) != 'finished'
+                                  or not os.path.isfile(self.stage_args.pretrained)):
             source_weights(self.args, self.arch)
             self.needs_source = False
 

@@ -196,3 +196,24 @@ def test_force_reruns_the_experiment_runs_but_never_the_shared_source_backbone(r
     args = experiments.get_args_parser().parse_args(['ksweep', '--k', '1', '--force', '--source-root', str(roots)])
     assert experiments.source_weights(args, 'resnet18') == str(weights)
     assert weights.read_bytes() == before and not (roots / 'source').exists()
+
+
+def test_a_finished_sweep_whose_source_backbone_file_is_gone_provides_it_again(roots, tmp_path, monkeypatch):
+    """The table's rows rebuild each finished student on its universal weights: a deleted cached source file was
+    refused with advice to pass --pretrained, which the synthetic tasks refuse.  The experiment provides it again
+    (experiments.source_weights: re-exported from the finished source run, or pre-trained, which reproduces it);
+    here a copy of the fixture's file stands in for that."""
+    source_root = tmp_path / 'source'
+    source_root.mkdir()
+    weights = source_root / 'resnet18_synth-source.pth'
+    shutil.copy(roots / 'resnet18_synth-source.pth', weights)
+    argv = ['ksweep', '--smoke', '--device', 'cpu', '--workers', '0', '--source-root', str(source_root),
+            '--model-root', str(tmp_path / 'runs'), '--k', '1']
+    first = experiments.main(experiments.get_args_parser().parse_args(argv))
+    provided = []
+    monkeypatch.setattr(experiments, 'source_weights', lambda args, arch: provided.append(arch) or
+                        shutil.copy(roots / f'{arch}_synth-source.pth', weights))
+    weights.unlink()
+    again = experiments.main(experiments.get_args_parser().parse_args(argv))
+    assert provided == ['resnet18'] and weights.exists()
+    assert again['curves'] == first['curves']
