@@ -78,18 +78,22 @@ class Experiment:
         self.stage_args = copy.copy(args)
         self.stage_args.arch = arch
         self.stage_args.input_size = args.input_size or (demo_synthetic.INPUT_SIZE if synthetic else 224)
-        self.needs_source = synthetic  # pre-trained, if not cached yet, when a stage is to train (`prepare`)
+        self.needs_source = synthetic  # provided once, when first needed (`provide_source`)
         if synthetic:
             self.stage_args.pretrained = demo_synthetic.source_weights_path(args.source_root, arch)
         self.logger = utils.setup_logging()
         self.teacher_dir = os.path.join(root, 'teacher')
 
     def prepare(self, run_dir):
-        """Before the stage into `run_dir`: the offline source backbone, pre-trained unless cached, when that stage
-        is to train or the file is gone (a finished run's table row rebuilds its student on it).  A finished run
-        there is reused or refused (demo.run_stage) before minutes of pre-training."""
-        if self.needs_source and (self.args.force or run_status(run_dir) != 'finished'
-                                  or not os.path.isfile(self.stage_args.pretrained)):
+        """Before the stage into `run_dir`: the offline source backbone, when that stage is to train.  A finished
+        run there is reused or refused (demo.run_stage) before minutes of pre-training."""
+        if self.args.force or run_status(run_dir) != 'finished':
+            self.provide_source()
+
+    def provide_source(self):
+        """The offline source backbone (synthetic tasks), pre-trained unless cached, once: a stage trains on it, a
+        table row rebuilds a finished student on it (a deleted file is re-exported from its source run)."""
+        if self.needs_source:
             source_weights(self.args, self.arch)
             self.needs_source = False
 
@@ -117,6 +121,7 @@ class Experiment:
         self.prepare(run_dir)
         demo.prune_and_retrain(self.task, self.recipe, self.stage_args, self.teacher_dir, student_dir, run_dir, k,
                                self.logger)
+        self.provide_source()
         result = demo.run_row(run_dir, f'{name} k={k}', k=k)
         self.logger.info(f"{result['name']}: {result['accuracy']:.2f}% after retraining")
         return result
