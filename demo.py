@@ -15,7 +15,7 @@ import main_student
 import main_teacher
 import utils
 from backbones import ARCHS, num_blocks
-from engine import checkpoint_path, finished_run_differences, load_student, run_status
+from engine import checkpoint_path, finished_run_differences, load_student, run_status, trained_settings
 
 # docs/method.md §2 step 5: the leanest pruning whose accuracy is within this many points of the teacher
 ACCURACY_TOLERANCE = 0.5
@@ -71,10 +71,8 @@ def run_stage(name, script, task, model_dir, demo_args, flags, logger):
     if status == 'unfinished' and not args.force:  # --resume refuses it if trained otherwise
         logger.info(f"[{name}] unfinished run in {model_dir}: resumed (--force starts it again)")
         args.resume = True
-    if status == 'finished' and not args.force:  # every setting it trains with but those its script resolves
-        wanted = {key: value for key, value in vars(args).items()
-                  if value is not None or key in ('train_limit', 'test_limit')}
-        differences = finished_run_differences(model_dir, wanted)
+    if status == 'finished' and not args.force:
+        differences = finished_run_differences(model_dir, trained_settings(args))
         if differences:
             raise utils.UserError(f"{model_dir} holds a finished run trained with {'; '.join(differences)}: pass "
                                   "--force to replace it or another --model-root")

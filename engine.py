@@ -228,6 +228,14 @@ def setting_differences(recorded, wanted, ignored=NOT_TRAINING_SETTINGS):
             if key not in ignored and text(recorded.get(key)) != text(value)]
 
 
+def trained_settings(args):
+    """The settings a run of a script's `args` trains with, as a finished run is compared against them: every one
+    set (those left None its script resolves: from the run it prunes, or by default) and the data limits, whose
+    None is all the data."""
+    return {key: value for key, value in vars(args).items()
+            if value is not None or key in ('train_limit', 'test_limit')}
+
+
 def finished_run_differences(model_dir, wanted, processes=None):
     """`setting_differences` of the finished run in `model_dir` (NOT_TRAINING_SETTINGS are not compared), then
     `stale_sources`, against the sources `wanted` names; given `processes`, the count of processes it was

@@ -14,11 +14,11 @@ Flags after `--` go to every run's script (main_*_decathlon.py, main_student.py)
 each job is checked as its script would check it (its flags and values, its device and CUDA graphs against the
 job's GPUs and processes, the runs it needs: a decathlon task's teacher and student, the universal weights and
 blocks left to prune), so that no job is submitted only to fail.  Finished runs are not submitted again (one
-trained with other values of the flags given, or by another count of processes, is refused), nor is a run whose
-job of an earlier submission is still queued or running (refused; <log-dir>/submitted.json records the jobs); a
-job preempted or reaching its time limit is requeued and continues its run with --resume (submitit's
-checkpointing); once every job has ended the summary is printed (the decathlon table and score, or the sweep's
-table).  Job logs go to --log-dir.
+trained otherwise, with another value of any setting its script trains with, given or by default, or by another
+count of processes, is refused), nor is a run whose job of an earlier submission is still queued or running
+(refused; <log-dir>/submitted.json records the jobs); a job preempted or reaching its time limit is requeued and
+continues its run with --resume (submitit's checkpointing); once every job has ended the summary is printed (the
+decathlon table and score, or the sweep's table).  Job logs go to --log-dir.
 """
 import argparse
 import importlib
@@ -34,7 +34,7 @@ import utils
 from dataloaders import task_classes
 from backbones import check_input_size, create_teacher
 from engine import (check_args, check_data, check_run_dir, checkpoint_path, finished_run_differences, load_student,
-                    load_teacher, run_status)
+                    load_teacher, run_status, trained_settings)
 from main_teacher_decathlon import task_runs
 from utils import UserError
 
@@ -144,9 +144,10 @@ def parse_script_flags(script, argv, namespace=None):
 
 def check_job(job, processes, gpus):
     """Refuse, before anything is submitted, a job that would fail or pass a run off as another: flags its script
-    does not take, cannot parse or would not train with; a finished run trained otherwise (`trained_otherwise`);
-    for a run to train by `processes` processes on `gpus` GPUs, whatever its script would refuse
-    (`check_device`, `check_script_args`)."""
+    does not take, cannot parse or would not train with; a finished run trained otherwise than the job would train
+    it (every setting its script would train with, given or by default, as demo.run_stage compares) or by another
+    count of processes; for a run to train by `processes` processes on `gpus` GPUs, whatever its script would
+    refuse (`check_device`, `check_script_args`)."""
     args, unknown = parse_script_flags(job.script, job.current_argv())
     if unknown:
         raise UserError(f"{job.script}.py does not take {' '.join(unknown)} (python {job.script}.py --help lists "
@@ -158,12 +159,16 @@ def check_job(job, processes, gpus):
     if args.force:  # a requeued job continues its run with --resume, which --force contradicts
         raise UserError("flags after --: submit.py does not take --force (a job resumes its run when requeued, and a "
                         "finished run is kept): move the old runs away or pass another --model-root")
+    parsed, args = args, task_args(job, args)
     if run_status(job.run_dir) != 'finished':
+        if job.script == 'main_teacher_decathlon' and parsed.export_backbone:
+            main_teacher_decathlon.check_export_backbone(parsed)
         args.processes = processes  # what check_run_dir records, and compares for a job to resume
         check_device(args, processes, gpus)
-        check_script_args(job, args)
+        default_teacher = job.script == 'main_student_decathlon' and parsed.teacher_fn is None
+        check_script_args(job, args, default_teacher)
         return
-    differences = trained_otherwise(job, processes)
+    differences = finished_run_differences(job.run_dir, trained_settings(args), processes)
     if differences:
         raise UserError(f"{job.run_dir} holds a finished run trained with {'; '.join(differences)}: "
                         "move it away or pass another --model-root")
@@ -184,30 +189,33 @@ def check_device(args, processes, gpus):
                         "(--processes-per-job, or one per GPU): drop it")
 
 
-def check_script_args(job, args):
-    """What the job's script refuses before it writes anything, refused here on the job's parsed `args` (writing
-    nothing): the decathlon scripts' run of their task, completed by their complete_task_args; engine.check_args
-    or main_student.check_student_args; what a student needs (a folder task's class folders, as the student it
-    prunes recorded them; the universal blocks left to prune; the teacher it distils from, of its backbone and
-    task); engine.check_run_dir."""
+def task_args(job, args):
+    """The job's parsed `args` as its script completes them before training: a decathlon script's run of its task
+    (its stage, run directory and crop size; its network, universal weights, teacher and the student it prunes,
+    by complete_task_args)."""
     if job.script == 'main_teacher_decathlon':
-        if args.export_backbone:
-            main_teacher_decathlon.check_export_backbone(args)
         [args] = task_runs(args)
         main_teacher_decathlon.complete_task_args(args)
+    elif job.script == 'main_student_decathlon':
+        main_student_decathlon.check_command(args)
+        main_student_decathlon.set_stage(args)
+        [args] = task_runs(args)
+        main_student_decathlon.complete_task_args(args)
+    return args
+
+
+def check_script_args(job, args, default_teacher):
+    """What the job's script refuses before it writes anything, refused here on the job's `task_args` (writing
+    nothing): engine.check_args or main_student.check_student_args; what a student needs (a folder task's class
+    folders, as the student it prunes recorded them; the universal blocks left to prune; the teacher it distils
+    from, of its backbone and task, a decathlon task's own when `default_teacher`); engine.check_run_dir."""
+    if job.script == 'main_teacher_decathlon':
         check_args(args)
         check_input_size(create_teacher(args.arch, 1), args.input_size)
         check_run_dir(args)
         return
-    default_teacher = False
-    if job.script == 'main_student_decathlon':
-        main_student_decathlon.check_command(args)
-        main_student_decathlon.set_stage(args)
-        [args] = task_runs(args)
-        default_teacher = args.teacher_fn is None
-        main_student_decathlon.complete_task_args(args)
-        if args.prune:
-            require_finished(args, args.full_model_dir, 'to prune')
+    if job.script == 'main_student_decathlon' and args.prune:
+        require_finished(args, args.full_model_dir, 'to prune')
     main_student.check_student_args(args)
     check_data(vars(args), {'classes': task_classes(args.task, args.data_dir)}, args)  # a folder task's data
     distill = args.teacher_coeff > 0
@@ -242,12 +250,6 @@ def given_settings(script, argv):
     args, _ = parse_script_flags(script, argv)
     unset = argparse.Namespace(**dict.fromkeys(vars(args)))  # argparse fills no defaults in
     return {key: value for key, value in vars(parse_script_flags(script, argv, unset)[0]).items() if value is not None}
-
-
-def trained_otherwise(job, processes):
-    """How the finished run of `job` was trained otherwise than the flags the job passes (see demo.run_stage) and
-    by `processes` processes."""
-    return finished_run_differences(job.run_dir, given_settings(job.script, job.argv), processes)
 
 
 def summary(args, jobs):

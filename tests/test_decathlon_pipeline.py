@@ -502,6 +502,27 @@ def test_submit_checks_a_pruning_job_against_the_run_it_writes(decathlon, tmp_pa
     assert not (decathlon['models'] / 'dtd' / 'pruned').exists() and not (tmp_path / 'jobs').exists()
 
 
+def test_submit_compares_a_finished_decathlon_run_with_every_setting_its_job_trains_with(decathlon, tmp_path):
+    """A finished run is checked against what its job would train, defaults included, as its script completes
+    them: it was compared on the flags given only, and its script's stage (set from --prune) was not resolved."""
+    import submit
+    trained = ['--epochs', '1', '--workers', '0']  # how the fixture trained them, with each stage's flags below
+    flags = {'teacher': ['--pretrained', decathlon['universal'], '--input-size', '32'],
+             'student': ['--pretrained', decathlon['universal'], '--input-size', '32', '--write-submission'],
+             'pruned': ['--n-pruning-universal', '2', '--thr-pruning-proxy', '0.01', '--lr', '0.01']}
+    for stage, stage_flags in flags.items():
+        args = submit.get_args_parser().parse_args([
+            '--local', '--log-dir', str(tmp_path / 'jobs'), 'decathlon', '--stage', stage, '--tasks', 'svhn',
+            '--data-dir', str(decathlon['data']), '--model-root', str(decathlon['models'])])
+        [job] = submit.decathlon_jobs(args, list(map(str, stage_flags + trained)))
+        submit.check_job(job, 1, 0)  # trained as the job would train it
+        [job] = submit.decathlon_jobs(args, list(map(str, stage_flags + trained[2:])))  # the scripts' --epochs 30
+        with pytest.raises(utils.UserError, match=re.escape(
+                f"{job.run_dir} holds a finished run trained with --epochs 1, not 30: move it away")):
+            submit.check_job(job, 1, 0)
+    assert not (tmp_path / 'jobs').exists()
+
+
 def test_submit_summarises_the_tasks_it_submitted(decathlon, tmp_path):
     """The summary after the jobs covers the tasks submitted: it took every task under --data-dir, and a task not
     submitted, without a run, failed the submission once its jobs had succeeded."""

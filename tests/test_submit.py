@@ -55,7 +55,8 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, student
         ['--local', '--gpus-per-job', '0', '--cpus-per-task', '1', '--timeout-min', '10', '--log-dir',
          str(tmp_path / 'jobs'), '--no-wait', 'sweep', '--full-model-dir', str(student), '--k', '1', '2',
          '--model-root', str(tmp_path)])
-    flags = [str(flag) for flag in common] + ['--epochs', '4', '--lr', '0.01', '--thr-pruning-proxy', '0']
+    recipe = ['--lr', '0.01', '--thr-pruning-proxy', '0']
+    flags = [str(flag) for flag in common] + ['--epochs', '4', *recipe]
     jobs = submit.main(args, flags)
     assert len(jobs) == 2
     recorded = json.load(open(tmp_path / 'jobs' / 'submitted.json'))
@@ -94,6 +95,8 @@ def test_sweep_jobs_run_in_parallel_and_a_preempted_one_resumes(workdir, student
     with pytest.raises(UserError, match=r"pruned-k1 holds a finished run trained with --epochs 4, not 5; "
                                         r"--thr-pruning-proxy 0.0, not 0.5: move it away"):
         submit.main(args, flags + ['--thr-pruning-proxy=0.5', '--epochs', '5'])
+    with pytest.raises(UserError, match=r"pruned-k1 holds a finished run trained with --epochs 4, not 20: move it "):
+        submit.main(args, [str(flag) for flag in common] + recipe)  # --epochs: main_student.py's default
     assert os.listdir(tmp_path / 'jobs') == submitted
 
 
