@@ -472,6 +472,7 @@ class TrainStep:
         return {**{name: value.detach() for name, value in metrics.items()}, 'loss': loss.detach()}
 
     def _capture(self, images, labels):
+        require_cuda(images, 'TrainStep(cuda_graph=True)')
         self.static_images, self.static_labels = images.clone(), labels.clone()
         buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
 
@@ -488,6 +489,12 @@ class TrainStep:
             self.static_metrics = self._forward_backward(self.static_images, self.static_labels)
 
 
+def require_cuda(batch, capturer):
+    """A CUDA graph captures work on a CUDA device only: a batch elsewhere is refused before any warm-up pass."""
+    if batch.device.type != 'cuda':
+        raise ValueError(f"{capturer} captures a CUDA graph: its batches must be on a CUDA device, not {batch.device}")
+
+
 class CapturedForward:
     """`model(x)` without gradients, replayed from a CUDA graph captured on the first batch; batches of another
     shape run eagerly.  The outputs of a replay are overwritten by the next one.  Capture it after the model
@@ -499,6 +506,7 @@ class CapturedForward:
     @torch.no_grad()
     def __call__(self, x):
         if self.graph is None:
+            require_cuda(x, 'CapturedForward')
             self.static_input = x.clone()
             stream = on_side_stream(lambda: self.model(self.static_input), 2)
             self.graph = torch.cuda.CUDAGraph()

@@ -1,6 +1,7 @@
 """Teachers, the NetTailor student, complexity, distillation, pruning and task packs (docs/method.md §3-7)."""
 import argparse
 import copy
+import re
 
 import pytest
 import torch
@@ -643,6 +644,25 @@ def test_bottleneck_student_uses_two_layer_proxies():
         logits, _ = student(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 4)
     assert isinstance(student, NetTailor) and nettailor.format_stats(student.stats()).count('\n') > 40
+
+
+def test_cuda_graph_capture_refuses_a_batch_off_the_gpu_before_touching_the_model():
+    """TrainStep(cuda_graph=True) and CapturedForward given CPU batches failed inside torch.cuda with an error
+    that named neither them nor the fix (the scripts refuse --cuda-graph without CUDA; these are the library's)."""
+    from engine import CapturedForward, MixedPrecision, TrainStep
+    model = torch.nn.Linear(4, 2)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, lambda x, y: (F.cross_entropy(model(x), y), {}), optimizer,
+                     MixedPrecision(torch.device('cpu'), False), cuda_graph=True)
+    x, y = torch.randn(3, 4, device='cpu'), torch.zeros(3, dtype=torch.long, device='cpu')
+    message = 'captures a CUDA graph: its batches must be on a CUDA device, not cpu'
+    with pytest.raises(ValueError, match=re.escape(f'TrainStep(cuda_graph=True) {message}')):
+        step(x, y)
+    with pytest.raises(ValueError, match=re.escape(f'CapturedForward {message}')):
+        CapturedForward(model)(x)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert model.weight.grad is None
 
 
 def test_one_pass_step_under_autocast_trains_like_float32():
