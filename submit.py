@@ -159,7 +159,7 @@ def check_job(job, processes, gpus):
     if args.force:  # a requeued job continues its run with --resume, which --force contradicts
         raise UserError("flags after --: submit.py does not take --force (a job resumes its run when requeued, and a "
                         "finished run is kept): move the old runs away or pass another --model-root")
-    parsed, args = args, task_args(job, args)
+    parsed, args = args, completed_args(job, args)
     if run_status(job.run_dir) != 'finished':
         if job.script == 'main_teacher_decathlon' and parsed.export_backbone:
             main_teacher_decathlon.check_export_backbone(parsed)
@@ -189,10 +189,10 @@ def check_device(args, processes, gpus):
                         "(--processes-per-job, or one per GPU): drop it")
 
 
-def task_args(job, args):
+def completed_args(job, args):
     """The job's parsed `args` as its script completes them before training: a decathlon script's run of its task
     (its stage, run directory and crop size; its network, universal weights, teacher and the student it prunes,
-    by complete_task_args)."""
+    by complete_task_args); main_student.py's as parsed."""
     if job.script == 'main_teacher_decathlon':
         [args] = task_runs(args)
         main_teacher_decathlon.complete_task_args(args)
@@ -205,7 +205,7 @@ def task_args(job, args):
 
 
 def check_script_args(job, args, default_teacher):
-    """What the job's script refuses before it writes anything, refused here on the job's `task_args` (writing
+    """What the job's script refuses before it writes anything, refused here on the job's `completed_args` (writing
     nothing): engine.check_args or main_student.check_student_args; what a student needs (a folder task's class
     folders, as the student it prunes recorded them; the universal blocks left to prune; the teacher it distils
     from, of its backbone and task, a decathlon task's own when `default_teacher`); engine.check_run_dir."""
