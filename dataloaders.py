@@ -180,20 +180,23 @@ def _class_folders(path, name, root):
 
 
 def _image_files(folder):
-    """The image files under `folder` (sub-folders included, once each; a link back to a folder above is not
-    followed; hidden files and folders skipped), in sorted order."""
-    found, seen, top = [], set(), os.path.join(os.path.realpath(folder), '')
+    """The image files under `folder` (sub-folders included, once each, however many links lead to one; a link
+    back to a folder above is not followed; hidden files and folders skipped), in sorted order."""
+    found, entered, top = [], set(), os.path.join(os.path.realpath(folder), '')
 
     def refuse(error):
         raise _unreadable(error)
 
-    def loops(path):
+    def enters(path):
+        """Whether the walk goes into `path`: a folder neither entered already nor above `folder`."""
         real = os.path.realpath(path)
-        return real in seen or top.startswith(os.path.join(real, ''))
+        if real in entered or top.startswith(os.path.join(real, '')):
+            return False
+        entered.add(real)
+        return True
     for parent, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
-        seen.add(os.path.realpath(parent))
-        folders[:] = sorted(name for name in folders
-                            if not name.startswith('.') and not loops(os.path.join(parent, name)))
+        folders[:] = [name for name in sorted(folders)
+                      if not name.startswith('.') and enters(os.path.join(parent, name))]
         found += [os.path.join(parent, name) for name in sorted(files)
                   if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')]
     return found
@@ -329,7 +332,7 @@ class VOCObjectCrops(Dataset):
     The train split lists images of `ImageSets/Main/train.txt`, the test split those of `val.txt`. The training
     split is re-sampled to `crops_per_class` crops of every class (without replacement when a class has more,
     with replacement when fewer), deterministically from `seed`. `samples` holds (image path, crop box, class)
-    triples; items are (PIL crop, class); `source` is the image list read.
+    triples; items are (PIL crop, class), an image too small for its crop refused; `source` is the image list read.
     """
 
     def __init__(self, root, split, crops_per_class=1000, seed=0):
@@ -371,7 +374,11 @@ class VOCObjectCrops(Dataset):
 
     def __getitem__(self, index):
         image_path, box, label = self.samples[index]
-        return load_rgb_image(image_path, f"delete it and {_prepare_hint('voc12')}").crop(box), label
+        image = load_rgb_image(image_path, f"delete it and {_prepare_hint('voc12')}")
+        if box[2] > image.width or box[3] > image.height:  # PIL would pad the crop with black
+            raise UserError(f"image file {image_path} ({image.width} x {image.height} pixels) does not hold the crop "
+                            f"{box} its annotation gives; delete both and {_prepare_hint('voc12')}")
+        return image.crop(box), label
 
 
 class TransformedDataset(Dataset):

@@ -357,6 +357,7 @@ def test_your_own_images_linked_unreadable_or_too_large(tmp_path, monkeypatch):
     os.symlink('..', os.path.join(base, 'train', 'cat', 'up'))  # a loop, and the dogs seen as cats
     os.symlink(os.path.join(base, 'train'), os.path.join(base, 'train', 'dog', 'again'))
     os.symlink(os.path.join(base, 'val', 'dog'), os.path.join(base, 'train', 'dog', 'more'))  # linked images: in
+    os.symlink(os.path.join(base, 'val', 'dog'), os.path.join(base, 'train', 'dog', 'same'))  # ... once, not twice
     train_set, _, _ = get_datasets('folder:pets', tmp_path)
     assert sorted((os.path.relpath(path, base), label) for path, label in train_set.dataset.samples) == [
         ('train/cat/0.png', 0), ('train/cat/1.png', 0),
@@ -449,6 +450,12 @@ def test_voc_test_crops_geometry_and_pixels(tmp_path):
         assert crop.size == (right - left, lower - upper)
         assert np.array_equal(np.asarray(crop), full[upper:lower, left:right])
         assert label == dataset.samples[index][2]
+    write_jpeg(image_path, 90, 80, 0)  # narrower than its annotation says: the car's crop was padded with black
+    assert dataset[0][0].size == (56, 56)
+    with pytest.raises(UserError) as excinfo:
+        dataset[2]
+    assert_one_line_user_error(excinfo, f'image file {image_path} (90 x 80 pixels) does not hold the crop '
+                               '(64, 32, 100, 80) its annotation gives; delete both and run `python data/prepare_')
     with open(image_path, 'wb') as f:
         f.write(b'not a jpeg')
     with pytest.raises(UserError) as excinfo:
