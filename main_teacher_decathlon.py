@@ -36,13 +36,14 @@ def add_decathlon_args(parser, stage):
 
 
 def check_default_weights(args):
-    """The released universal weights, when they are the ones to train from, must have been downloaded (with
-    --resume, only for a run trained from them: another's flags are compared first, in one line)."""
+    """The released universal weights, when they are the ones to train from, must have been downloaded: for a new
+    run, one --force replaces, or one --resume continues that was trained from them.  A run already there is
+    otherwise refused, or compared with the flags given, first (by check_run_dir or submit.py), in one line."""
     if args.pretrained != DEFAULT_WEIGHTS or os.path.isfile(DEFAULT_WEIGHTS):
         return
     run = checkpoint_path(args.model_dir)
-    if args.resume and os.path.isfile(run) and utils.load_checkpoint(run).get('args', {}).get('pretrained') != \
-            DEFAULT_WEIGHTS:
+    if os.path.isfile(run) and not args.force and (
+            not args.resume or utils.load_checkpoint(run).get('args', {}).get('pretrained') != DEFAULT_WEIGHTS):
         return
     raise UserError(f"the released Wide ResNet-26 weights are missing ({DEFAULT_WEIGHTS}): run "
                     "`python checkpoints/download_models.py`, or pass --pretrained")

@@ -502,24 +502,41 @@ def test_submit_checks_a_pruning_job_against_the_run_it_writes(decathlon, tmp_pa
     assert not (decathlon['models'] / 'dtd' / 'pruned').exists() and not (tmp_path / 'jobs').exists()
 
 
-def test_submit_compares_a_finished_decathlon_run_with_every_setting_its_job_trains_with(decathlon, tmp_path):
+def test_submit_compares_a_finished_decathlon_run_with_every_setting_its_job_trains_with(decathlon, tmp_path,
+                                                                                         monkeypatch):
     """A finished run is checked against what its job would train, defaults included, as its script completes
-    them: it was compared on the flags given only, and its script's stage (set from --prune) was not resolved."""
+    them: it was compared on the flags given only, and its script's stage (set from --prune) was not resolved;
+    without the released weights, which the job would train from, those were said to be missing instead."""
+    import main_student_decathlon
+    import main_teacher_decathlon
     import submit
     trained = ['--epochs', '1', '--workers', '0']  # how the fixture trained them, with each stage's flags below
-    flags = {'teacher': ['--pretrained', decathlon['universal'], '--input-size', '32'],
-             'student': ['--pretrained', decathlon['universal'], '--input-size', '32', '--write-submission'],
+    flags = {'teacher': ['--input-size', '32'], 'student': ['--input-size', '32', '--write-submission'],
              'pruned': ['--n-pruning-universal', '2', '--thr-pruning-proxy', '0.01', '--lr', '0.01']}
-    for stage, stage_flags in flags.items():
+    universal = ['--pretrained', decathlon['universal']]
+
+    def job(stage, stage_flags):
         args = submit.get_args_parser().parse_args([
             '--local', '--log-dir', str(tmp_path / 'jobs'), 'decathlon', '--stage', stage, '--tasks', 'svhn',
             '--data-dir', str(decathlon['data']), '--model-root', str(decathlon['models'])])
-        [job] = submit.decathlon_jobs(args, list(map(str, stage_flags + trained)))
-        submit.check_job(job, 1, 0)  # trained as the job would train it
-        [job] = submit.decathlon_jobs(args, list(map(str, stage_flags + trained[2:])))  # the scripts' --epochs 30
+        [job] = submit.decathlon_jobs(args, list(map(str, stage_flags)))
+        return job
+    for stage, stage_flags in flags.items():
+        stage_flags = stage_flags + (universal if stage != 'pruned' else [])
+        submit.check_job(job(stage, stage_flags + trained), 1, 0)  # trained as the job would train it
+        epochs = job(stage, stage_flags + trained[2:])  # the scripts' --epochs 30
         with pytest.raises(utils.UserError, match=re.escape(
-                f"{job.run_dir} holds a finished run trained with --epochs 1, not 30: move it away")):
-            submit.check_job(job, 1, 0)
+                f"{epochs.run_dir} holds a finished run trained with --epochs 1, not 30: move it away")):
+            submit.check_job(epochs, 1, 0)
+    released = str(tmp_path / 'wide_resnet26.pth.tar')  # not downloaded
+    monkeypatch.setattr(main_teacher_decathlon, 'DEFAULT_WEIGHTS', released)
+    monkeypatch.setattr(main_student_decathlon, 'DEFAULT_WEIGHTS', released)
+    for stage in ('teacher', 'student'):
+        weights = job(stage, flags[stage] + trained)
+        with pytest.raises(utils.UserError, match=re.escape(
+                f"{weights.run_dir} holds a finished run trained with --pretrained {decathlon['universal']}, not "
+                f"{released}: move it away")):
+            submit.check_job(weights, 1, 0)
     assert not (tmp_path / 'jobs').exists()
 
 
@@ -709,3 +726,8 @@ def test_missing_released_weights_name_the_download_command(tmp_path, monkeypatc
     with pytest.raises(utils.UserError, match=rf"^--resume: the run in {run} was trained with --pretrained None, not "
                                               rf"{missing}; resume it with its own flags"):
         main_teacher_decathlon.main(main_teacher_decathlon.get_args_parser().parse_args(common + ['--resume']))
+    # without --resume, the run kept is named; the weights a new run would train from only once --force replaces it
+    for flags, message in (([], rf"^{run} already holds an unfinished run; pass --force to overwrite it or --resume"),
+                           (['--force'], r'^the released Wide ResNet-26 weights are missing')):
+        with pytest.raises(utils.UserError, match=message):
+            main_teacher_decathlon.main(main_teacher_decathlon.get_args_parser().parse_args(common + flags))
