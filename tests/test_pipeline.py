@@ -617,6 +617,24 @@ def test_retraining_keeps_the_full_students_task_statistics_mode_and_backbone(pi
     assert not (tmp_path / 'run').exists()
 
 
+def test_retraining_reads_the_universal_weights_once(pipeline, workdir, tmp_path, monkeypatch):
+    """A pruned student takes its universal weights from the full student it prunes: it read the weights file a
+    second time, into a network whose weights it then replaced."""
+    import backbones
+    import main_student
+    reads, load = [], backbones.load_backbone_weights
+
+    def counted(model, pretrained):
+        reads.append(pretrained)
+        return load(model, pretrained)
+    monkeypatch.setattr(backbones, 'load_backbone_weights', counted)
+    main_student.main(main_student.get_args_parser().parse_args(list(map(str, [
+        *TINY[4:], '--full-model-dir', pipeline[1], '--n-pruning-universal', 3, '--thr-pruning-proxy', 0.01,
+        '--epochs', 1, '--model-dir', tmp_path / 'run']))))
+    assert [read for read in reads if read is not None] == [str(workdir / 'backbone.pth')]
+    assert json.load(open(tmp_path / 'run' / 'args.json'))['pretrained'] == str(workdir / 'backbone.pth')
+
+
 def test_shared_statistics_and_fresh_classifier_on_request(pipeline, workdir, tmp_path):
     teacher = pipeline[0]
     run('main_student.py', *TINY, '--backbone', 'resnet18', '--pretrained', workdir / 'backbone.pth',
