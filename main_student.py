@@ -263,7 +263,7 @@ def main(args):
         check_source('full student', args.full_model_dir, full_sha256, resumed.get('full_sha256'), args.model_dir,
                      "put it back, or start the run again with --force")
     student = create_student(args.backbone, num_classes, args.max_skip,
-                             None if args.full_model_dir else args.pretrained,  # else they come from the full one
+                             None if args.full_model_dir else args.pretrained,  # a retrain: the full student's
                              args.input_size, task_bn_stats=not args.shared_bn_stats)
     if args.full_model_dir:
         student.backbone.load_state_dict(full.backbone.state_dict())  # the universal weights it was trained on
